@@ -1,0 +1,82 @@
+"""Checkpoints are plain HF model directories (safetensors + config + tokenizer) that ``from_pretrained``
+loads, with a ``potstill/`` subfolder holding what exact resume needs. Every write goes to a temporary name
+and is renamed into place, so a killed run never leaves a half-written checkpoint behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+STEP_PREFIX = "step-"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_model_dir(path: Path, model, tokenizer, extra: dict[str, object] | None = None) -> Path:
+    """Model + tokenizer (+ extra files under potstill/: str → text, else torch.save) written atomically."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if extra:
+        (tmp / "potstill").mkdir()
+        for name, value in extra.items():
+            target = tmp / "potstill" / name
+            target.write_text(value) if isinstance(value, str) else torch.save(value, target)
+    if path.exists():
+        old = path.with_name(f".old-{path.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{STEP_PREFIX}{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, config_yaml: str, state: dict, keep: int) -> Path:
+    """``state``: optimizer, scheduler, rng, data position, objective state — whatever resume needs."""
+    path = checkpoint_dir(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_dir(path, model, tokenizer, {"config.yaml": config_yaml, "trainer_state.pt": {"step": step, **state}})
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first (temporary and half-written directories are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "potstill" / "trainer_state.pt").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(path: Path) -> dict:
+    # weights_only=False: the state holds python RNG tuples and numpy arrays written by this same code.
+    return torch.load(path / "potstill" / "trainer_state.pt", weights_only=False)
+
+
+def truncate_metrics(metrics_path: Path, step: int) -> None:
+    """Drop metric lines logged after ``step`` (a run killed between checkpoints logged steps it will redo)."""
+    if not metrics_path.exists():
+        return
+    kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))

@@ -1,0 +1,253 @@
+"""Run configuration: dataclasses whose field docstrings are the ``--help`` text.
+
+A run is described by a YAML file (optional) plus ``section.key=value`` overrides. Unknown sections or keys
+fail with a "did you mean"; values are coerced to the field's type with an error naming the field; the
+objective is parsed and its hyperparameters range-checked here, at load time, never mid-run.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from potstill.losses.objective import Objective, parse_objective
+from potstill.registry import did_you_mean
+
+
+@dataclass
+class TeacherConfig:
+    path: str | None = None
+    """Teacher model: a local Hugging Face directory or a hub id; `builtin` is the shipped default teacher."""
+    dtype: str = "float32"
+    """Teacher weights dtype (float32, bfloat16, float16); it runs without gradients."""
+
+
+@dataclass
+class StudentConfig:
+    path: str | None = None
+    """Start the student from this local HF directory or hub id (mutually exclusive with `config`)."""
+    config: dict | str | None = None
+    """Build a fresh student from a model config: a dict with `model_type` (llama, qwen2, gpt2, ...) or a config.json path."""
+    init_from_teacher_layers: int | None = None
+    """Initialise the student as the teacher's embeddings, first N blocks, final norm and head (teacher-truncation init)."""
+    dtype: str = "float32"
+    """Student weights dtype (float32, bfloat16)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "builtin"
+    """Training data: a .jsonl file (`text`, `prompt`/`completion` or chat `messages`), a .parquet file, a saved HF datasets dir, or `builtin`."""
+    validation: str | None = None
+    """Held-out data in the same formats; default: `builtin` for builtin training data, else 2% of the training file."""
+    max_length: int = 128
+    """Examples are truncated to this many tokens."""
+    max_train_examples: int | None = None
+    """Use at most this many training examples (None = all)."""
+    max_eval_examples: int = 256
+    """Evaluate on at most this many held-out examples."""
+
+
+@dataclass
+class LossConfig:
+    objective: str = "fkl"
+    """Weighted sum of registered terms, e.g. `fkl`, `0.5*ce + 0.5*gjsd(beta=0.5)` (see `potstill losses`)."""
+    temperature: float = 1.0
+    """Softmax temperature for teacher-target terms (label CE always uses T = 1)."""
+    t_squared: bool = True
+    """Multiply teacher-target terms by T² so their gradient scale does not shrink as T grows (Hinton et al.)."""
+    chunk_size: int = 1024
+    """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (the loss is normalised by the step's total token count, so this is exact)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine, linear or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    log_every: int = 10
+    """Write a train line to metrics.jsonl every N steps."""
+    eval_every: int = 100
+    """Evaluate every N steps (and always at the end); 0 = only at the end."""
+    save_every: int = 100
+    """Checkpoint every N steps (and always at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the newest N step checkpoints (the final student is always kept)."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    """Examples per evaluation batch."""
+    sample_prompt: str = ""
+    """Prompt for the generated sample shown in metrics and the report ('' = BOS only)."""
+    max_new_tokens: int = 40
+    """Length of the generated sample."""
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/latest"
+    """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "RunConfig":
+        raw: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.exists():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            raw = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        for item in overrides:
+            apply_override(raw, item)
+        return cls.from_dict(raw, source=str(path or "overrides"))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
+        cfg = build(cls, raw, source)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def objective(self) -> Objective:
+        return parse_objective(self.loss.objective, self.loss.temperature, self.loss.t_squared)
+
+    def validate(self) -> None:
+        obj = self.objective()  # parses and range-checks every term
+        if obj.needs_teacher and not self.teacher.path:
+            raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path (or use objective 'ce')")
+        sources = [self.student.path, self.student.config, self.student.init_from_teacher_layers]
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError("set exactly one of student.path, student.config, student.init_from_teacher_layers")
+        positive = {"train.max_steps": self.train.max_steps, "train.batch_size": self.train.batch_size,
+                    "train.grad_accum": self.train.grad_accum, "loss.chunk_size": self.loss.chunk_size,
+                    "data.max_length": self.data.max_length, "eval.batch_size": self.eval.batch_size}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.train.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.schedule={self.train.schedule!r}: use cosine, linear or constant")
+
+
+# ---- loading helpers -----------------------------------------------------------------------------------------
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``section.key=value`` (value parsed as YAML) into the nested dict ``raw``."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r}: write it as section.key=value, e.g. train.max_steps=50")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {p!r} is a value, not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a dict, recursing into sections; errors name ``source`` and the key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: section {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ValueError(f"{source}: unknown config key {prefix + str(key)!r}.{did_you_mean(str(key), fields)} "
+                             f"Known here: {', '.join(fields)}")
+        kwargs[key] = coerce(hints[key], value, source, prefix + key)
+    return cls(**kwargs)
+
+
+def coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source, key + ".")
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for opt in options:
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if opt is int and float(value) != int(value):
+                continue
+            return opt(value)
+        if opt is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if opt is dict and isinstance(value, dict):
+            return value
+    raise ValueError(f"{source}: config key {key!r} expects {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in (typing.get_args(hint) or (hint,)))
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after each field) of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf option, e.g. ('train.max_steps', '200', 'Optimiser steps.')."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+    return rows

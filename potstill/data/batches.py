@@ -1,0 +1,65 @@
+"""Deterministic, resumable batching: a seeded permutation per epoch and a position inside it.
+
+The whole data position is two integers (epoch, index), saved in every checkpoint, so a resumed run sees
+exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from potstill.data.encode import Example
+from potstill.losses.chunked import IGNORE_INDEX
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) input_ids / attention_mask / labels, plus example_id (B,) for cache lookups."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "example_id": torch.tensor([e.example_id for e in examples])}
+
+
+@dataclass
+class Batcher:
+    examples: list[Example]
+    batch_size: int
+    seed: int
+    pad_id: int
+    epoch: int = 0
+    index: int = 0
+
+    def _order(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.examples), generator=gen).tolist()
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch; an epoch's short tail is skipped so every batch has ``batch_size`` examples."""
+        if self.batch_size > len(self.examples):
+            raise ValueError(f"batch_size {self.batch_size} exceeds the {len(self.examples)} training examples")
+        if self.index + self.batch_size > len(self.examples):
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order()
+        chosen = [self.examples[i] for i in order[self.index : self.index + self.batch_size]]
+        self.index += self.batch_size
+        return collate(chosen, self.pad_id)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Held-out batches in a fixed order, sorted by length so padding stays small."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    return [collate(ordered[i : i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]

@@ -1,0 +1,50 @@
+"""`potstill eval`: evaluate a run's final student (appending to its metrics.jsonl) or any model directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from potstill import runtime
+from potstill.assemble import load_examples, load_parts
+from potstill.config import RunConfig
+from potstill.data.batches import eval_batches
+from potstill.train import append_metrics, run_eval, to_device
+
+
+def _run_config(path: Path, teacher: str | None, data: str | None) -> tuple[RunConfig, Path | None]:
+    """The config to evaluate with, and the run dir to append metrics to (None for a bare model dir)."""
+    overrides = []
+    if (path / "config.yaml").exists() and (path / "final").exists():
+        run_dir, raw_path, model_dir = path, path / "config.yaml", path / "final"
+    elif (path / "config.json").exists():
+        run_dir, raw_path, model_dir = None, None, path
+        if not data:
+            raise ValueError(f"{path} is a model directory, not a run: pass --data with held-out data")
+    else:
+        raise FileNotFoundError(f"{path} is neither a potstill run directory (config.yaml + final/) nor a model directory")
+    overrides += [f"student.path={model_dir}", "student.config=", "student.init_from_teacher_layers="]
+    if teacher:
+        overrides.append(f"teacher.path={teacher}")
+    if data:
+        overrides.append(f"data.validation={data}")
+    if not teacher and run_dir is None:
+        overrides.append("loss.objective=ce")  # nothing to compare against: student-only metrics
+    return RunConfig.from_yaml(raw_path, overrides), run_dir
+
+
+def evaluate_path(path: Path, teacher: str | None = None, data: str | None = None) -> dict:
+    cfg, run_dir = _run_config(Path(path), teacher, data)
+    rt = runtime.setup(cfg.device)
+    parts = load_parts(cfg, rt.device)
+    _, held_examples = load_examples(cfg, parts.tokenizer, train=False)
+    held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, parts.tokenizer.pad_token_id)]
+    step = _last_step(run_dir) if run_dir else 0
+    row = run_eval(parts, held, cfg, step)
+    if run_dir is not None:
+        append_metrics(run_dir, {**row, "source": "potstill eval"})
+    return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
+def _last_step(run_dir: Path) -> int:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)

@@ -1,0 +1,71 @@
+"""Checks that run before step 1: token-level KD is only meaningful when teacher and student share a tokenizer
+and their output rows mean the same tokens. Silent mismatches here train the wrong objective without an error."""
+from __future__ import annotations
+
+import logging
+
+from potstill.models import output_size
+
+log = logging.getLogger("potstill")
+
+_SPECIALS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+class TokenizerMismatch(ValueError):
+    pass
+
+
+def _sample(keys: set[str], n: int = 5) -> str:
+    return ", ".join(repr(k) for k in sorted(keys)[:n]) + (" ..." if len(keys) > n else "")
+
+
+def compare_tokenizers(teacher_tok, student_tok) -> list[str]:
+    """Human-readable differences that make token-level KD wrong (empty list = compatible)."""
+    problems = []
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t, only_s = set(tv) - set(sv), set(sv) - set(tv)
+        moved = {k for k in set(tv) & set(sv) if tv[k] != sv[k]}
+        detail = [f"{len(only_t)} tokens only in the teacher's ({_sample(only_t)})" if only_t else "",
+                  f"{len(only_s)} only in the student's ({_sample(only_s)})" if only_s else "",
+                  f"{len(moved)} with different ids ({_sample(moved)})" if moved else ""]
+        problems.append(f"vocabularies differ ({len(tv)} vs {len(sv)} tokens): " + "; ".join(d for d in detail if d))
+    for name in _SPECIALS:
+        t, s = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
+        if name == "eos_token_id" and t != s or (name != "eos_token_id" and t is not None and s is not None and t != s):
+            problems.append(f"{name} differs: teacher {t}, student {s}")
+    return problems
+
+
+def check_pair(teacher_tok, student_tok, teacher, student) -> int:
+    """Refuse incompatible pairs; return the vocabulary size V both losses use (padded rows trimmed).
+
+    Padded output rows (e.g. 151,936 vs 152,064 for a 151,665-token tokenizer) are dropped from *both*
+    softmaxes: they are never labels, and an untrained padded row of one model must not leak mass into the KD target.
+    """
+    problems = compare_tokenizers(teacher_tok, student_tok)
+    if problems:
+        raise TokenizerMismatch(
+            "teacher and student tokenizers differ, so token-level KD would compare unrelated tokens: "
+            + "; ".join(problems)
+            + ". Use a student with the teacher's tokenizer (e.g. student.init_from_teacher_layers or a config with "
+            "the teacher's vocab_size), or train with objective 'ce' on teacher-generated text."
+        )
+    if (getattr(teacher_tok, "chat_template", None) or "") != (getattr(student_tok, "chat_template", None) or ""):
+        log.warning("teacher and student chat templates differ; chat data is rendered with the student's")
+    return shared_vocab(len(teacher_tok), output_size(teacher), output_size(student))
+
+
+def shared_vocab(n_tokens: int, teacher_rows: int, student_rows: int) -> int:
+    for who, rows in (("teacher", teacher_rows), ("student", student_rows)):
+        if rows < n_tokens:
+            raise ValueError(f"the {who}'s output layer has {rows} rows but the tokenizer has {n_tokens} tokens; "
+                             f"set the {who}'s vocab_size to at least {n_tokens}")
+    if teacher_rows != student_rows:
+        log.info("output sizes differ (teacher %d, student %d rows); using the %d real tokens", teacher_rows, student_rows, n_tokens)
+    return n_tokens
+
+
+def check_student_only(tokenizer, student) -> int:
+    """For label-only (CE) runs: the student's head must cover the tokenizer."""
+    return shared_vocab(len(tokenizer), output_size(student), output_size(student))

@@ -1,0 +1,144 @@
+"""The one lm_head-fused, chunked loss path.
+
+Student hidden states (N, H) are projected to logits one chunk of positions at a time; each chunk's logits
+become a leaf, the registered divergences run on them, and d(loss)/d(logits) is taken right there with
+``torch.autograd.grad``. The chunk's contribution to dL/dh (= dz·W) and dL/dW (+= dzᵀ·h) is accumulated during
+the forward pass (the Liger-Kernel technique, kept generic), so backward only scales stored gradients by
+grad_output. No B·T·V tensor of the student or teacher ever exists: peak extra memory is O(chunk × V).
+
+Temperature, the T² factor, fp32 log-softmax, -inf-safe masking and padded-vocabulary trimming live here and
+nowhere else. The result is a *sum* over valid tokens; the loop divides by the global valid-token count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from potstill.losses.objective import Objective
+from potstill.losses.targets import Target
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    total: Tensor  # scalar: Σ_terms weight · Σ_tokens token_weight · value (differentiable)
+    term_sums: Tensor  # (n_terms,): Σ_tokens token_weight · value per term, before term weights (detached)
+    n_valid: int  # tokens with a label in this call (the loop normalises by the global count)
+
+
+def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+def project_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int) -> Iterator[tuple[slice, Tensor]]:
+    """(slice, fp32 logits of that chunk) for positions of ``hidden`` (N, H): the no-grad path evaluation uses."""
+    for sl in chunk_slices(hidden.shape[0], chunk_size):
+        yield sl, F.linear(hidden[sl], weight, bias).float()
+
+
+def label_logp(labels: Tensor, vocab: int) -> Tensor:
+    """One-hot log-probs (n, V) for the data labels: 0 at the label, -inf elsewhere (ignored rows use id 0)."""
+    out = torch.full((labels.shape[0], vocab), float("-inf"), device=labels.device)
+    return out.scatter_(-1, labels.clamp_min(0)[:, None], 0.0)
+
+
+def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher_logits: Tensor | None, objective: Objective) -> Tensor:
+    """Per-term weighted sums over one chunk. z: student logits (n, V) fp32; labels (n,); weights (n,)."""
+    valid = weights != 0
+    logq_t = logp_t = logq_1 = None
+    sums = []
+    for term in objective.terms:
+        if term.uses_labels:  # label terms always at T = 1: they are the data likelihood
+            logq_1 = F.log_softmax(z, -1) if logq_1 is None else logq_1
+            per_token = term.fn(logq_1, label_logp(labels, z.shape[-1]))
+        else:
+            if logq_t is None:
+                tau = objective.temperature
+                logq_t = F.log_softmax(z / tau, -1)
+                logp_t = F.log_softmax(teacher_logits.float() / tau, -1)
+            per_token = term.fn(logq_t, logp_t) * objective.teacher_scale
+        sums.append((torch.where(valid, per_token, torch.zeros_like(per_token)) * weights).sum())
+    return torch.stack(sums)
+
+
+def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads):
+    """The shared chunk loop. Returns (term_sums (n_terms,), grad_hidden, grad_weight, grad_bias)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    weights = (labels != IGNORE_INDEX).float() * (1.0 if token_weight is None else token_weight.float())
+    term_weights = torch.tensor([t.weight for t in objective.terms], device=hidden.device)
+    term_sums = torch.zeros(len(objective.terms), device=hidden.device)
+    grad_h = torch.zeros_like(hidden) if want_grads and hidden.requires_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads and weight.requires_grad else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_grads and bias is not None and bias.requires_grad else None
+    for sl in chunk_slices(n, chunk_size):
+        w_c = weights[sl]
+        if not bool((w_c != 0).any()):
+            continue  # padding-only chunk: contributes nothing, costs nothing
+        h_c = hidden[sl].detach()
+        t_c = target.chunk_logits(sl)[:, :vocab].detach() if objective.needs_teacher else None
+        with torch.enable_grad():
+            z = F.linear(h_c, weight.detach(), None if bias is None else bias.detach()).float().requires_grad_(want_grads)
+            sums_c = chunk_term_sums(z, labels[sl], w_c, t_c, objective)
+            if want_grads:
+                (dz,) = torch.autograd.grad((sums_c * term_weights).sum(), z)
+        term_sums += sums_c.detach()
+        if grad_h is not None:
+            grad_h[sl] = dz.to(weight.dtype) @ weight.detach()
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), h_c.float())
+        if grad_b is not None:
+            grad_b += dz.sum(0)
+    return term_sums, grad_h, grad_w, grad_b
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, token_weight, target, objective, chunk_size):
+        term_sums, gh, gw, gb = _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, True)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        term_weights = torch.tensor([t.weight for t in objective.terms], device=term_sums.device)
+        ctx.mark_non_differentiable(term_sums)
+        return (term_sums * term_weights).sum(), term_sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_terms):
+        gh, gw, gb = ctx.saved_tensors
+        scale = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)  # noqa: E731
+        return scale(gh, gh.dtype if gh is not None else None), scale(gw, ctx.dtypes[0]), scale(gb, ctx.dtypes[1]), None, None, None, None, None
+
+
+def fused_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    objective: Objective,
+    target: Target | None = None,
+    *,
+    chunk_size: int = 1024,
+    token_weight: Tensor | None = None,
+) -> LossOutput:
+    """Sum of the objective over labelled positions. hidden (..., H) and labels (...) are flattened together;
+    ``weight`` (V, H) is the student's output head already trimmed to the shared vocabulary size V."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} positions but labels {labels.shape[0]}")
+    if objective.needs_teacher and target is None:
+        raise ValueError(f"objective '{objective}' needs a teacher signal but none was given")
+    tw = None if token_weight is None else token_weight.reshape(-1)
+    n_valid = int((labels != IGNORE_INDEX).sum())
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        total, term_sums = _FusedLoss.apply(hidden, weight, bias, labels, tw, target, objective, chunk_size)
+    else:
+        term_sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False)[0]
+        total = (term_sums * torch.tensor([t.weight for t in objective.terms], device=term_sums.device)).sum()
+    return LossOutput(total, term_sums, n_valid)

@@ -1,0 +1,85 @@
+"""A run's objective: a weighted sum of registered terms, written as ``"0.5*ce + 1.0*gjsd(beta=0.5)"``.
+
+Parsed and validated when the config loads (unknown names, unknown or out-of-range hyperparameters fail
+there, not mid-run). Temperature settings travel with the objective because they apply to every
+teacher-target term in the same way.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from torch import Tensor
+
+from potstill.losses.divergences import DIVERGENCES, resolve_hparams
+
+_TERM = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[a-z_][a-z0-9_]*)\s*(?:\((?P<args>[^)]*)\))?\s*$")
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    weight: float
+    hparams: dict[str, float]
+    fn: Callable[[Tensor, Tensor], Tensor]
+    uses_labels: bool
+
+    def __str__(self) -> str:
+        args = ",".join(f"{k}={v:g}" for k, v in self.hparams.items())
+        return f"{self.weight:g}*{self.name}" + (f"({args})" if args else "")
+
+
+@dataclass(frozen=True)
+class Objective:
+    terms: tuple[Term, ...]
+    temperature: float = 1.0
+    t_squared: bool = True  # multiply teacher-target terms by T² so gradient scale does not shrink with T
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(not t.uses_labels for t in self.terms)
+
+    @property
+    def teacher_scale(self) -> float:
+        return self.temperature**2 if self.t_squared else 1.0
+
+    def __str__(self) -> str:
+        return " + ".join(map(str, self.terms))
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on '+' outside parentheses ("0.5*ce + gjsd(beta=0.5)" -> two terms)."""
+    return re.split(r"\+(?![^(]*\))", text)
+
+
+def parse_term(text: str) -> Term:
+    m = _TERM.match(text)
+    if not m:
+        raise ValueError(f"cannot parse objective term {text.strip()!r}; write e.g. '0.5*gjsd(beta=0.5)'")
+    name = m["name"]
+    spec = DIVERGENCES.get(name)  # raises with "did you mean"
+    given = {}
+    for arg in filter(None, (a.strip() for a in (m["args"] or "").split(","))):
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ValueError(f"objective term {text.strip()!r}: write hyperparameters as key=value, got {arg!r}")
+        try:
+            given[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"objective term {text.strip()!r}: {key.strip()}={value!r} is not a number") from None
+    hparams = resolve_hparams(name, given)
+    weight = float(m["w"]) if m["w"] else 1.0
+    if weight < 0:
+        raise ValueError(f"objective term {text.strip()!r}: weight must be ≥ 0")
+    return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels)
+
+
+def parse_objective(text: str, temperature: float = 1.0, t_squared: bool = True) -> Objective:
+    if temperature <= 0:
+        raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+    terms = tuple(parse_term(t) for t in _split_top_level(text) if t.strip())
+    if not terms:
+        raise ValueError("loss.objective is empty; write e.g. 'fkl' or '0.5*ce + 0.5*fkl'")
+    return Objective(terms, float(temperature), bool(t_squared))

@@ -1,0 +1,317 @@
+"""Reports from a run directory: ``report.md`` with a summary table, settings, plots and a sample, and a
+side-by-side comparison of several runs (markdown or a rich table, built from the same rows).
+
+Run layout read here (written by ``train.py``): ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON
+object per line, each with ``step`` and ``kind`` = train | eval), ``final/`` (the student).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.table import Table
+from rich.text import Text
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+MISSING = "—"
+
+# (label, student key, teacher key) of the summary table; a teacher column appears only when a teacher was used.
+SUMMARY_ROWS = [
+    ("cross-entropy (nats/token)", "student_ce", "teacher_ce"),
+    ("perplexity", "student_ppl", "teacher_ppl"),
+    ("KL(teacher ‖ student)", "kl_teacher_student", None),
+    ("top-1 agreement with teacher", "top1_agreement", None),
+    ("ECE (15 bins)", "ece", None),
+    ("tokens evaluated", "tokens", None),
+]
+
+# (metric key, lower is better) of the run comparison.
+COMPARE_METRICS = [
+    ("student_ce", True),
+    ("student_ppl", True),
+    ("kl_teacher_student", True),
+    ("top1_agreement", False),
+    ("ece", True),
+]
+
+
+# ---- reading a run ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """Every record of ``RUN/metrics.jsonl`` in file order; errors name the file and the line."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a potstill run: it has no {METRICS_FILE}")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict) or "step" not in record or "kind" not in record:
+            raise ValueError(f"{path}, line {lineno}: expected an object with 'step' and 'kind'")
+        records.append(record)
+    return records
+
+
+def read_config(run_dir: Path | str) -> dict:
+    """The resolved config as a nested dict; {} when the run has none (the report then shows placeholders)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return {}
+    config = yaml.safe_load(path.read_text())
+    return config if isinstance(config, dict) else {}
+
+
+def records_of_kind(records: Iterable[dict], kind: str) -> list[dict]:
+    """Records of one kind ordered by step; if a step was logged twice (a resumed run), the later line wins."""
+    by_step = {r["step"]: r for r in records if r.get("kind") == kind}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _setting(config: dict, section: str, key: str) -> Any:
+    value = config.get(section)
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _setting_text(config: dict, section: str, key: str) -> str:
+    """A setting as written in the config (not the 4-decimal metric format); a dash when absent."""
+    value = _setting(config, section, key)
+    return MISSING if value is None else str(value)
+
+
+# ---- formatting ------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, int):  # bools and counts
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    """Markdown table cell: a literal '|' would end the cell."""
+    return text.replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """Inline code, so objectives like '0.5*ce + fkl' are not read as emphasis."""
+    return f"`{text}`" if text != MISSING else text
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fenced(text: str) -> str:
+    """A code block whose fence is longer than any run of backticks inside ``text``."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def _student_source(config: dict) -> str:
+    student = config.get("student") if isinstance(config.get("student"), dict) else {}
+    if student.get("path"):
+        return str(student["path"])
+    if student.get("init_from_teacher_layers"):
+        return f"teacher's first {student['init_from_teacher_layers']} layers"
+    model_config = student.get("config")
+    if isinstance(model_config, dict):
+        return f"fresh {model_config.get('model_type', 'model')} from config"
+    return str(model_config) if model_config else MISSING
+
+
+# ---- report.md -------------------------------------------------------------------------------------------------
+
+
+def _summary_section(last_eval: dict | None) -> str:
+    if last_eval is None:
+        return "## Final evaluation\n\nNo evaluation was logged."
+    with_teacher = any(t and t in last_eval for _, _, t in SUMMARY_ROWS)
+    headers = ["metric", "student"] + (["teacher"] if with_teacher else [])
+    rows = []
+    for label, student_key, teacher_key in SUMMARY_ROWS:
+        if student_key not in last_eval:
+            continue
+        row = [label, _fmt(last_eval[student_key])]
+        if with_teacher:
+            row.append(_fmt(last_eval.get(teacher_key)) if teacher_key else "")
+        rows.append(row)
+    return f"## Final evaluation (step {last_eval['step']})\n\n" + _table(headers, rows)
+
+
+def _settings_section(config: dict, train: list[dict]) -> str:
+    rows = [
+        ["objective", _code(_setting_text(config, "loss", "objective"))],
+        ["temperature", _setting_text(config, "loss", "temperature")],
+        ["max steps", _setting_text(config, "train", "max_steps")],
+        ["batch size", _setting_text(config, "train", "batch_size")],
+        ["teacher", _setting_text(config, "teacher", "path")],
+        ["student", _student_source(config)],
+    ]
+    text = "## Settings\n\n" + _table(["setting", "value"], rows)
+    if train:
+        last = train[-1]
+        speed = last.get("tokens_per_s")
+        speed_text = f", {speed:,.0f} tokens/s" if isinstance(speed, (int, float)) else ""
+        text += f"\n\nLast logged train step {last['step']}: loss {_fmt(last.get('loss'))}{speed_text}."
+    return text
+
+
+def _markdown(run_dir: Path, config: dict, train: list[dict], evals: list[dict], plots: dict[str, Path]) -> str:
+    last_eval = evals[-1] if evals else None
+    parts = [f"# potstill run: {run_dir.resolve().name}", _summary_section(last_eval), _settings_section(config, train)]
+    if plots:
+        links = [f"![{title}]({path.relative_to(run_dir).as_posix()})" for title, path in plots.items()]
+        parts.append("## Plots\n\n" + "\n\n".join(links))
+    sample = next((e["sample"] for e in reversed(evals) if e.get("sample") is not None), None)
+    if sample is not None:
+        parts.append("## Sample\n\n" + _fenced(str(sample)))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(run_dir: Path | str) -> Path:
+    """Write ``RUN/report.md`` and its plots under ``RUN/plots/``; returns the report's path."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    config = read_config(run_dir)
+    train, evals = records_of_kind(records, "train"), records_of_kind(records, "eval")
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots: dict[str, Path] = {}
+    if train or evals:
+        plots["loss curves"] = _write_png(plots_dir / "loss.png", _loss_figure(train, evals))
+    calibrated = [e for e in evals if e.get("calibration")]
+    if calibrated:
+        plots["reliability diagram"] = _write_png(plots_dir / "calibration.png", _reliability_figure(calibrated[-1]))
+    # The markdown goes last, so it never links to an image that is not there yet.
+    return _atomic_write(run_dir / "report.md", _markdown(run_dir, config, train, evals, plots).encode())
+
+
+# ---- plots (Agg canvas on a bare Figure: the caller's pyplot backend and figures are untouched) ----------------
+
+
+def _loss_figure(train: list[dict], evals: list[dict]) -> Figure:
+    with_eval = any("student_ce" in e or "kl_teacher_student" in e for e in evals)
+    fig = Figure(figsize=(10 if with_eval else 6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if with_eval else 1, squeeze=False)[0]
+    steps = [r["step"] for r in train if "loss" in r]
+    axes[0].plot(steps, [r["loss"] for r in train if "loss" in r], label="train loss")
+    axes[0].set(xlabel="step", ylabel="loss", title="training objective")
+    if with_eval:
+        for key, label in (("student_ce", "held-out CE (student)"), ("kl_teacher_student", "KL(teacher ‖ student)")):
+            points = [(e["step"], e[key]) for e in evals if key in e]
+            if points:
+                axes[1].plot(*zip(*points), marker="o", label=label)
+        teacher_ce = [e["teacher_ce"] for e in evals if "teacher_ce" in e]
+        if teacher_ce:  # the floor the student's CE is heading towards
+            axes[1].axhline(teacher_ce[-1], linestyle="--", color="gray", label="teacher CE")
+        axes[1].set(xlabel="step", ylabel="nats / token", title="evaluation")
+        axes[1].legend()
+    return fig
+
+
+def _reliability_figure(last_eval: dict) -> Figure:
+    bins = last_eval["calibration"]  # [[mean_confidence, accuracy, count], ...] over equal-width bins of (0, 1]
+    width = 1.0 / len(bins)
+    centers = [(i + 0.5) * width for i in range(len(bins))]
+    fig = Figure(figsize=(5, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    filled = [(c, b[1]) for c, b in zip(centers, bins) if b[2] > 0]
+    if filled:
+        ax.bar(*zip(*filled), width=width, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    ece = last_eval.get("ece")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max student probability)", ylabel="accuracy")
+    ax.set_title(f"reliability at step {last_eval['step']}: ECE = {_fmt(ece)}")
+    ax.legend(loc="upper left")
+    return fig
+
+
+def _write_png(path: Path, fig: Figure) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return _atomic_write(path, buffer.getvalue())
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    """Write to a temporary file in the same directory, then rename: readers see the old file or the new one."""
+    # A pid-named sibling rather than mkstemp: mkstemp files are 0600, and a report should be readable like any file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- comparing runs --------------------------------------------------------------------------------------------
+
+
+def comparison_rows(run_dirs: Iterable[Path | str]) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Headers, formatted cells and which cells are the best of their column: the one source both renderers use."""
+    raw = []
+    for run_dir in map(Path, run_dirs):
+        records = read_metrics(run_dir)
+        evals = records_of_kind(records, "eval")
+        last_eval = evals[-1] if evals else {}
+        steps = max((r["step"] for r in records), default=None)
+        objective = _setting_text(read_config(run_dir), "loss", "objective")
+        raw.append([run_dir.resolve().name, objective, steps] + [last_eval.get(key) for key, _ in COMPARE_METRICS])
+    headers = ["run", "objective", "steps"] + [key for key, _ in COMPARE_METRICS]
+    best = [[False] * len(headers) for _ in raw]
+    for offset, (_, lower_is_better) in enumerate(COMPARE_METRICS):
+        col = 3 + offset
+        values = [r[col] for r in raw if isinstance(r[col], (int, float)) and not math.isnan(r[col])]
+        if values:
+            target = min(values) if lower_is_better else max(values)
+            for i, r in enumerate(raw):
+                best[i][col] = r[col] == target
+    cells = [[_fmt(v) for v in r] for r in raw]
+    return headers, cells, best
+
+
+def compare_runs(run_dirs: Iterable[Path | str]) -> str:
+    """A markdown table, one row per run, the best value of each metric column in bold."""
+    headers, cells, best = comparison_rows(run_dirs)
+    rows = []
+    for row, row_best in zip(cells, best):
+        row = [row[0], _code(row[1])] + row[2:]
+        rows.append([f"**{c}**" if b else c for c, b in zip(row, row_best)])
+    return _table(headers, rows)
+
+
+def compare_table_rich(run_dirs: Iterable[Path | str]) -> Table:
+    """The same comparison as a rich table for the terminal (cells as Text: run names are never markup)."""
+    headers, cells, best = comparison_rows(run_dirs)
+    table = Table(title="potstill runs (best in bold)")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i >= 2 else "left")
+    for row, row_best in zip(cells, best):
+        table.add_row(*(Text(c, style="bold" if b else "") for c, b in zip(row, row_best)))
+    return table

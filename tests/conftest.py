@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random HF models of two architectures saved to local dirs with the built-in tokenizer,
+so every test exercises the real from_pretrained loading path, offline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+from potstill.builtin import builtin_texts
+from potstill.builtin.tokenizer import build_tokenizer
+
+
+def tiny_config(arch: str, vocab: int, layers: int = 2, hidden: int = 32):
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                          bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    raise ValueError(arch)
+
+
+def save_tiny_model(path: Path, arch: str, tokenizer, layers: int = 2, hidden: int = 32, vocab: int | None = None, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, vocab or len(tokenizer), layers, hidden)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama_teacher": save_tiny_model(root / "llama_teacher", "llama", tokenizer, layers=3, hidden=48, seed=1),
+        "qwen2_student": save_tiny_model(root / "qwen2_student", "qwen2", tokenizer, seed=2),
+        "gpt2_teacher": save_tiny_model(root / "gpt2_teacher", "gpt2", tokenizer, layers=3, hidden=48, seed=3),
+        "gpt2_student": save_tiny_model(root / "gpt2_student", "gpt2", tokenizer, seed=4),
+    }
+
+
+@pytest.fixture(scope="session")
+def text_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts("train", 300)))
+    return path

@@ -1,0 +1,166 @@
+"""The one loss path against naive dense references written straight from each definition.
+
+The contract suite runs over every registered divergence: adding an objective means adding its function
+and one row in REFERENCES below (a missing row fails test_every_divergence_has_a_reference)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import potstill
+from potstill.losses.chunked import fused_loss
+from potstill.losses.divergences import DIVERGENCES
+from potstill.losses.objective import parse_objective
+from potstill.losses.reduce import count_valid_tokens, normalise
+from potstill.losses.targets import DenseLogits, TeacherHidden
+
+
+def _gjsd_ref(q, p, beta):
+    if beta == 0:
+        return (p * (p / q).log()).sum(-1)
+    if beta == 1:
+        return (q * (q / p).log()).sum(-1)
+    m = beta * p + (1 - beta) * q
+    return beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+
+
+# name -> (hparams to test with, naive reference over *probabilities* q (student), p (teacher))
+REFERENCES = {
+    "fkl": ({}, lambda q, p: (p * (p / q).log()).sum(-1)),
+    "rkl": ({}, lambda q, p: (q * (q / p).log()).sum(-1)),
+    "gjsd": ({"beta": 0.3}, lambda q, p, beta=0.3: _gjsd_ref(q, p, beta)),
+    "ce": ({}, lambda q, p: -(p * q.log()).sum(-1)),
+}
+
+
+def _data(n=23, h=8, v=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).float()
+    weight = torch.randn(v, h, generator=g).float()
+    teacher = 2 * torch.randn(n, v, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 5, 6]] = -100
+    return hidden, weight, teacher, labels
+
+
+def _reference_loss(name, hp, hidden, weight, teacher, labels, temperature=1.0):
+    """Dense: full logits, probabilities, the reference formula, masked mean-free sum."""
+    z = hidden @ weight.T
+    spec = DIVERGENCES.get(name)
+    if spec.uses_labels:
+        q, p = F.softmax(z, -1), F.one_hot(labels.clamp_min(0), z.shape[-1]).float()
+        per = -(p * q.log()).sum(-1) if name == "ce" else REFERENCES[name][1](q, p, **hp)
+        scale = 1.0
+    else:
+        q, p = F.softmax(z / temperature, -1), F.softmax(teacher / temperature, -1)
+        per = REFERENCES[name][1](q, p, **hp)
+        scale = temperature**2
+    return (per * scale)[labels != -100].sum()
+
+
+def test_every_divergence_has_a_reference():
+    assert sorted(REFERENCES) == DIVERGENCES.names()
+
+
+@pytest.mark.parametrize("name", DIVERGENCES.names())
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_matches_dense_reference_value_and_grad(name, temperature):
+    hp = REFERENCES[name][0]
+    hidden, weight, teacher, labels = _data()
+    objective = parse_objective(f"{name}({','.join(f'{k}={v}' for k, v in hp.items())})" if hp else name, temperature)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_loss(h1, w1, None, labels, objective, DenseLogits(teacher), chunk_size=5)
+    out.total.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = _reference_loss(name, hp, h2, w2, teacher, labels, temperature)
+    ref.backward()
+    assert out.total.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES.names())
+def test_contract_zero_nonnegative_finite(name):
+    spec = DIVERGENCES.get(name)
+    fn = potstill.divergence(name, **REFERENCES[name][0])
+    logits = torch.randn(6, 11)
+    logits[:, 3] = float("-inf")  # a masked vocabulary entry in both
+    logp = F.log_softmax(logits, -1)
+    other = F.log_softmax(torch.randn(6, 11).index_fill(1, torch.tensor([3]), float("-inf")), -1)
+    values = fn(logp, other)
+    assert torch.isfinite(values).all()
+    if spec.is_divergence:
+        assert fn(logp, logp).abs().max().item() < 1e-6
+        assert (values >= -1e-6).all()
+
+
+@pytest.mark.parametrize("name", DIVERGENCES.names())
+def test_fully_masked_gives_exact_zero_and_zero_grad(name):
+    hidden, weight, teacher, labels = _data()
+    h = hidden.clone().requires_grad_()
+    out = fused_loss(h, weight, None, torch.full_like(labels, -100), parse_objective(name), DenseLogits(teacher))
+    loss = normalise(out.total, count_valid_tokens([torch.full_like(labels, -100)]))
+    loss.backward()
+    assert loss.item() == 0.0 and out.n_valid == 0
+    assert torch.equal(h.grad, torch.zeros_like(h))
+
+
+def test_chunked_equals_unchunked_and_teacher_gets_no_grad():
+    hidden, weight, teacher, labels = _data(n=40)
+    objective = parse_objective("0.25*ce + gjsd(beta=0.5)", temperature=1.5)
+    t_hidden = torch.randn(40, 6, requires_grad=True)
+    t_weight = torch.randn(17, 6, requires_grad=True)
+    results = []
+    for chunk in (40, 7, 1):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        b = torch.zeros(17, requires_grad=True)
+        out = fused_loss(h, w, b, labels, objective, TeacherHidden(t_hidden, t_weight), chunk_size=chunk)
+        out.total.backward()
+        results.append((out.total.detach(), out.term_sums, h.grad, w.grad, b.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert t_hidden.grad is None and t_weight.grad is None
+
+
+def test_padded_teacher_vocab_is_trimmed():
+    hidden, weight, teacher, labels = _data()
+    padded = torch.cat([teacher, torch.full((teacher.shape[0], 5), 30.0)], dim=1)  # junk padded rows
+    objective = parse_objective("fkl")
+    a = fused_loss(hidden, weight, None, labels, objective, DenseLogits(teacher)).total
+    b = fused_loss(hidden, weight, None, labels, objective, DenseLogits(padded)).total
+    assert a.item() == b.item()
+
+
+def test_known_value_fkl_two_tokens():
+    # p = softmax([0, ln 3]) = (1/4, 3/4); q = uniform (1/2, 1/2): KL(p‖q) = 1/4·ln(1/2) + 3/4·ln(3/2)
+    logp = F.log_softmax(torch.tensor([[0.0, math.log(3)]]), -1)
+    logq = F.log_softmax(torch.zeros(1, 2), -1)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert potstill.divergence("fkl")(logq, logp).item() == pytest.approx(expected, abs=1e-7)
+    assert potstill.divergence("gjsd", beta=0.0)(logq, logp).item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_objective_parsing_and_validation_errors():
+    obj = parse_objective("0.5*ce + 2*gjsd(beta=0.1)", temperature=2.0)
+    assert [(t.name, t.weight, t.hparams) for t in obj.terms] == [("ce", 0.5, {}), ("gjsd", 2.0, {"beta": 0.1})]
+    assert obj.teacher_scale == 4.0
+    with pytest.raises(KeyError, match='Did you mean "gjsd"'):
+        parse_objective("gjs")
+    with pytest.raises(ValueError, match=r"beta=1.5 is outside \[0.0, 1.0\]"):
+        parse_objective("gjsd(beta=1.5)")
+    with pytest.raises(ValueError, match="has no hyperparameter"):
+        parse_objective("fkl(alpha=0.1)")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        parse_objective("fkl", temperature=0)
+
+
+def test_list_divergences_names_hparams():
+    rows = {d["name"]: d for d in potstill.list_divergences()}
+    assert set(rows) == {"fkl", "rkl", "gjsd", "ce"}
+    assert rows["gjsd"]["hparams"]["beta"]["default"] == 0.5
+    assert rows["ce"]["target"] == "labels"
