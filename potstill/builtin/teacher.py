@@ -1,7 +1,8 @@
 """The built-in teacher: a small Llama trained by potstill itself (objective `ce`) on the built-in language.
 
 It ships as package data (``assets/teacher``); ``python -m potstill.builtin.teacher --out DIR`` reproduces it.
-Training runs on one CPU thread so the result depends only on the recipe, the seed and the torch build. If the
+Training runs on a fixed number of CPU threads (THREADS) so that, on the same CPU type and torch build, the
+result is bit-for-bit the same. If the
 shipped copy is missing (e.g. a slim install), the teacher is trained on first use and cached under
 ``$POTSTILL_CACHE`` (default ``~/.cache/potstill``) in a directory named after the recipe's hash.
 """
@@ -21,8 +22,9 @@ SHIPPED = Path(__file__).parent / "assets" / "teacher"
 MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
          "tie_word_embeddings": True, "rope_theta": 10000.0}
-TRAIN = {"max_steps": 1500, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100, "schedule": "cosine", "seed": 1234,
-         "log_every": 50, "eval_every": 500, "save_every": 0, "keep_checkpoints": 0}
+TRAIN = {"max_steps": 600, "batch_size": 32, "lr": 3e-3, "warmup_steps": 100, "schedule": "cosine", "seed": 1234,
+         "log_every": 50, "eval_every": 200, "save_every": 0, "keep_checkpoints": 0}
+THREADS = 2
 DATA = {"train": "builtin", "max_length": 128, "max_eval_examples": 256}
 
 
@@ -39,7 +41,7 @@ def cache_root() -> Path:
 
 
 def builtin_teacher_dir() -> Path:
-    """The shipped teacher, else a cached one, else train it now (about two minutes on two CPU cores)."""
+    """The shipped teacher, else a cached one, else train it now (about three minutes on two CPU cores)."""
     if is_complete(SHIPPED):
         return SHIPPED
     cached = cache_root() / f"builtin-teacher-{recipe_hash()}"
@@ -68,7 +70,7 @@ def build_teacher(out: Path, progress: bool = True) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same float summation order on every machine with this torch build
+    torch.set_num_threads(THREADS)  # a fixed thread count fixes the float summation order
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.build-"))
     try:
         initial_model_dir(work / "init")

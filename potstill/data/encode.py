@@ -47,16 +47,21 @@ def encode_messages(tokenizer, record: dict, where: str) -> tuple[list[int], lis
     messages = record["messages"]
     ids: list[int] = []
     labels: list[int] = []
-    for turn in range(len(messages)):
-        rendered = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
-        turn_ids = _ids(tokenizer, rendered, False)
-        if turn_ids[: len(ids)] != ids:
+
+    def extend(rendered: str, trained: bool) -> None:
+        new_ids = _ids(tokenizer, rendered, False)
+        if new_ids[: len(ids)] != ids:
             raise ValueError(f"{where}: the chat template does not render conversation prefixes consistently, "
                              "so assistant tokens cannot be located; use prompt/completion records instead")
-        new = turn_ids[len(ids):]
-        trained = messages[turn].get("role") == "assistant"
-        ids += new
-        labels += new if trained else [IGNORE_INDEX] * len(new)
+        new = new_ids[len(ids):]
+        ids.extend(new)
+        labels.extend(new if trained else [IGNORE_INDEX] * len(new))
+
+    for turn, message in enumerate(messages):
+        assistant = message.get("role") == "assistant"
+        if assistant:  # the assistant header ("<|im_start|>assistant\n") is prompt, not a trained token
+            extend(tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True), False)
+        extend(tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False), assistant)
     return ids, labels
 
 
