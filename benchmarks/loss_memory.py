@@ -24,24 +24,23 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _inputs(n, v, h, seed=0):
+def _inputs(n, v, h, seed=0, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h**0.5).requires_grad_()
-    t_hidden = torch.randn(n, h, generator=g)
-    t_weight = torch.randn(v, h, generator=g) / h**0.5
-    labels = torch.randint(0, v, (n,), generator=g)
-    return hidden, weight, t_hidden, t_weight, labels
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
+    hidden = make(n, h).requires_grad_()
+    weight = make(v, h, scale=h**-0.5).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    return hidden, weight, make(n, h), make(v, h, scale=h**-0.5), labels
 
 
 def _dense(objective, hidden, weight, t_hidden, t_weight, labels):
     """The straightforward path: full (N, V) student and teacher logits, autograd through everything."""
     from potstill.losses.chunked import chunk_term_sums
 
-    z = hidden @ weight.T
-    t = t_hidden @ t_weight.T
-    sums = chunk_term_sums(z, labels, torch.ones(labels.shape[0]), t, objective)
-    return (sums * torch.tensor([term.weight for term in objective.terms])).sum()
+    z = (hidden @ weight.T).float()
+    t = (t_hidden @ t_weight.T).float()
+    sums = chunk_term_sums(z, labels, torch.ones(labels.shape[0], device=z.device), t, objective)
+    return (sums * torch.tensor([term.weight for term in objective.terms], device=z.device)).sum()
 
 
 def _fused(objective, hidden, weight, t_hidden, t_weight, labels, chunk):
@@ -69,6 +68,39 @@ def _measure(path, objective_text, n, v, h, chunk, reps, queue):
     queue.put({"peak_mb": _rss_mb() - base, "seconds": min(times), "loss": loss.item()})
 
 
+def measure_cuda(path, objective_text, n, v, h, chunk, reps, dtype) -> dict:
+    """On a GPU the allocator's own peak counter isolates each path; CUDA events time it. OOM is a result."""
+    try:
+        return _measure_cuda(path, objective_text, n, v, h, chunk, reps, dtype)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"peak_mb": float("nan"), "seconds": float("nan"), "loss": float("nan"), "oom": True}
+
+
+def _measure_cuda(path, objective_text, n, v, h, chunk, reps, dtype) -> dict:
+    from potstill.losses.objective import parse_objective
+
+    objective = parse_objective(objective_text)
+    inputs = _inputs(n, v, h, device="cuda", dtype=dtype)
+    times = []
+    for rep in range(reps + 1):  # the first repetition warms up kernels and the allocator
+        for x in inputs[:2]:
+            x.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = _dense(objective, *inputs) if path == "dense" else _fused(objective, *inputs, chunk)
+        loss.backward()
+        end.record()
+        torch.cuda.synchronize()
+        if rep:
+            times.append(start.elapsed_time(end) / 1000)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return {"peak_mb": peak, "seconds": min(times), "loss": loss.item()}
+
+
 def measure(path, objective, n, v, h, chunk, reps) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -84,31 +116,42 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--v", type=int, default=32000)
     parser.add_argument("--h", type=int, default=512)
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=0, help="positions per chunk; 0 = the auto size training uses")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--objectives", nargs="*", default=None, help="default: every registered one")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    parser.add_argument("--device", default="cpu", help="cpu (peak RSS per subprocess) or cuda (allocator peak)")
+    parser.add_argument("--dtype", default="float32", help="hidden/head dtype: float32 or bfloat16 (logits are fp32)")
     args = parser.parse_args()
     from potstill import list_divergences
+    from potstill.losses.chunked import resolve_chunk_size
 
     names = args.objectives or [d["name"] for d in list_divergences()]
     rows = []
     for name in names:
-        dense = measure("dense", name, args.n, args.v, args.h, args.chunk, args.reps)
-        fused = measure("fused", name, args.n, args.v, args.h, args.chunk, args.reps)
-        assert abs(dense["loss"] - fused["loss"]) <= 1e-3 * max(1.0, abs(dense["loss"])), (name, dense, fused)
+        if args.device == "cuda":
+            dtype = getattr(torch, args.dtype)
+            dense = measure_cuda("dense", name, args.n, args.v, args.h, args.chunk, args.reps, dtype)
+            fused = measure_cuda("fused", name, args.n, args.v, args.h, args.chunk, args.reps, dtype)
+        else:
+            dense = measure("dense", name, args.n, args.v, args.h, args.chunk, args.reps)
+            fused = measure("fused", name, args.n, args.v, args.h, args.chunk, args.reps)
+        tol = 1e-3 if args.dtype == "float32" else 2e-2
+        if not dense.get("oom"):
+            assert abs(dense["loss"] - fused["loss"]) <= tol * max(1.0, abs(dense["loss"])), (name, dense, fused)
         rows.append({"objective": name, "dense_s": dense["seconds"], "fused_s": fused["seconds"],
                      "dense_mb": dense["peak_mb"], "fused_mb": fused["peak_mb"]})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"N={args.n} V={args.v} H={args.h} fp32, chunk={args.chunk}, forward+backward, best of {args.reps}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"N={args.n} V={args.v} H={args.h} {args.dtype}, chunk={resolve_chunk_size(args.chunk, args.v)}, forward+backward, best of {args.reps}, "
+          f"torch {torch.__version__}, {where}")
     print("| objective | dense s | fused s | time ratio | dense peak MB | fused peak MB | memory ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    for r in rows:  # a dense OOM shows as nan: the fused path ran where dense could not
         print(f"| {r['objective']} | {r['dense_s']:.3f} | {r['fused_s']:.3f} | {r['fused_s'] / r['dense_s']:.2f}x "
-              f"| {r['dense_mb']:.0f} | {r['fused_mb']:.0f} | {r['fused_mb'] / r['dense_mb']:.2f}x |")
+              f"| {r['dense_mb']:.0f} | {r['fused_mb']:.0f} | {r['fused_mb'] / r['dense_mb']:.2f}x |".replace("nan", "OOM"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from potstill.config import RunConfig, describe_fields
@@ -18,8 +19,17 @@ console = Console()
 _OPTIONS_HELP = "\n\n".join(f"[bold]{key}[/bold] (default {default}): {doc}" for key, default, doc in describe_fields())
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep the terminal for potstill's own progress bar: no per-file load/save bars from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/bold red] {exc}")
+    console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 

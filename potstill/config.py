@@ -65,8 +65,8 @@ class LossConfig:
     """Softmax temperature for teacher-target terms (label CE always uses T = 1)."""
     t_squared: bool = True
     """Multiply teacher-target terms by T² so their gradient scale does not shrink as T grows (Hinton et al.)."""
-    chunk_size: int = 1024
-    """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab)."""
+    chunk_size: int = 0
+    """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab). 0 = auto (~8M logits per chunk)."""
 
 
 @dataclass
@@ -159,11 +159,13 @@ class RunConfig:
         if sum(s is not None for s in sources) != 1:
             raise ValueError("set exactly one of student.path, student.config, student.init_from_teacher_layers")
         positive = {"train.max_steps": self.train.max_steps, "train.batch_size": self.train.batch_size,
-                    "train.grad_accum": self.train.grad_accum, "loss.chunk_size": self.loss.chunk_size,
+                    "train.grad_accum": self.train.grad_accum,
                     "data.max_length": self.data.max_length, "eval.batch_size": self.eval.batch_size}
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if self.loss.chunk_size < 0:
+            raise ValueError(f"loss.chunk_size must be ≥ 0 (0 = auto), got {self.loss.chunk_size}")
         if self.train.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"train.schedule={self.train.schedule!r}: use cosine, linear or constant")
 

@@ -190,7 +190,7 @@ def _metrics(totals: _Totals, with_teacher: bool) -> dict[str, float]:
     return out
 
 
-def evaluate(student: nn.Module, batches: Iterable[dict], *, teacher: nn.Module | None = None, vocab: int, chunk_size: int = 1024) -> EvalResult:
+def evaluate(student: nn.Module, batches: Iterable[dict], *, teacher: nn.Module | None = None, vocab: int, chunk_size: int = 0) -> EvalResult:
     """Token-mean metrics over every labelled position of ``batches`` (dicts of input_ids, attention_mask,
     labels, each (B, T); HF label convention, -100 = not scored). ``vocab`` is the shared vocabulary size both
     output heads are trimmed to. Metrics are NaN when no position is labelled."""

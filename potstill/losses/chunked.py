@@ -31,6 +31,17 @@ class LossOutput:
     n_valid: int  # tokens with a label in this call (the loop normalises by the global count)
 
 
+AUTO_CHUNK_LOGITS = 2**23  # logits per chunk when chunk_size is 0: 32 MB per fp32 chunk-sized tensor
+
+
+def resolve_chunk_size(chunk_size: int, vocab: int) -> int:
+    """``chunk_size`` positions, or for 0 ("auto") the largest power of two with ≤ 2^23 logits per chunk
+    (256 positions at V = 32k, 32 at V = 152k): a handful of chunk-sized fp32 temporaries stay ~10% of dense."""
+    if chunk_size > 0:
+        return chunk_size
+    return max(16, 1 << max(0, (AUTO_CHUNK_LOGITS // vocab).bit_length() - 1))
+
+
 def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
     for start in range(0, n, chunk_size):
         yield slice(start, min(start + chunk_size, n))
@@ -38,7 +49,7 @@ def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
 
 def project_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int) -> Iterator[tuple[slice, Tensor]]:
     """(slice, fp32 logits of that chunk) for positions of ``hidden`` (N, H): the no-grad path evaluation uses."""
-    for sl in chunk_slices(hidden.shape[0], chunk_size):
+    for sl in chunk_slices(hidden.shape[0], resolve_chunk_size(chunk_size, weight.shape[0])):
         yield sl, F.linear(hidden[sl], weight, bias).float()
 
 
@@ -122,7 +133,7 @@ def fused_loss(
     objective: Objective,
     target: Target | None = None,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = 0,
     token_weight: Tensor | None = None,
 ) -> LossOutput:
     """Sum of the objective over labelled positions. hidden (..., H) and labels (...) are flattened together;
@@ -134,6 +145,7 @@ def fused_loss(
     if objective.needs_teacher and target is None:
         raise ValueError(f"objective '{objective}' needs a teacher signal but none was given")
     tw = None if token_weight is None else token_weight.reshape(-1)
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
     n_valid = int((labels != IGNORE_INDEX).sum())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:

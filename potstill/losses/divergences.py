@@ -91,13 +91,13 @@ def list_divergences() -> list[dict]:
 def kl(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p‖q) = Σ p·(log p − log q) over the last axis; entries with p = 0 contribute 0 (even where q = 0)."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
 
 
 def cross_entropy(logp: Tensor, logq: Tensor) -> Tensor:
     """H(p, q) = −Σ p·log q over the last axis, with 0·log 0 = 0."""
     p = logp.exp()
-    return -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1)
+    return -torch.where(p > 0, p * logq, 0.0).sum(-1)
 
 
 def log_mix(logp: Tensor, logq: Tensor, weight_p: float) -> Tensor:
