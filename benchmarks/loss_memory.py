@@ -145,7 +145,7 @@ def main() -> None:
         print(json.dumps(rows, indent=1))
         return
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"N={args.n} V={args.v} H={args.h} {args.dtype}, chunk={resolve_chunk_size(args.chunk, args.v)}, forward+backward, best of {args.reps}, "
+    print(f"N={args.n} V={args.v} H={args.h} {args.dtype}, chunk={resolve_chunk_size(args.chunk, args.v, args.device)}, forward+backward, best of {args.reps}, "
           f"torch {torch.__version__}, {where}")
     print("| objective | dense s | fused s | time ratio | dense peak MB | fused peak MB | memory ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")

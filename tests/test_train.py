@@ -114,3 +114,13 @@ def test_seed_everything_is_reproducible():
     a = torch.rand(3)
     runtime.seed_everything(3)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_quickstart_kd_beats_ce_only(tmp_path):
+    """The claim `make quickstart` makes, checked on every CI run (about a minute on 2 cores)."""
+    from potstill.quickstart import run_quickstart
+
+    results = run_quickstart(tmp_path / "qs")
+    assert results["kd"]["student_ce"] < results["ce-only"]["student_ce"]
+    assert (tmp_path / "qs" / "comparison.md").exists()
+    assert (tmp_path / "qs" / "kd" / "report.md").exists()

@@ -31,15 +31,19 @@ class LossOutput:
     n_valid: int  # tokens with a label in this call (the loop normalises by the global count)
 
 
-AUTO_CHUNK_LOGITS = 2**23  # logits per chunk when chunk_size is 0: 32 MB per fp32 chunk-sized tensor
+# Logits per chunk when chunk_size is 0 ("auto"). CPU: 2^23 (32 MB per fp32 chunk tensor; 256 positions at
+# V = 32k) keeps the loss at ~0.15x dense memory and ~0.45x its time. GPU: 2^26 (256 positions at V = 152k),
+# because tiny chunks leave an H100 idle (chunk 32 at V = 152k measured 6.6x dense time; benchmarks/RESULTS.md).
+AUTO_CHUNK_LOGITS = {"cpu": 2**23}
+AUTO_CHUNK_LOGITS_ACCELERATOR = 2**26
 
 
-def resolve_chunk_size(chunk_size: int, vocab: int) -> int:
-    """``chunk_size`` positions, or for 0 ("auto") the largest power of two with ≤ 2^23 logits per chunk
-    (256 positions at V = 32k, 32 at V = 152k): a handful of chunk-sized fp32 temporaries stay ~10% of dense."""
+def resolve_chunk_size(chunk_size: int, vocab: int, device: torch.device | str = "cpu") -> int:
+    """``chunk_size`` positions, or for 0 the largest power of two within the device's logits budget."""
     if chunk_size > 0:
         return chunk_size
-    return max(16, 1 << max(0, (AUTO_CHUNK_LOGITS // vocab).bit_length() - 1))
+    budget = AUTO_CHUNK_LOGITS.get(torch.device(device).type, AUTO_CHUNK_LOGITS_ACCELERATOR)
+    return max(16, 1 << max(0, (budget // vocab).bit_length() - 1))
 
 
 def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
@@ -49,7 +53,7 @@ def chunk_slices(n: int, chunk_size: int) -> Iterator[slice]:
 
 def project_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int) -> Iterator[tuple[slice, Tensor]]:
     """(slice, fp32 logits of that chunk) for positions of ``hidden`` (N, H): the no-grad path evaluation uses."""
-    for sl in chunk_slices(hidden.shape[0], resolve_chunk_size(chunk_size, weight.shape[0])):
+    for sl in chunk_slices(hidden.shape[0], resolve_chunk_size(chunk_size, weight.shape[0], weight.device)):
         yield sl, F.linear(hidden[sl], weight, bias).float()
 
 
@@ -145,7 +149,7 @@ def fused_loss(
     if objective.needs_teacher and target is None:
         raise ValueError(f"objective '{objective}' needs a teacher signal but none was given")
     tw = None if token_weight is None else token_weight.reshape(-1)
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], weight.device)
     n_valid = int((labels != IGNORE_INDEX).sum())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
