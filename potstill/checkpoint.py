@@ -10,13 +10,9 @@ from pathlib import Path
 
 import torch
 
+from potstill.io import atomic_write_text, iter_jsonl
+
 STEP_PREFIX = "step-"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_model_dir(path: Path, model, tokenizer, extra: dict[str, object] | None = None) -> Path:
@@ -78,5 +74,5 @@ def truncate_metrics(metrics_path: Path, step: int) -> None:
     """Drop metric lines logged after ``step`` (a run killed between checkpoints logged steps it will redo)."""
     if not metrics_path.exists():
         return
-    kept = [line for line in metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    kept = [row for _, row in iter_jsonl(metrics_path) if row["step"] <= step]
+    atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))

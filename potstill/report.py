@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 from rich.text import Text
+
+from potstill.io import atomic_write_bytes, iter_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -53,15 +54,9 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a potstill run: it has no {METRICS_FILE}")
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    for lineno, record in iter_jsonl(path):
         if not isinstance(record, dict) or "step" not in record or "kind" not in record:
-            raise ValueError(f"{path}, line {lineno}: expected an object with 'step' and 'kind'")
+            raise ValueError(f"{path}:{lineno}: expected an object with 'step' and 'kind'")
         records.append(record)
     return records
 
@@ -204,7 +199,7 @@ def write_report(run_dir: Path | str) -> Path:
     if calibrated:
         plots["reliability diagram"] = _write_png(plots_dir / "calibration.png", _reliability_figure(calibrated[-1]))
     # The markdown goes last, so it never links to an image that is not there yet.
-    return _atomic_write(run_dir / "report.md", _markdown(run_dir, config, train, evals, plots).encode())
+    return atomic_write_bytes(run_dir / "report.md", _markdown(run_dir, config, train, evals, plots).encode())
 
 
 # ---- plots (Agg canvas on a bare Figure: the caller's pyplot backend and figures are untouched) ----------------
@@ -252,20 +247,7 @@ def _reliability_figure(last_eval: dict) -> Figure:
 def _write_png(path: Path, fig: Figure) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    return _atomic_write(path, buffer.getvalue())
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write to a temporary file in the same directory, then rename: readers see the old file or the new one."""
-    # A pid-named sibling rather than mkstemp: mkstemp files are 0600, and a report should be readable like any file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---- comparing runs --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from potstill.assemble import Parts, load_examples, load_parts
 from potstill.config import RunConfig
 from potstill.data.batches import Batcher, eval_batches
 from potstill.evaluate import evaluate, generate_sample
+from potstill.io import atomic_write_text
 from potstill.losses.chunked import LossOutput, fused_loss
 from potstill.losses.objective import Objective
 from potstill.losses.reduce import count_valid_tokens, normalise
@@ -138,7 +139,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
     optimizer, scheduler = make_optimizer(cfg, parts.student)
     config_yaml = cfg.to_yaml()
-    checkpoint.atomic_write_text(run_dir / "config.yaml", config_yaml)
+    atomic_write_text(run_dir / "config.yaml", config_yaml)
     step = restore(run_dir, parts, optimizer, scheduler, batcher) if resume else 0
     last_eval: dict = {}
     with TrainProgress(cfg.train.max_steps, step, enabled=progress and rt.is_main) as bar:

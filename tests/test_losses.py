@@ -164,3 +164,16 @@ def test_list_divergences_names_hparams():
     assert set(rows) == {"fkl", "rkl", "gjsd", "ce"}
     assert rows["gjsd"]["hparams"]["beta"]["default"] == 0.5
     assert rows["ce"]["target"] == "labels"
+
+
+def test_bf16_hidden_and_head_track_fp32():
+    """bf16 models: logits are upcast to fp32 per chunk; value within 1% and gradients keep the param dtype."""
+    hidden, weight, teacher, labels = _data(n=64, h=16, v=40)
+    objective = parse_objective("0.5*ce + fkl")
+    ref = fused_loss(hidden, weight, None, labels, objective, DenseLogits(teacher)).total
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16().requires_grad_()
+    out = fused_loss(h, w, None, labels, objective, DenseLogits(teacher.bfloat16()), chunk_size=16)
+    out.total.backward()
+    assert out.total.item() == pytest.approx(ref.item(), rel=1e-2)
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16

@@ -6,8 +6,9 @@ or chat ``messages`` ([{role, content}, ...]).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from potstill.io import iter_jsonl
 
 RECORD_KINDS = ("text", "prompt/completion", "messages")
 
@@ -24,18 +25,11 @@ def record_kind(record: dict, where: str) -> str:
 
 def read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); fix or remove the line") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            record_kind(obj, f"{path}:{lineno}")
-            records.append(obj)
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        record_kind(obj, f"{path}:{lineno}")
+        records.append(obj)
     return records
 
 

@@ -82,11 +82,15 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher_logits: 
     return torch.stack(sums)
 
 
+def _term_weights(objective: Objective, device: torch.device) -> Tensor:
+    return torch.tensor([t.weight for t in objective.terms], device=device)
+
+
 def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads):
     """The shared chunk loop. Returns (term_sums (n_terms,), grad_hidden, grad_weight, grad_bias)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     weights = (labels != IGNORE_INDEX).float() * (1.0 if token_weight is None else token_weight.float())
-    term_weights = torch.tensor([t.weight for t in objective.terms], device=hidden.device)
+    term_weights = _term_weights(objective, hidden.device)
     term_sums = torch.zeros(len(objective.terms), device=hidden.device)
     grad_h = torch.zeros_like(hidden) if want_grads and hidden.requires_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads and weight.requires_grad else None
@@ -113,20 +117,20 @@ def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, c
 
 
 class _FusedLoss(torch.autograd.Function):
+    """Gradients are computed in forward (see module docstring); backward only scales them by grad_output."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weight, target, objective, chunk_size):
         term_sums, gh, gw, gb = _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, True)
         ctx.save_for_backward(gh, gw, gb)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        term_weights = torch.tensor([t.weight for t in objective.terms], device=term_sums.device)
+        ctx.param_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(term_sums)
-        return (term_sums * term_weights).sum(), term_sums
+        return (term_sums * _term_weights(objective, term_sums.device)).sum(), term_sums
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_terms):
-        gh, gw, gb = ctx.saved_tensors
-        scale = lambda g, dtype: None if g is None else (g * grad_total).to(dtype)  # noqa: E731
-        return scale(gh, gh.dtype if gh is not None else None), scale(gw, ctx.dtypes[0]), scale(gb, ctx.dtypes[1]), None, None, None, None, None
+    def backward(ctx, grad_total, _grad_term_sums):
+        grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.param_dtypes)]
+        return (*grads, None, None, None, None, None)
 
 
 def fused_loss(
@@ -156,5 +160,5 @@ def fused_loss(
         total, term_sums = _FusedLoss.apply(hidden, weight, bias, labels, tw, target, objective, chunk_size)
     else:
         term_sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False)[0]
-        total = (term_sums * torch.tensor([t.weight for t in objective.terms], device=term_sums.device)).sum()
+        total = (term_sums * _term_weights(objective, term_sums.device)).sum()
     return LossOutput(total, term_sums, n_valid)
