@@ -89,7 +89,7 @@ def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int)
     return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size)
 
 
-def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> dict:
+def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float]]:
     """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count."""
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
     term_sums = torch.zeros(len(objective.terms))
@@ -107,8 +107,15 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> dict
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    terms = {f"term/{t.name}": v / max(count, 1) for t, v in zip(objective.terms, term_sums.tolist())}
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": count, **terms}
+    term_means = [v / max(count, 1) for v in term_sums.tolist()]
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": count, **term_metrics(objective, term_means)}, term_means
+
+
+def term_metrics(objective: Objective, term_means: list[float]) -> dict[str, float]:
+    """Per-term token means as 'term/<name>' (a repeated name gets '#<index>'), plus schedule values."""
+    names = [t.name for t in objective.terms]
+    keys = [f"term/{n}" if names.count(n) == 1 else f"term/{n}#{i}" for i, n in enumerate(names)]
+    return {**dict(zip(keys, term_means)), **objective.scalars()}
 
 
 def run_eval(parts: Parts, held, cfg: RunConfig, step: int) -> dict:
@@ -140,14 +147,15 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     optimizer, scheduler = make_optimizer(cfg, parts.student)
     config_yaml = cfg.to_yaml()
     atomic_write_text(run_dir / "config.yaml", config_yaml)
-    step = restore(run_dir, parts, optimizer, scheduler, batcher) if resume else 0
+    step = restore(run_dir, parts, optimizer, scheduler, batcher, objective) if resume else 0
     last_eval: dict = {}
     with TrainProgress(cfg.train.max_steps, step, enabled=progress and rt.is_main) as bar:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
             micro = [to_device(batcher.next_batch(), rt.device) for _ in range(cfg.train.grad_accum)]
-            stats = train_step(parts, micro, objective, cfg, rt, optimizer, scheduler)
+            stats, term_means = train_step(parts, micro, objective, cfg, rt, optimizer, scheduler)
             step += 1
+            objective.after_step(term_means, step, cfg.train.max_steps)
             stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
             bar.update(step, stats["loss"], stats["tokens_per_s"])
             if rt.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
@@ -158,7 +166,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
                 bar.note(f"step {step}: held-out CE {last_eval['student_ce']:.4f}")
             if _due(step, cfg.train.save_every, cfg.train.max_steps):
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": runtime.rng_state(), "data": batcher.state()}
+                         "rng": runtime.rng_state(), "data": batcher.state(), "objective": objective.state_dict()}
                 checkpoint.save_checkpoint(run_dir, step, parts.student, parts.tokenizer, config_yaml, state, cfg.train.keep_checkpoints)
     final = checkpoint.save_model_dir(run_dir / "final", parts.student, parts.tokenizer, {"config.yaml": config_yaml})
     if not last_eval:  # resumed at max_steps: keep the metrics the run already has
@@ -172,7 +180,7 @@ def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def restore(run_dir: Path, parts: Parts, optimizer, scheduler, batcher: Batcher) -> int:
+def restore(run_dir: Path, parts: Parts, optimizer, scheduler, batcher: Batcher, objective: Objective) -> int:
     """Load the newest complete checkpoint into the freshly built run; returns the step to continue from."""
     path = checkpoint.latest_checkpoint(run_dir)
     state = checkpoint.load_trainer_state(path)
@@ -181,6 +189,7 @@ def restore(run_dir: Path, parts: Parts, optimizer, scheduler, batcher: Batcher)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     batcher.load_state(state["data"])
+    objective.load_state_dict(state["objective"])
     runtime.set_rng_state(state["rng"])
     checkpoint.truncate_metrics(run_dir / "metrics.jsonl", state["step"])
     return int(state["step"])

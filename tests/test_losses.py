@@ -27,13 +27,43 @@ def _gjsd_ref(q, p, beta):
     return beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
 
 
+def _akl_ref(q, p, mu):
+    """AKL straight from Wu et al.: per row, sort p; head = prefix with cumulative mass < mu; gaps |p - q|."""
+    rows = []
+    for qi, pi in zip(q, p):
+        order = sorted(range(len(pi)), key=lambda j: -float(pi[j]))
+        cum, g_head, g_tail = 0.0, 0.0, 0.0
+        for j in order:
+            cum += float(pi[j])
+            gap = abs(float(pi[j]) - float(qi[j].detach()))
+            if cum < mu:
+                g_head += gap
+            else:
+                g_tail += gap
+        w = g_head / (g_head + g_tail)
+        rows.append(w * (pi * (pi / qi).log()).sum() + (1 - w) * (qi * (qi / pi).log()).sum())
+    return torch.stack(rows)
+
+
 # name -> (hparams to test with, naive reference over *probabilities* q (student), p (teacher))
 REFERENCES = {
     "fkl": ({}, lambda q, p: (p * (p / q).log()).sum(-1)),
     "rkl": ({}, lambda q, p: (q * (q / p).log()).sum(-1)),
     "gjsd": ({"beta": 0.3}, lambda q, p, beta=0.3: _gjsd_ref(q, p, beta)),
     "ce": ({}, lambda q, p: -(p * q.log()).sum(-1)),
+    "skl": ({"alpha": 0.1}, lambda q, p, alpha=0.1: (p * (p / (alpha * p + (1 - alpha) * q)).log()).sum(-1)),
+    "srkl": ({"alpha": 0.1}, lambda q, p, alpha=0.1: (q * (q / ((1 - alpha) * p + alpha * q)).log()).sum(-1)),
+    "tvd": ({}, lambda q, p: 0.5 * (p - q).abs().sum(-1)),
+    "akl": ({"mu": 0.5}, lambda q, p, mu=0.5: _akl_ref(q, p, mu)),
+    "taid": ({"t_start": 0.6}, lambda q, p, t_start=0.6: _taid_ref(q, p, t_start)),
 }
+
+
+def _taid_ref(q, p, t):
+    """p_t ∝ stopgrad(q)^(1−t)·p^t (the softmax of interpolated logits), then KL(p_t ‖ q)."""
+    m = q.detach() ** (1 - t) * p**t
+    m = m / m.sum(-1, keepdim=True)
+    return (m * (m / q).log()).sum(-1)
 
 
 def _data(n=23, h=8, v=17, seed=0):
@@ -161,7 +191,7 @@ def test_objective_parsing_and_validation_errors():
 
 def test_list_divergences_names_hparams():
     rows = {d["name"]: d for d in potstill.list_divergences()}
-    assert set(rows) == {"fkl", "rkl", "gjsd", "ce"}
+    assert set(rows) == {"fkl", "rkl", "gjsd", "ce", "skl", "srkl", "tvd", "akl", "taid"}
     assert rows["gjsd"]["hparams"]["beta"]["default"] == 0.5
     assert rows["ce"]["target"] == "labels"
 
@@ -177,3 +207,26 @@ def test_bf16_hidden_and_head_track_fp32():
     out.total.backward()
     assert out.total.item() == pytest.approx(ref.item(), rel=1e-2)
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+def test_taid_schedule_trajectory_exact():
+    from potstill.losses.schedules import TaidSchedule
+
+    s = TaidSchedule(t_start=0.4, t_end=1.0, alpha=0.5, beta=0.9)
+    s.update(2.0, 1, 10)  # first loss only sets the reference
+    assert s.t == 0.4 and s.prev_loss == 2.0
+    s.update(1.0, 2, 10)  # relative change 0.5 -> momentum 0.05; linear target 0.52; adaptive 0.4 + 0.5·σ(0.05)·0.6
+    adaptive = 0.4 + 0.5 * (1 / (1 + math.exp(-0.05))) * 0.6
+    assert s.momentum == pytest.approx(0.05) and s.t == pytest.approx(max(0.52, adaptive))
+    s.update(1.0, 10, 10)  # at the end the linear target reaches t_end
+    assert s.t == 1.0
+
+
+def test_objective_state_round_trip():
+    obj = parse_objective("0.5*ce + taid(t_start=0.3, alpha=0.2)")
+    obj.after_step([1.0, 3.0], 1, 100)
+    obj.after_step([1.0, 2.0], 2, 100)
+    assert obj.scalars()["taid/t"] > 0.3
+    fresh = parse_objective("0.5*ce + taid(t_start=0.3, alpha=0.2)")
+    fresh.load_state_dict(obj.state_dict())
+    assert fresh.scalars() == obj.scalars() and fresh.state_dict() == obj.state_dict()

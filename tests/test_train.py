@@ -51,8 +51,10 @@ def test_distill_end_to_end(tmp_path, model_dirs, text_jsonl, teacher, student):
     assert (ckpts[0] / "potstill" / "trainer_state.pt").exists()
 
 
-def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl):
+@pytest.mark.parametrize("objective", ["0.5*ce + 0.5*gjsd(beta=0.5)", "taid(alpha=0.2)"])
+def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl, objective):
     cfg = run_config(tmp_path, model_dirs, text_jsonl, max_steps=8, batch_size=4, save_every=4, eval_every=0, keep_checkpoints=3)
+    cfg.loss.objective = objective
     full = potstill.distill(cfg, progress=False)
     uninterrupted = metric_lines(full.run_dir, "train")
     # Simulate a crash after step 6: the step-8 checkpoint and final student never got written.
@@ -66,6 +68,9 @@ def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl):
     again = metric_lines(resumed.run_dir, "train")
     assert [r["step"] for r in again] == list(range(1, 9))
     assert [r["loss"] for r in again] == [r["loss"] for r in uninterrupted]  # bit-identical
+    if objective.startswith("taid"):  # the schedule's state came back with the checkpoint
+        assert [r["taid/t"] for r in again] == [r["taid/t"] for r in uninterrupted]
+        assert again[-1]["taid/t"] > again[0]["taid/t"]
 
 
 def _grads(model):

@@ -71,13 +71,13 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher_logits: 
     for term in objective.terms:
         if term.uses_labels:  # label terms always at T = 1: they are the data likelihood
             logq_1 = F.log_softmax(z, -1) if logq_1 is None else logq_1
-            per_token = term.fn(logq_1, label_logp(labels, z.shape[-1]))
+            per_token = term(logq_1, label_logp(labels, z.shape[-1]))
         else:
             if logq_t is None:
                 tau = objective.temperature
                 logq_t = F.log_softmax(z / tau, -1)
                 logp_t = F.log_softmax(teacher_logits.float() / tau, -1)
-            per_token = term.fn(logq_t, logp_t) * objective.teacher_scale
+            per_token = term(logq_t, logp_t) * objective.teacher_scale
         sums.append((torch.where(valid, per_token, torch.zeros_like(per_token)) * weights).sum())
     return torch.stack(sums)
 

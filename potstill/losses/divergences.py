@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from potstill.losses.schedules import TaidSchedule
 from potstill.registry import Registry
 
 
@@ -37,18 +38,21 @@ class DivergenceSpec:
     is_divergence: bool = True  # zero on identical inputs and never negative (False for cross-entropy)
     uses_labels: bool = False  # evaluated against the one-hot data labels instead of the teacher
     doc: str = ""
+    schedule: type | None = None  # built from hparams; supplies the fn's dynamic arguments (e.g. TAID's t)
 
 
 DIVERGENCES: Registry[DivergenceSpec] = Registry("divergence")
 
 
-def register(name: str, *, is_divergence: bool = True, uses_labels: bool = False, **hparams: HParam):
+def register(name: str, *, is_divergence: bool = True, uses_labels: bool = False, schedule: type | None = None,
+             **hparams: HParam):
     def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         params = [p for p in inspect.signature(fn).parameters][2:]
-        if sorted(params) != sorted(hparams):
-            raise TypeError(f"divergence {name!r}: signature {params} does not match declared {list(hparams)}")
+        expected = list(schedule.provides) if schedule else list(hparams)
+        if sorted(params) != sorted(expected):
+            raise TypeError(f"divergence {name!r}: signature {params} does not match declared {expected}")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        DIVERGENCES.register(name)(DivergenceSpec(name, fn, hparams, is_divergence, uses_labels, doc))
+        DIVERGENCES.register(name)(DivergenceSpec(name, fn, hparams, is_divergence, uses_labels, doc, schedule))
         return fn
 
     return add
@@ -70,9 +74,16 @@ def resolve_hparams(name: str, given: dict[str, float]) -> dict[str, float]:
 
 
 def divergence(name: str, **hparams: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """The registered per-token function ``fn(student_logp, teacher_logp) -> (...)`` with validated hparams."""
+    """The registered per-token function ``fn(student_logp, teacher_logp) -> (...)`` with validated hparams.
+
+    For scheduled objectives the dynamic arguments may be given directly (``divergence("taid", t=0.7)``);
+    otherwise they take the schedule's starting value."""
     spec = DIVERGENCES.get(name)
-    return partial(spec.fn, **resolve_hparams(name, hparams))
+    dynamic = {k: hparams.pop(k) for k in list(hparams) if spec.schedule and k in spec.schedule.provides}
+    static = resolve_hparams(name, hparams)
+    if spec.schedule is None:
+        return partial(spec.fn, **static)
+    return partial(spec.fn, **{**spec.schedule(**static).current(), **dynamic})
 
 
 def list_divergences() -> list[dict]:
@@ -140,3 +151,50 @@ def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float) -> 
 def soft_cross_entropy(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     """Cross-entropy H(p, q) against the data labels (p is one-hot): plain next-token training."""
     return cross_entropy(teacher_logp, student_logp)
+
+
+@register("skl", alpha=HParam(0.1, 0.0, 1.0, "weight of the teacher in the skewed mixture (DistiLLM: 0.1)"))
+def skew_kl(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
+    """Skew KL (DistiLLM): KL(p ‖ α·p + (1−α)·q); α = 0 is forward KL."""
+    return kl(teacher_logp, log_mix(teacher_logp, student_logp, alpha))
+
+
+@register("srkl", alpha=HParam(0.1, 0.0, 1.0, "weight of the student in the skewed mixture (DistiLLM: 0.1)"))
+def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
+    """Skew reverse KL (DistiLLM): KL(q ‖ (1−α)·p + α·q); α = 0 is reverse KL."""
+    return kl(student_logp, log_mix(teacher_logp, student_logp, 1.0 - alpha))
+
+
+@register("tvd")
+def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """Total variation ½·Σ|p − q|; 1 − TVD is the speculative-sampling acceptance rate (DistillSpec)."""
+    return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
+
+
+@register("akl", mu=HParam(0.5, 0.0, 1.0, "teacher mass that defines the head (AKL: 0.5)"))
+def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float) -> Tensor:
+    """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the teacher–student gap on the head vs the tail."""
+    p, q = teacher_logp.exp(), student_logp.exp()
+    p_sorted, order = p.sort(-1, descending=True)
+    gap = (p_sorted - q.gather(-1, order)).abs()
+    head = (p_sorted.cumsum(-1) < mu).to(gap.dtype)  # tokens before the teacher's cumulative mass reaches mu
+    g_head, g_tail = (gap * head).sum(-1).detach(), (gap * (1 - head)).sum(-1).detach()
+    total = g_head + g_tail
+    w_head = torch.where(total > 0, g_head / total.clamp_min(1e-30), 0.5)  # identical rows: both terms are 0
+    return w_head * kl(teacher_logp, student_logp) + (1 - w_head) * kl(student_logp, teacher_logp)
+
+
+@register("taid", schedule=TaidSchedule,
+          t_start=HParam(0.4, 0.0, 1.0, "initial interpolation weight of the teacher"),
+          t_end=HParam(1.0, 0.0, 1.0, "final interpolation weight of the teacher"),
+          alpha=HParam(5e-4, 0.0, 1.0, "step size of the adaptive increase of t"),
+          beta=HParam(0.99, 0.0, 1.0, "momentum of the loss' relative change"))
+def taid(student_logp: Tensor, teacher_logp: Tensor, t: float) -> Tensor:
+    """TAID (Shing et al. 2025): KL(p_t ‖ q) with p_t = softmax((1−t)·stopgrad(log q) + t·log p); t follows a schedule."""
+    # Interpolating log-probs equals interpolating logits: the per-row log-normalisers cancel in the softmax.
+    # The end points are taken exactly so that 0·(-inf) never appears for masked vocabulary entries.
+    if t >= 1.0:
+        return kl(teacher_logp, student_logp)
+    mixed = student_logp.detach() if t <= 0.0 else (1.0 - t) * student_logp.detach() + t * teacher_logp
+    target = torch.log_softmax(mixed, dim=-1)
+    return kl(target, student_logp)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -23,8 +23,13 @@ class Term:
     name: str
     weight: float
     hparams: dict[str, float]
-    fn: Callable[[Tensor, Tensor], Tensor]
+    fn: Callable[..., Tensor]  # the registered function with its static hyperparameters bound
     uses_labels: bool
+    schedule: Any = None  # mutable per-run state (e.g. TAID's t) supplying the fn's dynamic arguments
+
+    def __call__(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+        dynamic = self.schedule.current() if self.schedule is not None else {}
+        return self.fn(student_logp, teacher_logp, **dynamic)
 
     def __str__(self) -> str:
         args = ",".join(f"{k}={v:g}" for k, v in self.hparams.items())
@@ -47,6 +52,26 @@ class Objective:
 
     def __str__(self) -> str:
         return " + ".join(map(str, self.terms))
+
+    # ---- per-run state (schedules), updated once per optimiser step and saved in checkpoints -------------------
+
+    def after_step(self, term_means: list[float], step: int, total_steps: int) -> None:
+        """Advance every scheduled term with its own mean loss of the step just taken."""
+        for term, value in zip(self.terms, term_means):
+            if term.schedule is not None:
+                term.schedule.update(value, step, total_steps)
+
+    def scalars(self) -> dict[str, float]:
+        """Current schedule values for the metrics, e.g. {'taid/t': 0.43}."""
+        return {f"{t.name}/{k}": v for t in self.terms if t.schedule is not None for k, v in t.schedule.current().items()}
+
+    def state_dict(self) -> list[dict | None]:
+        return [t.schedule.state_dict() if t.schedule is not None else None for t in self.terms]
+
+    def load_state_dict(self, state: list[dict | None]) -> None:
+        for term, term_state in zip(self.terms, state):
+            if term.schedule is not None and term_state is not None:
+                term.schedule.load_state_dict(term_state)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -73,6 +98,8 @@ def parse_term(text: str) -> Term:
     weight = float(m["w"]) if m["w"] else 1.0
     if weight < 0:
         raise ValueError(f"objective term {text.strip()!r}: weight must be ≥ 0")
+    if spec.schedule is not None:  # static hparams configure the schedule; it supplies the fn's arguments
+        return Term(name, weight, hparams, spec.fn, spec.uses_labels, spec.schedule(**hparams))
     return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels)
 
 
