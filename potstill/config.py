@@ -65,6 +65,8 @@ class LossConfig:
     """Softmax temperature for teacher-target terms (label CE always uses T = 1)."""
     t_squared: bool = True
     """Multiply teacher-target terms by T² so their gradient scale does not shrink as T grows (Hinton et al.)."""
+    select: str | None = None
+    """Token selection/weighting for every term, e.g. `entropy(keep=0.5)` or `divergence(keep=0.2)` (docs/objectives.md)."""
     chunk_size: int = 0
     """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab). 0 = auto (~8M logits per chunk)."""
 
@@ -149,7 +151,7 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def objective(self) -> Objective:
-        return parse_objective(self.loss.objective, self.loss.temperature, self.loss.t_squared)
+        return parse_objective(self.loss.objective, self.loss.temperature, self.loss.t_squared, self.loss.select)
 
     def validate(self) -> None:
         obj = self.objective()  # parses and range-checks every term

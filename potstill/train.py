@@ -93,13 +93,14 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count."""
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
     term_sums = torch.zeros(len(objective.terms))
-    loss = 0.0
+    loss, kept = 0.0, 0
     for batch in batches:
         out = batch_loss(parts, batch, objective, cfg.loss.chunk_size)
         step_loss = normalise(out.total, count)
         step_loss.backward()
         loss += step_loss.item()
         term_sums += out.term_sums.cpu()
+        kept += out.n_kept
     params = [p for p in parts.student.parameters() if p.grad is not None]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -108,7 +109,10 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     term_means = [v / max(count, 1) for v in term_sums.tolist()]
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": count, **term_metrics(objective, term_means)}, term_means
+    stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": count, **term_metrics(objective, term_means)}
+    if objective.selection is not None:  # local kept fraction (per rank): what the selector did this step
+        stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != -100).sum()) for b in batches), 1)
+    return stats, term_means
 
 
 def term_metrics(objective: Objective, term_means: list[float]) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from potstill.losses.objective import Objective
+from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
 from potstill.losses.targets import Target
 
 IGNORE_INDEX = -100
@@ -29,6 +30,7 @@ class LossOutput:
     total: Tensor  # scalar: Σ_terms weight · Σ_tokens token_weight · value (differentiable)
     term_sums: Tensor  # (n_terms,): Σ_tokens token_weight · value per term, before term weights (detached)
     n_valid: int  # tokens with a label in this call (the loop normalises by the global count)
+    n_kept: int  # labelled tokens with a non-zero weight (all of them unless the objective selects tokens)
 
 
 # Logits per chunk when chunk_size is 0 ("auto"). CPU: 2^23 (32 MB per fp32 chunk tensor; 256 positions at
@@ -55,6 +57,15 @@ def project_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_si
     """(slice, fp32 logits of that chunk) for positions of ``hidden`` (N, H): the no-grad path evaluation uses."""
     for sl in chunk_slices(hidden.shape[0], resolve_chunk_size(chunk_size, weight.shape[0], weight.device)):
         yield sl, F.linear(hidden[sl], weight, bias).float()
+
+
+@torch.no_grad()
+def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, target: Target, chunk_size: int) -> TokenStats:
+    """Per-token statistics (N,) of student and teacher at T = 1, chunk by chunk (the selection pre-pass)."""
+    vocab = weight.shape[0]
+    parts = [compute_token_stats(z, target.chunk_logits(sl)[:, :vocab].float(), labels[sl])
+             for sl, z in project_chunks(hidden.detach(), weight.detach(), bias, chunk_size)]
+    return concat_stats(parts)
 
 
 def label_logp(labels: Tensor, vocab: int) -> Tensor:
@@ -155,10 +166,15 @@ def fused_loss(
     tw = None if token_weight is None else token_weight.reshape(-1)
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], weight.device)
     n_valid = int((labels != IGNORE_INDEX).sum())
+    if objective.selection is not None:
+        stats = token_statistics(hidden, weight, bias, labels, target, chunk_size)
+        selected = selection_weights(stats, objective.selection.name, objective.selection.hparams)
+        tw = selected if tw is None else tw * selected
+    n_kept = n_valid if tw is None else int(((tw != 0) & (labels != IGNORE_INDEX)).sum())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         total, term_sums = _FusedLoss.apply(hidden, weight, bias, labels, tw, target, objective, chunk_size)
     else:
         term_sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False)[0]
         total = (term_sums * _term_weights(objective, term_sums.device)).sum()
-    return LossOutput(total, term_sums, n_valid)
+    return LossOutput(total, term_sums, n_valid, n_kept)

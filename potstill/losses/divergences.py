@@ -16,18 +16,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from potstill.losses.hparams import HParam, describe, resolve
 from potstill.losses.schedules import TaidSchedule
 from potstill.registry import Registry
-
-
-@dataclass(frozen=True)
-class HParam:
-    """A hyperparameter's default, its closed range and what it does (shown by `potstill losses`)."""
-
-    default: float
-    low: float
-    high: float
-    doc: str
 
 
 @dataclass(frozen=True)
@@ -60,17 +51,7 @@ def register(name: str, *, is_divergence: bool = True, uses_labels: bool = False
 
 def resolve_hparams(name: str, given: dict[str, float]) -> dict[str, float]:
     """Defaults filled in; unknown names and out-of-range values raise with a message naming the field."""
-    spec = DIVERGENCES.get(name)
-    unknown = set(given) - set(spec.hparams)
-    if unknown:
-        known = ", ".join(spec.hparams) or "none"
-        raise ValueError(f"divergence {name!r} has no hyperparameter {sorted(unknown)}; it takes: {known}")
-    values = {k: float(given.get(k, hp.default)) for k, hp in spec.hparams.items()}
-    for k, v in values.items():
-        hp = spec.hparams[k]
-        if not (hp.low <= v <= hp.high) or math.isnan(v):
-            raise ValueError(f"divergence {name!r}: {k}={v} is outside [{hp.low}, {hp.high}] ({hp.doc})")
-    return values
+    return resolve(f"divergence {name!r}", DIVERGENCES.get(name).hparams, given)
 
 
 def divergence(name: str, **hparams: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -91,7 +72,7 @@ def list_divergences() -> list[dict]:
     out = []
     for name in DIVERGENCES.names():
         spec = DIVERGENCES.get(name)
-        hp = {k: {"default": v.default, "range": [v.low, v.high], "doc": v.doc} for k, v in spec.hparams.items()}
+        hp = describe(spec.hparams)
         out.append({"name": name, "doc": spec.doc, "hparams": hp, "target": "labels" if spec.uses_labels else "teacher"})
     return out
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from torch import Tensor
 
 from potstill.losses.divergences import DIVERGENCES, resolve_hparams
+from potstill.losses.hparams import resolve
 
 _TERM = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[a-z_][a-z0-9_]*)\s*(?:\((?P<args>[^)]*)\))?\s*$")
 
@@ -41,6 +42,7 @@ class Objective:
     terms: tuple[Term, ...]
     temperature: float = 1.0
     t_squared: bool = True  # multiply teacher-target terms by T² so gradient scale does not shrink with T
+    selection: "Selection | None" = None  # token weighting applied to every term
 
     @property
     def needs_teacher(self) -> bool:
@@ -79,23 +81,28 @@ def _split_top_level(text: str) -> list[str]:
     return re.split(r"\+(?![^(]*\))", text)
 
 
-def parse_term(text: str) -> Term:
+def parse_call(text: str, what: str) -> tuple[float | None, str, dict[str, float]]:
+    """'[w*]name[(k=v, ...)]' -> (w or None, name, {k: v}); errors quote the text and say what was expected."""
     m = _TERM.match(text)
     if not m:
-        raise ValueError(f"cannot parse objective term {text.strip()!r}; write e.g. '0.5*gjsd(beta=0.5)'")
-    name = m["name"]
-    spec = DIVERGENCES.get(name)  # raises with "did you mean"
+        raise ValueError(f"cannot parse {what} {text.strip()!r}; write e.g. 'name(key=0.5)'")
     given = {}
     for arg in filter(None, (a.strip() for a in (m["args"] or "").split(","))):
         key, sep, value = arg.partition("=")
         if not sep:
-            raise ValueError(f"objective term {text.strip()!r}: write hyperparameters as key=value, got {arg!r}")
+            raise ValueError(f"{what} {text.strip()!r}: write hyperparameters as key=value, got {arg!r}")
         try:
             given[key.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"objective term {text.strip()!r}: {key.strip()}={value!r} is not a number") from None
+            raise ValueError(f"{what} {text.strip()!r}: {key.strip()}={value!r} is not a number") from None
+    return (float(m["w"]) if m["w"] else None), m["name"], given
+
+
+def parse_term(text: str) -> Term:
+    weight, name, given = parse_call(text, "objective term")
+    spec = DIVERGENCES.get(name)  # raises with "did you mean"
     hparams = resolve_hparams(name, given)
-    weight = float(m["w"]) if m["w"] else 1.0
+    weight = 1.0 if weight is None else weight
     if weight < 0:
         raise ValueError(f"objective term {text.strip()!r}: weight must be ≥ 0")
     if spec.schedule is not None:  # static hparams configure the schedule; it supplies the fn's arguments
@@ -103,10 +110,34 @@ def parse_term(text: str) -> Term:
     return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels)
 
 
-def parse_objective(text: str, temperature: float = 1.0, t_squared: bool = True) -> Objective:
+@dataclass(frozen=True)
+class Selection:
+    """A registered token selector with validated hyperparameters (see losses/selection.py)."""
+
+    name: str
+    hparams: dict[str, float]
+
+    def __str__(self) -> str:
+        return f"{self.name}(" + ",".join(f"{k}={v:g}" for k, v in self.hparams.items()) + ")"
+
+
+def parse_selection(text: str) -> Selection:
+    from potstill.losses.selection import SELECTORS  # selection imports divergences; keep this module light
+
+    weight, name, given = parse_call(text, "token selection")
+    if weight is not None:
+        raise ValueError(f"token selection {text.strip()!r} takes no weight; write e.g. 'entropy(keep=0.5)'")
+    spec = SELECTORS.get(name)
+    return Selection(name, resolve(f"token selector {name!r}", spec.hparams, given))
+
+
+def parse_objective(text: str, temperature: float = 1.0, t_squared: bool = True, select: str | None = None) -> Objective:
     if temperature <= 0:
         raise ValueError(f"loss.temperature must be > 0, got {temperature}")
     terms = tuple(parse_term(t) for t in _split_top_level(text) if t.strip())
     if not terms:
         raise ValueError("loss.objective is empty; write e.g. 'fkl' or '0.5*ce + 0.5*fkl'")
-    return Objective(terms, float(temperature), bool(t_squared))
+    selection = parse_selection(select) if select else None
+    if selection is not None and not any(not t.uses_labels for t in terms):
+        raise ValueError("loss.select needs a teacher term in loss.objective: selectors score tokens with the teacher")
+    return Objective(terms, float(temperature), bool(t_squared), selection)
