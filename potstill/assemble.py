@@ -19,6 +19,7 @@ class Parts:
     teacher: PreTrainedModel | None
     student: PreTrainedModel
     vocab: int  # output rows both losses use (padded rows trimmed)
+    reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
 
 
 def resolve_model_path(path: str) -> str:
@@ -66,7 +67,11 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
         vocab = check_pair(tokenizer, student_tok, teacher, student)
     else:
         vocab = check_student_only(student_tok, student)
-    return Parts(student_tok, teacher, student, vocab)
+    reference = None
+    if cfg.loss.reference:
+        reference = models.load_causal_lm(cfg.loss.reference, cfg.teacher.dtype).to(device).eval().requires_grad_(False)
+        check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference)
+    return Parts(student_tok, teacher, student, vocab, reference)
 
 
 def _student_tokenizer(path: str | None, teacher_tok):

@@ -66,7 +66,9 @@ class LossConfig:
     t_squared: bool = True
     """Multiply teacher-target terms by T² so their gradient scale does not shrink as T grows (Hinton et al.)."""
     select: str | None = None
-    """Token selection/weighting for every term, e.g. `entropy(keep=0.5)` or `divergence(keep=0.2)` (docs/objectives.md)."""
+    """Token selection/weighting for every term, e.g. `entropy(keep=0.2)`, `tip`, `tsd`, `reference(keep=0.4)` (docs/objectives.md)."""
+    reference: str | None = None
+    """Reference model (HF dir or hub id; same tokenizer) for the `reference` selector (AdaSPEC: the draft after plain KD)."""
     chunk_size: int = 0
     """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab). 0 = auto (~8M logits per chunk)."""
 
@@ -155,6 +157,7 @@ class RunConfig:
 
     def validate(self) -> None:
         obj = self.objective()  # parses and range-checks every term
+        self._validate_reference(obj)
         if obj.needs_teacher and not self.teacher.path:
             raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path (or use objective 'ce')")
         sources = [self.student.path, self.student.config, self.student.init_from_teacher_layers]
@@ -170,6 +173,16 @@ class RunConfig:
             raise ValueError(f"loss.chunk_size must be ≥ 0 (0 = auto), got {self.loss.chunk_size}")
         if self.train.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"train.schedule={self.train.schedule!r}: use cosine, linear or constant")
+
+
+    def _validate_reference(self, obj: Objective) -> None:
+        from potstill.losses.selection import SELECTORS
+
+        needs = obj.selection is not None and SELECTORS.get(obj.selection.name).needs_reference
+        if needs and not self.loss.reference:
+            raise ValueError(f"loss.select={obj.selection} needs loss.reference (a reference model directory or hub id)")
+        if self.loss.reference and not needs:
+            raise ValueError("loss.reference is only used by the 'reference' token selector (loss.select=reference(...))")
 
 
 # ---- loading helpers -----------------------------------------------------------------------------------------

@@ -73,20 +73,20 @@ def shifted(batch: dict) -> torch.Tensor:
     return batch["labels"][:, 1:]
 
 
-def teacher_signal(parts: Parts, batch: dict, objective: Objective) -> TeacherHidden | None:
-    if not objective.needs_teacher:
-        return None
+def frozen_signal(model, batch: dict, vocab: int) -> TeacherHidden:
+    """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions."""
     with torch.no_grad():
-        h = hidden_states(parts.teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    weight, bias = output_head(parts.teacher, parts.vocab)
+        h = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    weight, bias = output_head(model, vocab)
     return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias)
 
 
 def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int) -> LossOutput:
     h = hidden_states(parts.student, batch["input_ids"], batch["attention_mask"])[:, :-1]
     weight, bias = output_head(parts.student, parts.vocab)
-    target = teacher_signal(parts, batch, objective)
-    return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size)
+    target = frozen_signal(parts.teacher, batch, parts.vocab) if objective.needs_teacher else None
+    reference = frozen_signal(parts.reference, batch, parts.vocab) if parts.reference is not None else None
+    return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference)
 
 
 def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float]]:

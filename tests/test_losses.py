@@ -28,15 +28,15 @@ def _gjsd_ref(q, p, beta):
 
 
 def _akl_ref(q, p, mu):
-    """AKL straight from Wu et al.: per row, sort p; head = prefix with cumulative mass < mu; gaps |p - q|."""
+    """AKL straight from Wu et al.: per row, sort p; head = top token + prefix with cumulative mass ≤ mu."""
     rows = []
     for qi, pi in zip(q, p):
         order = sorted(range(len(pi)), key=lambda j: -float(pi[j]))
         cum, g_head, g_tail = 0.0, 0.0, 0.0
-        for j in order:
+        for rank, j in enumerate(order):
             cum += float(pi[j])
             gap = abs(float(pi[j]) - float(qi[j].detach()))
-            if cum < mu:
+            if cum <= mu or rank == 0:
                 g_head += gap
             else:
                 g_tail += gap

@@ -38,16 +38,54 @@ def test_statistics_match_naive_definitions():
     torch.testing.assert_close(stats.student_nll, -q.log()[torch.arange(30), idx])
 
 
-@pytest.mark.parametrize("name", SELECTORS.names())
-def test_weights_average_one_on_labelled_tokens(name):
+TOP_FRACTION_SELECTORS = ["entropy", "divergence", "reference"]
+
+
+def test_every_selector_is_tested():
+    assert sorted(TOP_FRACTION_SELECTORS + ["tip", "tsd"]) == SELECTORS.names()
+
+
+def _stats(chunk=64):
     hidden, weight, teacher, labels = _batch()
-    stats = token_statistics(hidden, weight, None, labels, DenseLogits(teacher), chunk_size=64)
+    reference = DenseLogits(teacher + torch.randn(teacher.shape, generator=torch.Generator().manual_seed(9)))
+    return token_statistics(hidden, weight, None, labels, DenseLogits(teacher), chunk, reference), labels
+
+
+@pytest.mark.parametrize("name", TOP_FRACTION_SELECTORS)
+def test_weights_average_one_on_labelled_tokens(name):
+    stats, labels = _stats()
     w = selection_weights(stats, name, {"keep": 0.25})
     assert (w[labels == -100] == 0).all()
     assert w[labels != -100].mean().item() == pytest.approx(1.0)
     kept = int((w > 0).sum())
     assert kept == round(0.25 * 26)  # 26 labelled tokens
     assert torch.allclose(w[w > 0], torch.full((kept,), 26 / kept))
+
+
+def test_reference_selector_keeps_largest_gap():
+    stats, labels = _stats()
+    gap = (stats.kl_teacher_student - stats.reference_kl).masked_fill(labels == -100, float("-inf"))
+    w = selection_weights(stats, "reference", {"keep": 0.5})
+    assert set(torch.nonzero(w).flatten().tolist()) == set(gap.topk(13).indices.tolist())
+
+
+def test_tsd_weights_are_sigmoid_of_entropy_gap():
+    stats, labels = _stats()
+    raw = torch.sigmoid(stats.student_entropy - stats.teacher_entropy) * (labels != -100)
+    torch.testing.assert_close(selection_weights(stats, "tsd", {}), raw * 26 / raw.sum())
+
+
+def test_tip_keeps_high_entropy_half_and_overconfident_wrong():
+    stats, labels = _stats()
+    valid = labels != -100
+    median = stats.student_entropy[valid].median()
+    low = valid & (stats.student_entropy < median)
+    w_q3 = selection_weights(stats, "tip", {"keep": 0.5, "high_entropy": 0.0})
+    kept = torch.nonzero(w_q3).flatten().tolist()
+    div_low = stats.kl_teacher_student.masked_fill(~low, float("-inf"))
+    assert set(kept) == set(div_low.topk(round(0.5 * int(low.sum()))).indices.tolist())
+    w_all = selection_weights(stats, "tip", {"keep": 0.5, "high_entropy": 1.0})
+    assert set(torch.nonzero(w_all).flatten().tolist()) == set(kept) | set(torch.nonzero(valid & ~low).flatten().tolist())
 
 
 def test_fused_loss_with_selection_equals_manual_weights():

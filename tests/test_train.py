@@ -129,3 +129,24 @@ def test_quickstart_kd_beats_ce_only(tmp_path):
     assert results["kd"]["student_ce"] < results["ce-only"]["student_ce"]
     assert (tmp_path / "qs" / "comparison.md").exists()
     assert (tmp_path / "qs" / "kd" / "report.md").exists()
+
+
+@pytest.mark.parametrize("select", ["entropy(keep=0.5)", "tsd", "reference(keep=0.4)"])
+def test_token_selection_in_a_run(tmp_path, model_dirs, text_jsonl, select):
+    cfg = run_config(tmp_path, model_dirs, text_jsonl, max_steps=3, batch_size=4, eval_every=0)
+    cfg.loss.select = select
+    if select.startswith("reference"):
+        cfg.loss.reference = str(model_dirs["qwen2_student"])  # any same-tokenizer model works as a reference
+    cfg.validate()
+    result = potstill.distill(cfg, progress=False)
+    train = metric_lines(result.run_dir, "train")
+    expected = {"entropy": 0.5, "tsd": 1.0, "reference": 0.4}[select.split("(")[0]]
+    assert all(abs(r["select/kept_fraction"] - expected) < 0.02 for r in train), [r["select/kept_fraction"] for r in train]
+
+
+def test_reference_setting_is_checked_at_load(model_dirs):
+    base = [f"teacher.path={model_dirs['llama_teacher']}", f"student.path={model_dirs['qwen2_student']}"]
+    with pytest.raises(ValueError, match="needs loss.reference"):
+        RunConfig.from_yaml(None, base + ["loss.select=reference"])
+    with pytest.raises(ValueError, match="only used by the 'reference' token selector"):
+        RunConfig.from_yaml(None, base + [f"loss.reference={model_dirs['qwen2_student']}"])

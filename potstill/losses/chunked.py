@@ -60,11 +60,13 @@ def project_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_si
 
 
 @torch.no_grad()
-def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, target: Target, chunk_size: int) -> TokenStats:
-    """Per-token statistics (N,) of student and teacher at T = 1, chunk by chunk (the selection pre-pass)."""
+def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, target: Target,
+                     chunk_size: int, reference: Target | None = None) -> TokenStats:
+    """Per-token statistics (N,) of student, teacher (and reference model) at T = 1, chunk by chunk."""
     vocab = weight.shape[0]
-    parts = [compute_token_stats(z, target.chunk_logits(sl)[:, :vocab].float(), labels[sl])
-             for sl, z in project_chunks(hidden.detach(), weight.detach(), bias, chunk_size)]
+    logits = lambda t, sl: None if t is None else t.chunk_logits(sl)[:, :vocab].float()  # noqa: E731
+    parts = [compute_token_stats(z, logits(target, sl), labels[sl], logits(reference, sl))
+             for sl, z in project_chunks(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size)]
     return concat_stats(parts)
 
 
@@ -154,9 +156,11 @@ def fused_loss(
     *,
     chunk_size: int = 0,
     token_weight: Tensor | None = None,
+    reference: Target | None = None,
 ) -> LossOutput:
     """Sum of the objective over labelled positions. hidden (..., H) and labels (...) are flattened together;
-    ``weight`` (V, H) is the student's output head already trimmed to the shared vocabulary size V."""
+    ``weight`` (V, H) is the student's output head already trimmed to the shared vocabulary size V.
+    ``reference`` is a reference model's signal, used only by token selectors that need one (AdaSPEC)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     if hidden.shape[0] != labels.shape[0]:
@@ -167,7 +171,7 @@ def fused_loss(
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], weight.device)
     n_valid = int((labels != IGNORE_INDEX).sum())
     if objective.selection is not None:
-        stats = token_statistics(hidden, weight, bias, labels, target, chunk_size)
+        stats = token_statistics(hidden, weight, bias, labels, target, chunk_size, reference)
         selected = selection_weights(stats, objective.selection.name, objective.selection.hparams)
         tw = selected if tw is None else tw * selected
     n_kept = n_valid if tw is None else int(((tw != 0) & (labels != IGNORE_INDEX)).sum())

@@ -155,11 +155,13 @@ def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
 @register("akl", mu=HParam(0.5, 0.0, 1.0, "teacher mass that defines the head (AKL: 0.5)"))
 def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float) -> Tensor:
     """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the teacher–student gap on the head vs the tail."""
-    p, q = teacher_logp.exp(), student_logp.exp()
+    p, q = teacher_logp.exp(), student_logp.exp().detach()  # the weights carry no gradient (as in the authors' code)
     p_sorted, order = p.sort(-1, descending=True)
     gap = (p_sorted - q.gather(-1, order)).abs()
-    head = (p_sorted.cumsum(-1) < mu).to(gap.dtype)  # tokens before the teacher's cumulative mass reaches mu
-    g_head, g_tail = (gap * head).sum(-1).detach(), (gap * (1 - head)).sum(-1).detach()
+    head = p_sorted.cumsum(-1) <= mu  # the teacher-sorted prefix holding mass ≤ mu, inclusive ...
+    head[..., 0] = True  # ... and always the teacher's top token
+    g_head = torch.where(head, gap, 0.0).sum(-1)
+    g_tail = torch.where(head, 0.0, gap).sum(-1)
     total = g_head + g_tail
     w_head = torch.where(total > 0, g_head / total.clamp_min(1e-30), 0.5)  # identical rows: both terms are 0
     return w_head * kl(teacher_logp, student_logp) + (1 - w_head) * kl(student_logp, teacher_logp)
@@ -172,6 +174,8 @@ def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float) -> Tensor
           beta=HParam(0.99, 0.0, 1.0, "momentum of the loss' relative change"))
 def taid(student_logp: Tensor, teacher_logp: Tensor, t: float) -> Tensor:
     """TAID (Shing et al. 2025): KL(p_t ‖ q) with p_t = softmax((1−t)·stopgrad(log q) + t·log p); t follows a schedule."""
+    # The authors' code uses the cross-entropy −Σ p_t log q, which differs from this KL by H(p_t): the same
+    # gradient (p_t carries none), a value that is 0 on identical inputs like every other divergence here.
     # Interpolating log-probs equals interpolating logits: the per-row log-normalisers cancel in the softmax.
     # The end points are taken exactly so that 0·(-inf) never appears for masked vocabulary entries.
     if t >= 1.0:

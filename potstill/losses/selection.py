@@ -31,7 +31,7 @@ class TokenStats:
     student_label_prob: Tensor  # q(y)
     teacher_label_prob: Tensor  # p(y)
     student_nll: Tensor  # −log q(y)
-    reference_nll: Tensor | None = None  # −log r(y) of a reference model (AdaSPEC)
+    reference_kl: Tensor | None = None  # KL(p‖r) of a reference model r (AdaSPEC)
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,11 @@ def register_selector(name: str, *, needs_reference: bool = False, **hparams: HP
 
 
 @torch.no_grad()
-def compute_token_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> TokenStats:
+def compute_token_stats(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                        reference_logits: Tensor | None = None) -> TokenStats:
     """Statistics of one chunk: logits (n, V) fp32, labels (n,) with -100 = unlabelled."""
     logq, logp = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    reference_kl = None if reference_logits is None else kl(logp, F.log_softmax(reference_logits, -1))
     safe = labels.clamp_min(0)[:, None]
     entropy = lambda logx: -torch.where(logx.exp() > 0, logx.exp() * logx, 0.0).sum(-1)  # noqa: E731
     return TokenStats(
@@ -69,6 +71,7 @@ def compute_token_stats(student_logits: Tensor, teacher_logits: Tensor, labels: 
         student_label_prob=logq.gather(-1, safe).squeeze(-1).exp(),
         teacher_label_prob=logp.gather(-1, safe).squeeze(-1).exp(),
         student_nll=-logq.gather(-1, safe).squeeze(-1),
+        reference_kl=reference_kl,
     )
 
 
@@ -99,9 +102,9 @@ def selection_weights(stats: TokenStats, name: str, hparams: dict[str, float]) -
 # ---- registered selectors ------------------------------------------------------------------------------------
 
 
-@register_selector("entropy", keep=HParam(0.5, 0.0, 1.0, "fraction of labelled tokens kept"))
+@register_selector("entropy", keep=HParam(0.2, 0.0, 1.0, "fraction of labelled tokens kept (SE-KD: 0.2)"))
 def by_student_entropy(stats: TokenStats, keep: float) -> Tensor:
-    """Keep the tokens where the student is most uncertain (highest entropy)."""
+    """Keep the tokens where the student is most uncertain (highest entropy; SE-KD, Tavor et al. 2025)."""
     return top_fraction(stats.student_entropy, stats.valid, keep)
 
 
@@ -109,3 +112,28 @@ def by_student_entropy(stats: TokenStats, keep: float) -> Tensor:
 def by_divergence(stats: TokenStats, keep: float) -> Tensor:
     """Keep the tokens where KL(teacher‖student) is largest."""
     return top_fraction(stats.kl_teacher_student, stats.valid, keep)
+
+
+@register_selector("tip", keep=HParam(0.2, 0.0, 1.0, "fraction of the low-entropy half kept, by divergence"),
+                   high_entropy=HParam(1.0, 0.0, 1.0, "1: also keep the high-entropy half; 0: only the overconfident-and-wrong set"))
+def by_entropy_and_divergence(stats: TokenStats, keep: float, high_entropy: float) -> Tensor:
+    """TIP (Xu et al. 2026): high-entropy tokens plus low-entropy, high-divergence ('overconfident and wrong') ones."""
+    # Our reading of the paper's abstract: the entropy split is the batch median of the student's entropy; the
+    # Q3 set is the top `keep` fraction of the low-entropy half by KL(teacher‖student). Thresholds are tunable.
+    low = stats.valid & (stats.student_entropy < stats.student_entropy[stats.valid].median()) if stats.valid.any() else stats.valid
+    overconfident_wrong = top_fraction(stats.kl_teacher_student, low, keep)
+    return torch.maximum(overconfident_wrong, (stats.valid & ~low).float() * (high_entropy >= 0.5))
+
+
+@register_selector("tsd")
+def by_relative_confidence(stats: TokenStats) -> Tensor:
+    """TSD-KD (Kim & Baek 2026): soft weight σ(H(q) − H(p)): more weight where the student is less sure than the teacher."""
+    return torch.sigmoid(stats.student_entropy - stats.teacher_entropy)
+
+
+@register_selector("reference", needs_reference=True, keep=HParam(0.4, 0.0, 1.0, "fraction of labelled tokens kept (AdaSPEC: 0.4)"))
+def by_reference_gap(stats: TokenStats, keep: float) -> Tensor:
+    """AdaSPEC (Hu et al. 2025): keep tokens with the largest KL(p‖q) − KL(p‖r) against a reference model r."""
+    if stats.reference_kl is None:
+        raise ValueError("token selector 'reference' needs loss.reference (a reference model)")
+    return top_fraction(stats.kl_teacher_student - stats.reference_kl, stats.valid, keep)
