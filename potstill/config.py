@@ -63,6 +63,8 @@ class LossConfig:
     """Weighted sum of registered terms, e.g. `fkl`, `0.5*ce + 0.5*gjsd(beta=0.5)` (see `potstill losses`)."""
     temperature: float = 1.0
     """Softmax temperature for teacher-target terms (label CE always uses T = 1)."""
+    temperature_schedule: str = "fixed"
+    """`fixed`, or `dts(t_min=2, t_max=4, momentum=0.9)`: Dynamic Temperature Scheduler starting at loss.temperature."""
     t_squared: bool = True
     """Multiply teacher-target terms by T² so their gradient scale does not shrink as T grows (Hinton et al.)."""
     select: str | None = None
@@ -153,7 +155,8 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def objective(self) -> Objective:
-        return parse_objective(self.loss.objective, self.loss.temperature, self.loss.t_squared, self.loss.select)
+        loss = self.loss
+        return parse_objective(loss.objective, loss.temperature, loss.t_squared, loss.select, loss.temperature_schedule)
 
     def validate(self) -> None:
         obj = self.objective()  # parses and range-checks every term

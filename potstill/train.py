@@ -89,10 +89,10 @@ def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int)
     return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference)
 
 
-def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float]]:
+def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float], tuple]:
     """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count."""
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
-    term_sums = torch.zeros(len(objective.terms))
+    term_sums, nll_sums = torch.zeros(len(objective.terms)), torch.zeros(2)
     loss, kept = 0.0, 0
     for batch in batches:
         out = batch_loss(parts, batch, objective, cfg.loss.chunk_size)
@@ -100,6 +100,7 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
         step_loss.backward()
         loss += step_loss.item()
         term_sums += out.term_sums.cpu()
+        nll_sums += 0 if out.nll_sums is None else out.nll_sums.cpu()
         kept += out.n_kept
     params = [p for p in parts.student.parameters() if p.grad is not None]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
@@ -108,11 +109,15 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    term_means = [v / max(count, 1) for v in term_sums.tolist()]
+    # Schedules (TAID's t, DTS) read these: reduced over ranks so that every rank follows the same trajectory.
+    term_means = [v / max(count, 1) for v in rt.all_reduce_sum(term_sums).tolist()]
+    nll_means = tuple(v / max(count, 1) for v in rt.all_reduce_sum(nll_sums).tolist())
     stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": count, **term_metrics(objective, term_means)}
     if objective.selection is not None:  # local kept fraction (per rank): what the selector did this step
         stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != -100).sum()) for b in batches), 1)
-    return stats, term_means
+    if objective.tracks_nll:
+        stats["student_nll"], stats["teacher_nll"] = nll_means
+    return stats, term_means, nll_means
 
 
 def term_metrics(objective: Objective, term_means: list[float]) -> dict[str, float]:
@@ -157,9 +162,9 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         while step < cfg.train.max_steps:
             started = time.perf_counter()
             micro = [to_device(batcher.next_batch(), rt.device) for _ in range(cfg.train.grad_accum)]
-            stats, term_means = train_step(parts, micro, objective, cfg, rt, optimizer, scheduler)
+            stats, term_means, nll_means = train_step(parts, micro, objective, cfg, rt, optimizer, scheduler)
             step += 1
-            objective.after_step(term_means, step, cfg.train.max_steps)
+            objective.after_step(term_means, step, cfg.train.max_steps, nll_means)
             stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
             bar.update(step, stats["loss"], stats["tokens_per_s"])
             if rt.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):

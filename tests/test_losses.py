@@ -230,3 +230,25 @@ def test_objective_state_round_trip():
     fresh = parse_objective("0.5*ce + taid(t_start=0.3, alpha=0.2)")
     fresh.load_state_dict(obj.state_dict())
     assert fresh.scalars() == obj.scalars() and fresh.state_dict() == obj.state_dict()
+
+
+def test_dts_schedule_exact():
+    from potstill.losses.schedules import DtsSchedule
+
+    s = DtsSchedule(t0=4.0, t_min=2.0, t_max=4.0, momentum=0.9, curve=1.0)
+    assert s.temperature == 4.0
+    s.update(gap=-0.2, step=5, total_steps=10)  # a = -0.2/0.8 < 1: no boost; cosine(π/2) = 0.5 → target clamp(2) = 2
+    assert s.temperature == pytest.approx(0.9 * 4.0 + 0.1 * 2.0)
+    s.update(gap=-3.0, step=0, total_steps=10)  # a = 1.5: boost; target = clamp(4·1·1.5) = 4
+    assert s.temperature == pytest.approx(0.9 * 3.8 + 0.1 * 4.0)
+    s.update(gap=-1.5, step=0, total_steps=10)  # a = 3 > 2 → 1.35 (authors' cap); target = clamp(5.4) = 4
+    assert s.temperature == pytest.approx(0.9 * 3.82 + 0.1 * 4.0)
+
+
+def test_dts_objective_uses_scheduled_temperature():
+    obj = parse_objective("fkl", temperature=4.0, temperature_schedule="dts(t_min=1, t_max=4)")
+    assert obj.tau == 4.0 and obj.teacher_scale == 16.0
+    obj.after_step([0.1], 10, 10, nll_means=(3.0, 2.9))  # end of run: cosine 0 → target t_min
+    assert obj.tau == pytest.approx(0.9 * 4 + 0.1 * 1) and obj.scalars()["temperature"] == obj.tau
+    with pytest.raises(ValueError, match="use 'fixed' or one of dts"):
+        parse_objective("fkl", temperature_schedule="dtss")

@@ -51,10 +51,11 @@ def test_distill_end_to_end(tmp_path, model_dirs, text_jsonl, teacher, student):
     assert (ckpts[0] / "potstill" / "trainer_state.pt").exists()
 
 
-@pytest.mark.parametrize("objective", ["0.5*ce + 0.5*gjsd(beta=0.5)", "taid(alpha=0.2)"])
-def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl, objective):
+@pytest.mark.parametrize("objective,schedule", [("0.5*ce + 0.5*gjsd(beta=0.5)", "fixed"), ("taid(alpha=0.2)", "fixed"),
+                                                ("fkl", "dts(t_min=1, t_max=4, momentum=0.5)")])
+def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl, objective, schedule):
     cfg = run_config(tmp_path, model_dirs, text_jsonl, max_steps=8, batch_size=4, save_every=4, eval_every=0, keep_checkpoints=3)
-    cfg.loss.objective = objective
+    cfg.loss.objective, cfg.loss.temperature_schedule, cfg.loss.temperature = objective, schedule, 3.0
     full = potstill.distill(cfg, progress=False)
     uninterrupted = metric_lines(full.run_dir, "train")
     # Simulate a crash after step 6: the step-8 checkpoint and final student never got written.
@@ -71,6 +72,9 @@ def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl, objecti
     if objective.startswith("taid"):  # the schedule's state came back with the checkpoint
         assert [r["taid/t"] for r in again] == [r["taid/t"] for r in uninterrupted]
         assert again[-1]["taid/t"] > again[0]["taid/t"]
+    if schedule.startswith("dts"):  # the temperature decays with the cosine and came back with the checkpoint
+        assert [r["temperature"] for r in again] == [r["temperature"] for r in uninterrupted]
+        assert again[-1]["temperature"] < again[0]["temperature"] == 3.0
 
 
 def _grads(model):

@@ -31,6 +31,7 @@ class LossOutput:
     term_sums: Tensor  # (n_terms,): Σ_tokens token_weight · value per term, before term weights (detached)
     n_valid: int  # tokens with a label in this call (the loop normalises by the global count)
     n_kept: int  # labelled tokens with a non-zero weight (all of them unless the objective selects tokens)
+    nll_sums: Tensor | None = None  # (2,): Σ −log q(y), Σ −log p(y) at T = 1 when the objective tracks them
 
 
 # Logits per chunk when chunk_size is 0 ("auto"). CPU: 2^23 (32 MB per fp32 chunk tensor; 256 positions at
@@ -87,7 +88,7 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher_logits: 
             per_token = term(logq_1, label_logp(labels, z.shape[-1]))
         else:
             if logq_t is None:
-                tau = objective.temperature
+                tau = objective.tau
                 logq_t = F.log_softmax(z / tau, -1)
                 logp_t = F.log_softmax(teacher_logits.float() / tau, -1)
             per_token = term(logq_t, logp_t) * objective.teacher_scale
@@ -99,12 +100,22 @@ def _term_weights(objective: Objective, device: torch.device) -> Tensor:
     return torch.tensor([t.weight for t in objective.terms], device=device)
 
 
+@torch.no_grad()
+def label_nll_sums(z: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    """(2,): Σ −log q(y) and Σ −log p(y) at T = 1 over the chunk's labelled positions."""
+    valid, safe = labels != IGNORE_INDEX, labels.clamp_min(0)[:, None]
+    nll = lambda logits: -(F.log_softmax(logits.float(), -1).gather(-1, safe).squeeze(-1) * valid).sum()  # noqa: E731
+    return torch.stack([nll(z), nll(teacher_logits)])
+
+
 def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads):
-    """The shared chunk loop. Returns (term_sums (n_terms,), grad_hidden, grad_weight, grad_bias)."""
+    """The shared chunk loop. Returns (sums, grad_hidden, grad_weight, grad_bias); sums (n_terms + 2,) holds the
+    per-term sums, then the student's and teacher's label NLL sums (zeros unless the objective tracks them)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     weights = (labels != IGNORE_INDEX).float() * (1.0 if token_weight is None else token_weight.float())
     term_weights = _term_weights(objective, hidden.device)
     term_sums = torch.zeros(len(objective.terms), device=hidden.device)
+    nll_sums = torch.zeros(2, device=hidden.device)
     grad_h = torch.zeros_like(hidden) if want_grads and hidden.requires_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads and weight.requires_grad else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_grads and bias is not None and bias.requires_grad else None
@@ -120,13 +131,15 @@ def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, c
             if want_grads:
                 (dz,) = torch.autograd.grad((sums_c * term_weights).sum(), z)
         term_sums += sums_c.detach()
+        if objective.tracks_nll:
+            nll_sums += label_nll_sums(z.detach(), t_c, labels[sl])
         if grad_h is not None:
             grad_h[sl] = dz.to(weight.dtype) @ weight.detach()
         if grad_w is not None:
             grad_w.addmm_(dz.t(), h_c.float())
         if grad_b is not None:
             grad_b += dz.sum(0)
-    return term_sums, grad_h, grad_w, grad_b
+    return torch.cat([term_sums, nll_sums]), grad_h, grad_w, grad_b
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -134,11 +147,12 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weight, target, objective, chunk_size):
-        term_sums, gh, gw, gb = _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, True)
+        sums, gh, gw, gb = _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, True)
         ctx.save_for_backward(gh, gw, gb)
         ctx.param_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(term_sums)
-        return (term_sums * _term_weights(objective, term_sums.device)).sum(), term_sums
+        ctx.mark_non_differentiable(sums)
+        n_terms = len(objective.terms)
+        return (sums[:n_terms] * _term_weights(objective, sums.device)).sum(), sums
 
     @staticmethod
     def backward(ctx, grad_total, _grad_term_sums):
@@ -176,9 +190,10 @@ def fused_loss(
         tw = selected if tw is None else tw * selected
     n_kept = n_valid if tw is None else int(((tw != 0) & (labels != IGNORE_INDEX)).sum())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    n_terms = len(objective.terms)
     if needs_grad:
-        total, term_sums = _FusedLoss.apply(hidden, weight, bias, labels, tw, target, objective, chunk_size)
+        total, sums = _FusedLoss.apply(hidden, weight, bias, labels, tw, target, objective, chunk_size)
     else:
-        term_sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False)[0]
-        total = (term_sums * _term_weights(objective, term_sums.device)).sum()
-    return LossOutput(total, term_sums, n_valid, n_kept)
+        sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False)[0]
+        total = (sums[:n_terms] * _term_weights(objective, sums.device)).sum()
+    return LossOutput(total, sums[:n_terms], n_valid, n_kept, sums[n_terms:] if objective.tracks_nll else None)

@@ -14,7 +14,9 @@ from typing import Any, Callable
 from torch import Tensor
 
 from potstill.losses.divergences import DIVERGENCES, resolve_hparams
-from potstill.losses.hparams import resolve
+from potstill.losses.hparams import HParam, resolve
+from potstill.losses.schedules import DtsSchedule
+from potstill.registry import did_you_mean
 
 _TERM = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[a-z_][a-z0-9_]*)\s*(?:\((?P<args>[^)]*)\))?\s*$")
 
@@ -43,37 +45,57 @@ class Objective:
     temperature: float = 1.0
     t_squared: bool = True  # multiply teacher-target terms by T² so gradient scale does not shrink with T
     selection: "Selection | None" = None  # token weighting applied to every term
+    temperature_schedule: Any = None  # e.g. DtsSchedule; then `temperature` is only its starting value
 
     @property
     def needs_teacher(self) -> bool:
         return any(not t.uses_labels for t in self.terms)
 
     @property
+    def tau(self) -> float:
+        """The temperature of teacher terms for the current step."""
+        if self.temperature_schedule is None:
+            return self.temperature
+        return self.temperature_schedule.current()["temperature"]
+
+    @property
     def teacher_scale(self) -> float:
-        return self.temperature**2 if self.t_squared else 1.0
+        return self.tau**2 if self.t_squared else 1.0
+
+    @property
+    def tracks_nll(self) -> bool:
+        """Whether the loss path must report student/teacher label NLL (the temperature schedule's input)."""
+        return self.temperature_schedule is not None
 
     def __str__(self) -> str:
         return " + ".join(map(str, self.terms))
 
     # ---- per-run state (schedules), updated once per optimiser step and saved in checkpoints -------------------
 
-    def after_step(self, term_means: list[float], step: int, total_steps: int) -> None:
-        """Advance every scheduled term with its own mean loss of the step just taken."""
+    def after_step(self, term_means: list[float], step: int, total_steps: int, nll_means: tuple[float, float] | None = None) -> None:
+        """Advance every scheduled term with its own mean loss of the step just taken, and the temperature
+        schedule with the step's gap CE_teacher − CE_student (``nll_means`` = (student, teacher))."""
         for term, value in zip(self.terms, term_means):
             if term.schedule is not None:
                 term.schedule.update(value, step, total_steps)
+        if self.temperature_schedule is not None and nll_means is not None:
+            self.temperature_schedule.update(nll_means[1] - nll_means[0], step, total_steps)
 
     def scalars(self) -> dict[str, float]:
-        """Current schedule values for the metrics, e.g. {'taid/t': 0.43}."""
-        return {f"{t.name}/{k}": v for t in self.terms if t.schedule is not None for k, v in t.schedule.current().items()}
+        """Current schedule values for the metrics, e.g. {'taid/t': 0.43, 'temperature': 2.1}."""
+        out = {f"{t.name}/{k}": v for t in self.terms if t.schedule is not None for k, v in t.schedule.current().items()}
+        return {**out, "temperature": self.tau} if self.temperature_schedule is not None else out
+
+    def _stateful(self) -> list:
+        return [t.schedule for t in self.terms] + [self.temperature_schedule]
 
     def state_dict(self) -> list[dict | None]:
-        return [t.schedule.state_dict() if t.schedule is not None else None for t in self.terms]
+        return [s.state_dict() if s is not None else None for s in self._stateful()]
 
     def load_state_dict(self, state: list[dict | None]) -> None:
-        for term, term_state in zip(self.terms, state):
-            if term.schedule is not None and term_state is not None:
-                term.schedule.load_state_dict(term_state)
+        for schedule, saved in zip(self._stateful(), state):
+            if schedule is not None and saved is not None:
+                schedule.load_state_dict(saved)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -131,7 +153,28 @@ def parse_selection(text: str) -> Selection:
     return Selection(name, resolve(f"token selector {name!r}", spec.hparams, given))
 
 
-def parse_objective(text: str, temperature: float = 1.0, t_squared: bool = True, select: str | None = None) -> Objective:
+TEMPERATURE_SCHEDULES = {
+    "dts": (DtsSchedule, {"t_min": HParam(2.0, 1e-3, 100.0, "lowest temperature (DTS: 2)"),
+                          "t_max": HParam(4.0, 1e-3, 100.0, "highest temperature (DTS: 4)"),
+                          "momentum": HParam(0.9, 0.0, 1.0, "smoothing of the temperature updates (DTS: 0.9)"),
+                          "curve": HParam(1.0, 0.0, 10.0, "cosine shape: 1 = one half period over the run")}),
+}
+
+
+def parse_temperature_schedule(text: str | None, temperature: float):
+    """'fixed' (None) or 'dts(t_min=2, t_max=4)'; loss.temperature is the schedule's starting value T0."""
+    if not text or text == "fixed":
+        return None
+    weight, name, given = parse_call(text, "temperature schedule")
+    if weight is not None or name not in TEMPERATURE_SCHEDULES:
+        raise ValueError(f"loss.temperature_schedule={text!r}: use 'fixed' or one of "
+                         f"{', '.join(TEMPERATURE_SCHEDULES)}{did_you_mean(name, TEMPERATURE_SCHEDULES)}")
+    cls, declared = TEMPERATURE_SCHEDULES[name]
+    return cls(temperature, **resolve(f"temperature schedule {name!r}", declared, given))
+
+
+def parse_objective(text: str, temperature: float = 1.0, t_squared: bool = True, select: str | None = None,
+                    temperature_schedule: str | None = None) -> Objective:
     if temperature <= 0:
         raise ValueError(f"loss.temperature must be > 0, got {temperature}")
     terms = tuple(parse_term(t) for t in _split_top_level(text) if t.strip())
@@ -140,4 +183,5 @@ def parse_objective(text: str, temperature: float = 1.0, t_squared: bool = True,
     selection = parse_selection(select) if select else None
     if selection is not None and not any(not t.uses_labels for t in terms):
         raise ValueError("loss.select needs a teacher term in loss.objective: selectors score tokens with the teacher")
-    return Objective(terms, float(temperature), bool(t_squared), selection)
+    schedule = parse_temperature_schedule(temperature_schedule, float(temperature))
+    return Objective(terms, float(temperature), bool(t_squared), selection, schedule)

@@ -39,3 +39,39 @@ class TaidSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.t, self.prev_loss, self.momentum = state["t"], state["prev_loss"], state["momentum"]
+
+
+class DtsSchedule:
+    """Dynamic Temperature Scheduler (Islam et al. 2025), as in the authors' reference code: the temperature
+    follows a cosine decay from T0, boosted while the student's cross-entropy trails the teacher's by more than
+    one nat, clamped to [t_min, t_max] and smoothed with momentum. Soft targets early, sharp ones late.
+
+    Per step, with gap Δ = CE_teacher − CE_student (labelled tokens, T = 1; usually negative):
+    c = ½(1 + cos(π·curve·step/total)); a = Δ/(Δ + 1) (> 1 only when Δ < −1; a > 2 is capped to 1.35 as in the
+    authors' LLM code); target = clamp(T0·c·max(a, 1), t_min, t_max); T ← m·T + (1 − m)·target.
+    Unlike the authors' per-batch update before the loss, T is updated after each optimiser step, like every
+    schedule here, so that the value used by a step is a checkpointed state."""
+
+    provides = ("temperature",)
+
+    def __init__(self, t0: float, t_min: float, t_max: float, momentum: float, curve: float):
+        if not t_min <= t_max:
+            raise ValueError(f"dts: t_min={t_min} must not exceed t_max={t_max}")
+        self.t0, self.t_min, self.t_max, self.momentum, self.curve = t0, t_min, t_max, momentum, curve
+        self.temperature = min(max(t0, t_min), t_max)
+
+    def current(self) -> dict[str, float]:
+        return {"temperature": self.temperature}
+
+    def update(self, gap: float, step: int, total_steps: int) -> None:
+        cosine = 0.5 * (1 + math.cos(math.pi * self.curve * step / max(total_steps, 1)))
+        boost = gap / (gap + 1) if gap != -1 else 1.0
+        boost = 1.35 if boost > 2 else boost
+        target = min(max(self.t0 * cosine * max(boost, 1.0), self.t_min), self.t_max)
+        self.temperature = self.momentum * self.temperature + (1 - self.momentum) * target
+
+    def state_dict(self) -> dict:
+        return {"temperature": self.temperature}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.temperature = state["temperature"]
