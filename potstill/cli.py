@@ -101,16 +101,30 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run dire
 
 @app.command()
 def losses() -> None:
-    """List the registered objectives and their hyperparameters."""
+    """List the registered objectives, token selectors and temperature schedules with their hyperparameters."""
     from potstill import list_divergences
+    from potstill.losses.hparams import describe
+    from potstill.losses.objective import TEMPERATURE_SCHEDULES
+    from potstill.losses.selection import SELECTORS
 
-    table = Table(title="registered objectives (use in loss.objective, e.g. '0.5*ce + gjsd(beta=0.5)')")
+    def hp_text(hparams: dict) -> str:
+        return ", ".join(f"{k}={v['default']:g} in [{v['range'][0]:g}, {v['range'][1]:g}]" for k, v in hparams.items()) or "-"
+
+    table = Table(title="objectives (loss.objective, e.g. '0.5*ce + gjsd(beta=0.5)')")
     for col in ("name", "target", "hyperparameters", "description"):
         table.add_column(col)
     for d in list_divergences():
-        hp = ", ".join(f"{k}={v['default']:g} in [{v['range'][0]:g}, {v['range'][1]:g}]" for k, v in d["hparams"].items())
-        table.add_row(d["name"], d["target"], hp or "-", d["doc"])
+        table.add_row(d["name"], d["target"], hp_text(d["hparams"]), d["doc"])
     console.print(table)
+    selectors = Table(title="token selectors (loss.select, e.g. 'entropy(keep=0.2)')")
+    for col in ("name", "hyperparameters", "description"):
+        selectors.add_column(col)
+    for name in SELECTORS.names():
+        spec = SELECTORS.get(name)
+        selectors.add_row(name, hp_text(describe(spec.hparams)), spec.doc)
+    console.print(selectors)
+    schedules = ", ".join(f"{n}({hp_text(describe(declared))})" for n, (_, declared) in TEMPERATURE_SCHEDULES.items())
+    console.print(f"temperature schedules (loss.temperature_schedule): fixed, {schedules}", soft_wrap=True)
 
 
 @app.command()

@@ -72,7 +72,9 @@ class LossConfig:
     reference: str | None = None
     """Reference model (HF dir or hub id; same tokenizer) for the `reference` selector (AdaSPEC: the draft after plain KD)."""
     chunk_size: int = 0
-    """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab). 0 = auto (~8M logits per chunk)."""
+    """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab). 0 = auto (sized per device)."""
+    compile: str = "auto"
+    """torch.compile the per-chunk objective: auto (GPUs, vocab ≥ 16384, objectives without schedules), true or false."""
 
 
 @dataclass
@@ -172,6 +174,8 @@ class RunConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if self.loss.compile not in ("auto", "true", "false"):
+            raise ValueError(f"loss.compile={self.loss.compile!r}: use auto, true or false")
         if self.loss.chunk_size < 0:
             raise ValueError(f"loss.chunk_size must be ≥ 0 (0 = auto), got {self.loss.chunk_size}")
         if self.train.schedule not in ("cosine", "linear", "constant"):
@@ -236,7 +240,9 @@ def coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             if opt is int and float(value) != int(value):
                 continue
             return opt(value)
-        if opt is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if opt is str and isinstance(value, bool):  # YAML reads `false` as a bool; a str field wants its text
+            return str(value).lower()
+        if opt is str and isinstance(value, (str, int, float)):
             return str(value)
         if opt is dict and isinstance(value, dict):
             return value

@@ -22,7 +22,7 @@ from potstill.config import RunConfig
 from potstill.data.batches import Batcher, eval_batches
 from potstill.evaluate import evaluate, generate_sample
 from potstill.io import atomic_write_text
-from potstill.losses.chunked import LossOutput, fused_loss
+from potstill.losses.chunked import LossOutput, fused_loss, should_compile
 from potstill.losses.objective import Objective
 from potstill.losses.reduce import count_valid_tokens, normalise
 from potstill.losses.targets import TeacherHidden
@@ -81,12 +81,13 @@ def frozen_signal(model, batch: dict, vocab: int) -> TeacherHidden:
     return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias)
 
 
-def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int) -> LossOutput:
+def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int, compiled: bool = False) -> LossOutput:
     h = hidden_states(parts.student, batch["input_ids"], batch["attention_mask"])[:, :-1]
     weight, bias = output_head(parts.student, parts.vocab)
     target = frozen_signal(parts.teacher, batch, parts.vocab) if objective.needs_teacher else None
     reference = frozen_signal(parts.reference, batch, parts.vocab) if parts.reference is not None else None
-    return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference)
+    return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference,
+                      compiled=compiled)
 
 
 def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float], tuple]:
@@ -94,8 +95,9 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
     term_sums, nll_sums = torch.zeros(len(objective.terms)), torch.zeros(2)
     loss, kept = 0.0, 0
+    compiled = should_compile(cfg.loss.compile, objective, rt.device, parts.vocab)
     for batch in batches:
-        out = batch_loss(parts, batch, objective, cfg.loss.chunk_size)
+        out = batch_loss(parts, batch, objective, cfg.loss.chunk_size, compiled)
         step_loss = normalise(out.total, count)
         step_loss.backward()
         loss += step_loss.item()

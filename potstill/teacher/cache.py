@@ -1,0 +1,335 @@
+"""The on-disk teacher-signal cache: build it once (resumable, shardable over ranks), read it lazily by example id.
+
+Layout, tensor names and integrity rules: docs/cache-format.md. The format itself (spec, per-mode encoding,
+records) is ``cache_format.py``; this module runs the teacher, writes shards atomically and reads them back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from potstill.data.batches import collate
+from potstill.data.encode import Example
+from potstill.io import atomic_write_text
+from potstill.losses.chunked import project_chunks
+from potstill.models import hidden_states, output_head, output_size
+from potstill.teacher.cache_format import (
+    FORMAT, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, build_key, decode, dumps, encode_chunk,
+    example_uniforms, finish_example, manifest_record, read_json, sha256_file, shard_file, sidecar_file, tensor_key,
+)
+
+__all__ = ["CacheError", "CacheReader", "CacheSpec", "build_cache", "finalize_manifest", "fingerprint_examples",
+           "fingerprint_model", "fingerprint_tokenizer"]
+
+REBUILD_HINT = "rebuild the cache with `potstill cache` (or point to a cache built for this run)"
+
+
+# ---- fingerprints ----------------------------------------------------------------------------------------------
+
+def fingerprint_model(model) -> str:
+    """sha256 over the config (minus load-location/version keys) and every parameter's name, dtype, shape, bytes."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():  # one tensor at a time: never the whole model on the CPU
+        flat = tensor.detach().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """sha256 of the vocabulary sorted by id, the special tokens and the chat template."""
+    record = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
+        "special": {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())},
+        "special_ids": sorted(tokenizer.all_special_ids),
+        "chat_template": getattr(tokenizer, "chat_template", None) or "",
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint_examples(examples: list[Example]) -> str:
+    """sha256 over (example_id, length, input_ids, labels) of every example, in order, as little-endian int64."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(np.asarray([e.example_id, len(e.input_ids)], dtype="<i8").tobytes())
+        digest.update(np.asarray(e.input_ids, dtype="<i8").tobytes())
+        digest.update(np.asarray(e.labels, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+# ---- building --------------------------------------------------------------------------------------------------
+
+def _encode_example(hidden: Tensor, weight: Tensor, bias: Tensor | None, example_id: int, spec: CacheSpec) -> dict[str, Tensor]:
+    """hidden (P, H): the teacher's last hidden states at the P = L − 1 predicted positions of one example.
+    Logits are projected one chunk of positions at a time (chunk × V at most, never B·T·V)."""
+    uniforms = example_uniforms(spec, example_id, hidden.shape[0]) if spec.mode == "sample" else None  # (P, K)
+    parts = [encode_chunk(z, spec, None if uniforms is None else uniforms[sl])
+             for sl, z in project_chunks(hidden, weight, bias, chunk_size=0)]
+    if not parts:  # a one-token example predicts nothing: store correctly-shaped empty tensors
+        empty = torch.zeros(0, spec.vocab, device=weight.device)
+        parts = [encode_chunk(empty, spec, None if uniforms is None else uniforms[:0])]
+    return finish_example(parts, spec)
+
+
+@torch.no_grad()
+def _encode_shard(teacher, examples: list[Example], spec: CacheSpec, batch_size: int, advance) -> dict[str, Tensor]:
+    """Every stored tensor of one shard, keyed ``{example_id}/{name}``. Batches are formed from length-sorted
+    examples (less padding); results do not depend on batching, since each example is encoded on its own rows."""
+    weight, bias = output_head(teacher, spec.vocab)  # (V, H), (V,) | None
+    device = weight.device
+    tensors: dict[str, Tensor] = {}
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start : start + batch_size]
+        padded = collate(batch, pad_id=0)
+        hidden = hidden_states(teacher, padded["input_ids"].to(device), padded["attention_mask"].to(device))  # (B, T, H)
+        for row, example in enumerate(batch):
+            positions = max(len(example.input_ids) - 1, 0)
+            encoded = _encode_example(hidden[row, :positions], weight, bias, example.example_id, spec)
+            tensors.update({tensor_key(example.example_id, name): t.contiguous() for name, t in encoded.items()})
+        advance(len(batch))
+    return tensors
+
+
+def _write_shard(out_dir: Path, index: int, tensors: dict[str, Tensor], examples: list[Example], key: str) -> dict:
+    """Write the shard under a temporary name, checksum it, rename it; then its sidecar (atomically, after)."""
+    path = out_dir / shard_file(index)
+    tmp = out_dir / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(tmp), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
+        sha, size = sha256_file(tmp), tmp.stat().st_size
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar = {
+        "format_version": FORMAT_VERSION, "build_key": key, "shard": index, "file": path.name,
+        "example_ids": [e.example_id for e in examples], "lengths": [len(e.input_ids) for e in examples],
+        "positions": sum(max(len(e.input_ids) - 1, 0) for e in examples),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "bytes": size, "sha256": sha,
+    }
+    atomic_write_text(out_dir / sidecar_file(index), dumps(sidecar))
+    return sidecar
+
+
+def _completed_sidecar(out_dir: Path, index: int, key: str, examples: list[Example] | None = None) -> dict | None:
+    """The shard's sidecar when the shard is done (sidecar present, file of the recorded size), else None.
+    A sidecar from a different build (spec, fingerprints or examples) is an error, never silently mixed in."""
+    path = out_dir / sidecar_file(index)
+    if not path.exists():
+        return None
+    sidecar = read_json(path)
+    if sidecar.get("build_key") != key:
+        raise CacheError(f"{path} belongs to a cache built with a different spec or fingerprints; "
+                         f"use a new directory or delete {out_dir} and build again")
+    if examples is not None and (sidecar["example_ids"] != [e.example_id for e in examples]
+                                 or sidecar["lengths"] != [len(e.input_ids) for e in examples]):
+        raise CacheError(f"{path} holds different examples than this build assigns to shard {index}; "
+                         f"use a new directory or delete {out_dir} and build again")
+    shard = out_dir / sidecar["file"]
+    return sidecar if shard.exists() and shard.stat().st_size == sidecar["bytes"] else None
+
+
+def _check_examples(examples: list[Example]) -> None:
+    if not examples:
+        raise CacheError("no examples to cache")
+    seen: set[int] = set()
+    for e in examples:
+        if e.example_id in seen:
+            raise CacheError(f"example id {e.example_id} appears twice; the cache is keyed by example id")
+        seen.add(e.example_id)
+
+
+def _check_teacher(teacher, spec: CacheSpec) -> None:
+    if teacher.training:
+        raise CacheError("the teacher is in training mode (dropout would make the cache random): call teacher.eval()")
+    if output_size(teacher) < spec.vocab:
+        raise CacheError(f"the teacher's head has {output_size(teacher)} rows but the cache spec says vocab={spec.vocab}")
+
+
+def _check_existing_manifest(out_dir: Path, key: str) -> None:
+    path = out_dir / MANIFEST
+    if path.exists() and read_json(path).get("build_key") != key:
+        raise CacheError(f"{out_dir} already holds a cache built with a different spec or fingerprints; "
+                         "use a new directory or delete it and build again")
+
+
+class _Progress:
+    """A rich bar over examples, or nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from rich.progress import Progress
+            self.bar = Progress(transient=False)
+            self.task = self.bar.add_task("teacher cache", total=total)
+            self.bar.start()
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def build_cache(out_dir, teacher, examples: list[Example], spec: CacheSpec, *, fingerprints: dict[str, str],
+                batch_size: int = 8, rank: int = 0, world_size: int = 1, progress: bool = False) -> Path:
+    """Run the teacher (on its device, eval mode) teacher-forced over ``examples`` and store its signal.
+
+    Shard i holds examples[i·shard_size : (i+1)·shard_size]; this rank builds shards with i % world_size == rank
+    and skips those already complete (resume). Once every shard's sidecar exists — after the last rank finishes,
+    or via ``finalize_manifest`` — the manifest is written. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_examples(examples)
+    _check_teacher(teacher, spec)
+    key = build_key(spec, fingerprints)
+    _check_existing_manifest(out_dir, key)
+    n_shards = math.ceil(len(examples) / spec.shard_size)
+    shards = {i: examples[i * spec.shard_size : (i + 1) * spec.shard_size] for i in range(rank, n_shards, world_size)}
+    todo = [i for i, members in shards.items() if _completed_sidecar(out_dir, i, key, members) is None]
+    bar = _Progress(sum(len(shards[i]) for i in todo), progress)
+    try:
+        for index in todo:
+            tensors = _encode_shard(teacher, shards[index], spec, batch_size, bar.advance)
+            _write_shard(out_dir, index, tensors, shards[index], key)
+    finally:
+        bar.close()
+    if all((out_dir / sidecar_file(i)).exists() for i in range(n_shards)):
+        finalize_manifest(out_dir, spec, fingerprints, n_shards)
+    return out_dir
+
+
+def finalize_manifest(out_dir, spec: CacheSpec, fingerprints: dict[str, str], n_shards: int) -> Path:
+    """Merge the per-shard sidecars into ``manifest.json`` (atomically). Any process may call it once all shards
+    are built; the result is deterministic, so concurrent callers write identical bytes."""
+    out_dir = Path(out_dir)
+    key = build_key(spec, fingerprints)
+    sidecars = [_completed_sidecar(out_dir, i, key) for i in range(n_shards)]
+    missing = [i for i, s in enumerate(sidecars) if s is None]
+    if missing:
+        listed = ", ".join(shard_file(i) for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CacheError(f"{len(missing)} of {n_shards} shards are not built yet ({listed}): run build_cache for "
+                         "the ranks that own them (shard i belongs to rank i % world_size), then finalize again")
+    return atomic_write_text(out_dir / MANIFEST, dumps(manifest_record(spec, fingerprints, sidecars)))
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+def _same(recorded, expected) -> bool:
+    if str(recorded) == str(expected):
+        return True
+    try:
+        return float(recorded) == float(expected)
+    except (TypeError, ValueError):
+        return False
+
+
+class CacheReader:
+    """Lazy, mmap'd reads of a finished cache by example id; shards are opened (and checksummed) on first use."""
+
+    def __init__(self, out_dir, *, expect: dict[str, str] | None = None, verify: bool = True):
+        self.dir = Path(out_dir)
+        self.verify = verify
+        self.manifest = self._load_manifest()
+        self.spec = CacheSpec.from_dict(self.manifest["spec"])
+        self._check_expectations(expect or {})
+        self._shard_of: dict[int, int] = {}
+        self._length_of: dict[int, int] = {}
+        for index, shard in enumerate(self.manifest["shards"]):
+            for example_id, length in zip(shard["example_ids"], shard["lengths"]):
+                self._shard_of[example_id], self._length_of[example_id] = index, length
+        self._open: dict[int, object] = {}
+
+    def _load_manifest(self) -> dict:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            raise CacheError(f"{self.dir} has no {MANIFEST}: the cache is not built or its build did not finish; "
+                             "re-run `potstill cache` (it resumes) or finalize_manifest once every rank is done")
+        manifest = read_json(path)
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')}; "
+                             f"this potstill reads {FORMAT!r} version {FORMAT_VERSION}: {REBUILD_HINT}")
+        return manifest
+
+    def _check_expectations(self, expect: dict[str, str]) -> None:
+        fingerprints, spec = self.manifest["fingerprints"], self.manifest["spec"]
+        for field, expected in expect.items():
+            if field in fingerprints:
+                if not _same(fingerprints[field], expected):
+                    raise CacheError(f"cache was built with {field} fingerprint {fingerprints[field]}, "
+                                     f"this run has {expected}: {REBUILD_HINT}")
+            elif field in spec:
+                if not _same(spec[field], expected):
+                    raise CacheError(f"cache was built with {field}={spec[field]}, this run has {expected}: {REBUILD_HINT}")
+            else:
+                raise CacheError(f"cache at {self.dir} records no {field!r} (fingerprints: "
+                                 f"{', '.join(fingerprints) or 'none'}; spec: {', '.join(spec)}): {REBUILD_HINT}")
+
+    @property
+    def example_ids(self) -> list[int]:
+        return list(self._shard_of)
+
+    def has(self, example_id: int) -> bool:
+        return int(example_id) in self._shard_of
+
+    def length(self, example_id: int) -> int:
+        """Tokens L of the example (the cache holds L − 1 predicted positions)."""
+        return self._length_of[self._shard_index(example_id)[1]]
+
+    def bytes_per_position(self) -> float:
+        """Shard-file bytes (headers included) per predicted position, as measured at build time."""
+        return float(self.manifest["bytes_per_position"])
+
+    def _shard_index(self, example_id: int) -> tuple[int, int]:
+        example_id = int(example_id)
+        if example_id not in self._shard_of:
+            raise CacheError(f"example {example_id} is not in the cache (built over {len(self._shard_of)} examples) "
+                             f"at {self.dir}: the data differs from the cache's; {REBUILD_HINT}")
+        return self._shard_of[example_id], example_id
+
+    def _shard(self, index: int):
+        if index not in self._open:
+            record = self.manifest["shards"][index]
+            path = self.dir / record["file"]
+            self._check_shard_file(path, record)
+            try:
+                self._open[index] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise CacheError(f"shard {path} cannot be read ({exc}): delete it and re-run the cache build "
+                                 "(it resumes and rebuilds only missing shards)") from None
+        return self._open[index]
+
+    def _check_shard_file(self, path: Path, record: dict) -> None:
+        fix = "delete it and re-run the cache build (it resumes and rebuilds only missing shards)"
+        if not path.exists():
+            raise CacheError(f"shard {path} is missing: re-run the cache build (it rebuilds only missing shards)")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise CacheError(f"shard {path} is truncated or was replaced ({size} bytes, the manifest says "
+                             f"{record['bytes']}): {fix}")
+        if self.verify and sha256_file(path) != record["sha256"]:
+            raise CacheError(f"shard {path} is corrupted (its sha256 differs from the manifest's): {fix}")
+
+    def read(self, example_id: int) -> dict[str, Tensor]:
+        """The example's stored tensors (P = L − 1 rows each), decoded: ids int64; log-probs, tail, counts float32."""
+        index, example_id = self._shard_index(example_id)
+        handle = self._shard(index)
+        return {name: decode(name, handle.get_tensor(tensor_key(example_id, name))) for name in self.manifest["tensors"]}
+
+    def close(self) -> None:
+        self._open.clear()

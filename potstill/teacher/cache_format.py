@@ -1,0 +1,231 @@
+"""What a teacher-signal cache stores and how it is laid out on disk (docs/cache-format.md is the reference).
+
+This module is pure format: the spec, file names, the per-mode encoding of one chunk of teacher logits into the
+stored tensors, decoding them back, and the JSON records (per-shard sidecars, the manifest). ``cache.py`` runs
+the teacher, writes shards and reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FORMAT = "potstill-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODES = ("dense", "topk", "sample")
+MAX_SAMPLES = 255  # counts are stored as uint8
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as asked: wrong build, missing example, damaged or incomplete shard."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cache holds. Everything here is recorded in the manifest and must match on resume."""
+
+    mode: str  # dense | topk | sample
+    vocab: int  # teacher vocabulary size V (the head is trimmed to these rows)
+    k: int = 64  # topk: ids kept per position
+    samples: int = 64  # sample: draws K per position (≤ 255)
+    temperature: float = 1.0  # T of the stored teacher distribution softmax(z / T)
+    proposal_temperature: float | None = None  # sample: draws from softmax(z / T_proposal); None = T
+    seed: int = 0  # sample: draws of example e use a generator seeded from (seed, e)
+    shard_size: int = 512  # examples per shard file
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise CacheError(f"cache mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.vocab < 1:
+            raise CacheError(f"cache vocab must be positive, got {self.vocab}")
+        if self.mode == "topk" and not 1 <= self.k <= self.vocab:
+            raise CacheError(f"topk cache needs 1 ≤ k ≤ vocab ({self.vocab}), got k={self.k}")
+        if self.mode == "sample" and not 1 <= self.samples <= MAX_SAMPLES:
+            raise CacheError(f"sample cache needs 1 ≤ samples ≤ {MAX_SAMPLES} (counts are uint8), got {self.samples}")
+        if self.temperature <= 0 or (self.proposal_temperature is not None and self.proposal_temperature <= 0):
+            raise CacheError("cache temperatures must be positive")
+        if self.shard_size < 1:
+            raise CacheError(f"shard_size must be at least 1, got {self.shard_size}")
+
+    @property
+    def proposal(self) -> float:
+        return self.temperature if self.proposal_temperature is None else self.proposal_temperature
+
+    @property
+    def importance_weighted(self) -> bool:
+        """Sample mode with r ≠ p: the teacher's and the proposal's log-probs of each stored id are stored too."""
+        return self.mode == "sample" and self.proposal != self.temperature
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CacheSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def id_dtype(vocab: int) -> torch.dtype:
+    """The narrowest id type that holds every id: 2 bytes up to 65,536 ids, else 4."""
+    return torch.uint16 if vocab <= 65536 else torch.int32
+
+
+def tensor_layout(spec: CacheSpec) -> dict[str, str]:
+    """Stored tensor name → 'dtype (shape)' per example, P = L − 1 predicted positions, U = max unique ids."""
+    ids = str(id_dtype(spec.vocab)).removeprefix("torch.")
+    if spec.mode == "dense":
+        return {"logprobs": f"float16 (P, {spec.vocab})"}
+    if spec.mode == "topk":
+        return {"ids": f"{ids} (P, {spec.k})", "logprobs": f"float16 (P, {spec.k})", "tail_mass": "float16 (P,)"}
+    layout = {"ids": f"{ids} (P, U)", "counts": "uint8 (P, U)"}
+    if spec.importance_weighted:
+        layout |= {"logprobs": "float16 (P, U)", "proposal_logprobs": "float16 (P, U)"}
+    return layout
+
+
+def payload_bytes_per_position(spec: CacheSpec, unique: float | None = None) -> float:
+    """Tensor bytes per predicted position (file headers excluded). ``unique``: sample mode's padded U (≤ K)."""
+    id_bytes = torch.empty((), dtype=id_dtype(spec.vocab)).element_size()
+    if spec.mode == "dense":
+        return 2 * spec.vocab
+    if spec.mode == "topk":
+        return spec.k * id_bytes + 2 * spec.k + 2
+    per_id = id_bytes + 1 + (4 if spec.importance_weighted else 0)
+    return (spec.samples if unique is None else unique) * per_id
+
+
+def shard_file(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def sidecar_file(index: int) -> str:
+    return f"shard-{index:05d}.json"
+
+
+def tensor_key(example_id: int, name: str) -> str:
+    return f"{example_id}/{name}"
+
+
+def build_key(spec: CacheSpec, fingerprints: dict[str, str]) -> str:
+    """One hash of everything that decides a shard's bytes (besides its examples): resume refuses a mismatch."""
+    record = {"format_version": FORMAT_VERSION, "spec": spec.to_dict(), "fingerprints": dict(sorted(fingerprints.items()))}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def example_seed(seed: int, example_id: int) -> int:
+    """The draw seed of one example: a hash of (cache seed, example id), so batching and sharding never matter."""
+    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def example_uniforms(spec: CacheSpec, example_id: int, positions: int) -> Tensor:
+    """The (P, K) uniforms that drive inverse-CDF sampling of one example (CPU generator: device-independent)."""
+    gen = torch.Generator().manual_seed(example_seed(spec.seed, example_id))
+    return torch.rand((positions, spec.samples), generator=gen)
+
+
+# ---- encoding: teacher logits of one chunk of positions → stored tensors --------------------------------------
+
+def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None) -> dict[str, Tensor]:
+    """Encode fp32 logits (n, V) of n predicted positions; results are on the CPU. Sample mode returns its
+    sorted draws (n, K) (plus per-draw log-probs); ``compact_samples`` turns an example's draws into ids/counts."""
+    logp = F.log_softmax(logits / spec.temperature, dim=-1)  # (n, V): the teacher at T
+    if spec.mode == "dense":
+        return {"logprobs": logp.half().cpu()}
+    if spec.mode == "topk":
+        top, ids = logp.topk(spec.k, dim=-1)  # (n, k) each, most likely first
+        tail = (1 - top.exp().sum(-1)).clamp_min(0)  # (n,): mass outside the top k
+        return {"ids": ids.cpu(), "logprobs": top.half().cpu(), "tail_mass": tail.half().cpu()}
+    log_r = logp if not spec.importance_weighted else F.log_softmax(logits / spec.proposal, dim=-1)
+    cdf = log_r.exp().cumsum(-1)  # (n, V)
+    draws = torch.searchsorted(cdf, uniforms.to(cdf.device) * cdf[:, -1:], right=True)  # (n, K) inverse CDF
+    draws = draws.clamp_max(spec.vocab - 1).sort(-1).values
+    out = {"draws": draws.cpu()}
+    if spec.importance_weighted:
+        out |= {"logprobs": logp.gather(-1, draws).cpu(), "proposal_logprobs": log_r.gather(-1, draws).cpu()}
+    return out
+
+
+def compact_samples(draws: Tensor, per_draw: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sorted draws (P, K) → unique ids (P, U) and counts (P, U), padded with id 0 / count 0 (and log-prob 0) to
+    U = the most unique ids at any position of the example. ``per_draw`` values (P, K) follow their ids."""
+    positions, k = draws.shape
+    starts = torch.ones_like(draws, dtype=torch.bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = starts.long().cumsum(-1) - 1  # (P, K): the column of each draw's unique id
+    width = int(slot[:, -1].max()) + 1 if positions and k else 0
+    ids = torch.zeros(positions, width, dtype=torch.long).scatter_(1, slot, draws)
+    counts = torch.zeros(positions, width, dtype=torch.long).scatter_add_(1, slot, torch.ones_like(draws))
+    out = {"ids": ids, "counts": counts.to(torch.uint8)}
+    for name, values in per_draw.items():  # duplicates of an id carry the same value, so scatter is exact
+        out[name] = torch.zeros(positions, width).scatter_(1, slot, values.float()).half()
+    return out
+
+
+def finish_example(parts: list[dict[str, Tensor]], spec: CacheSpec) -> dict[str, Tensor]:
+    """Concatenate an example's chunk encodings along positions and give ids their narrow on-disk type."""
+    joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    if spec.mode == "sample":
+        draws = joined.pop("draws")
+        joined = compact_samples(draws, joined)
+    if "ids" in joined:
+        joined["ids"] = joined["ids"].to(id_dtype(spec.vocab))
+    return joined
+
+
+def decode(name: str, stored: Tensor) -> Tensor:
+    """Stored tensor → what a loss uses: ids as int64; log-probs, tail mass and counts as float32."""
+    return stored.to(torch.int64) if name == "ids" else stored.float()
+
+
+# ---- integrity and records -------------------------------------------------------------------------------------
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dumps(record: dict) -> str:
+    """Deterministic JSON (no timestamps, fixed key order), so rebuilt caches are byte-identical."""
+    return json.dumps(record, indent=1, sort_keys=True) + "\n"
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{path} is not valid JSON ({exc.msg}): delete it and re-run the cache build") from None
+
+
+def manifest_record(spec: CacheSpec, fingerprints: dict[str, str], sidecars: list[dict]) -> dict:
+    """The manifest: the spec, the fingerprints and every shard's examples, size and checksum."""
+    positions = sum(s["positions"] for s in sidecars)
+    total = sum(s["bytes"] for s in sidecars)
+    payload = sum(s["tensor_bytes"] for s in sidecars)
+    per_position = lambda n: round(n / positions, 3) if positions else 0.0  # noqa: E731
+    keep = ("file", "example_ids", "lengths", "positions", "tensor_bytes", "bytes", "sha256")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "build_key": build_key(spec, fingerprints),
+        "spec": spec.to_dict(),
+        "fingerprints": dict(sorted(fingerprints.items())),
+        "id_dtype": str(id_dtype(spec.vocab)).removeprefix("torch."),
+        "tensors": tensor_layout(spec),
+        "n_examples": sum(len(s["example_ids"]) for s in sidecars),
+        "n_positions": positions,
+        "total_bytes": total,
+        "tensor_bytes": payload,
+        "bytes_per_position": per_position(total),
+        "tensor_bytes_per_position": per_position(payload),
+        "shards": [{key: s[key] for key in keep} for s in sidecars],
+    }
