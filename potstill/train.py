@@ -94,7 +94,7 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count."""
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
     term_sums, nll_sums = torch.zeros(len(objective.terms)), torch.zeros(2)
-    loss, kept = 0.0, 0
+    loss, kept, low, high = 0.0, 0, float("inf"), float("-inf")
     compiled = should_compile(cfg.loss.compile, objective, rt.device, parts.vocab)
     for batch in batches:
         out = batch_loss(parts, batch, objective, cfg.loss.chunk_size, compiled)
@@ -104,6 +104,7 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
         term_sums += out.term_sums.cpu()
         nll_sums += 0 if out.nll_sums is None else out.nll_sums.cpu()
         kept += out.n_kept
+        low, high = min(low, out.weight_range[0]), max(high, out.weight_range[1])
     params = [p for p in parts.student.parameters() if p.grad is not None]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -117,6 +118,7 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": count, **term_metrics(objective, term_means)}
     if objective.selection is not None:  # local kept fraction (per rank): what the selector did this step
         stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != -100).sum()) for b in batches), 1)
+        stats["select/weight_min"], stats["select/weight_max"] = low, high
     if objective.tracks_nll:
         stats["student_nll"], stats["teacher_nll"] = nll_means
     return stats, term_means, nll_means

@@ -146,6 +146,10 @@ def test_token_selection_in_a_run(tmp_path, model_dirs, text_jsonl, select):
     train = metric_lines(result.run_dir, "train")
     expected = {"entropy": 0.5, "tsd": 1.0, "reference": 0.4}[select.split("(")[0]]
     assert all(abs(r["select/kept_fraction"] - expected) < 0.02 for r in train), [r["select/kept_fraction"] for r in train]
+    if select == "tsd":  # soft weights around 1: σ(ΔH) rescaled to mean 1
+        assert all(0 < r["select/weight_min"] < 1 < r["select/weight_max"] < 2 for r in train)
+    else:  # hard selection: dropped tokens 0, kept ones 1/keep
+        assert all(r["select/weight_min"] == 0 and r["select/weight_max"] == pytest.approx(1 / expected, rel=0.05) for r in train)
 
 
 def test_reference_setting_is_checked_at_load(model_dirs):

@@ -32,6 +32,7 @@ class LossOutput:
     n_valid: int  # tokens with a label in this call (the loop normalises by the global count)
     n_kept: int  # labelled tokens with a non-zero weight (all of them unless the objective selects tokens)
     nll_sums: Tensor | None = None  # (2,): Σ −log q(y), Σ −log p(y) at T = 1 when the objective tracks them
+    weight_range: tuple[float, float] = (1.0, 1.0)  # min and max token weight over labelled tokens
 
 
 # Logits per chunk when chunk_size is 0 ("auto"). CPU: 2^23 (32 MB per fp32 chunk tensor; 256 positions at
@@ -223,6 +224,8 @@ def fused_loss(
         selected = selection_weights(stats, objective.selection.name, objective.selection.hparams)
         tw = selected if tw is None else tw * selected
     n_kept = n_valid if tw is None else int(((tw != 0) & (labels != IGNORE_INDEX)).sum())
+    labelled_weights = None if tw is None else tw[labels != IGNORE_INDEX]
+    weight_range = (1.0, 1.0) if labelled_weights is None or not n_valid else (labelled_weights.min().item(), labelled_weights.max().item())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     n_terms = len(objective.terms)
     if needs_grad:
@@ -230,4 +233,4 @@ def fused_loss(
     else:
         sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False, compiled)[0]
         total = (sums[:n_terms] * _term_weights(objective, sums.device)).sum()
-    return LossOutput(total, sums[:n_terms], n_valid, n_kept, sums[n_terms:] if objective.tracks_nll else None)
+    return LossOutput(total, sums[:n_terms], n_valid, n_kept, sums[n_terms:] if objective.tracks_nll else None, weight_range)
