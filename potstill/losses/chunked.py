@@ -20,7 +20,7 @@ from torch import Tensor
 
 from potstill.losses.objective import Objective
 from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
-from potstill.losses.targets import Target
+from potstill.losses.targets import SparseChunk, Target, is_sparse, logits_divisor, teacher_chunk
 
 IGNORE_INDEX = -100
 
@@ -97,7 +97,9 @@ def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels
                      chunk_size: int, reference: Target | None = None) -> TokenStats:
     """Per-token statistics (N,) of student, teacher (and reference model) at T = 1, chunk by chunk."""
     vocab = weight.shape[0]
-    logits = lambda t, sl: None if t is None else t.chunk_logits(sl)[:, :vocab].float()  # noqa: E731
+    if is_sparse(target) or logits_divisor(target, 1.0) != 1.0:
+        raise ValueError("token selection and temperature schedules need the teacher's full distribution at T = 1")
+    logits = lambda t, sl: None if t is None else teacher_chunk(t, sl, vocab).float()  # noqa: E731
     parts = [compute_token_stats(z, logits(target, sl), labels[sl], logits(reference, sl))
              for sl, z in project_chunks(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size)]
     return concat_stats(parts)
@@ -109,8 +111,10 @@ def label_logp(labels: Tensor, vocab: int) -> Tensor:
     return out.scatter_(-1, labels.clamp_min(0)[:, None], 0.0)
 
 
-def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher_logits: Tensor | None, objective: Objective) -> Tensor:
-    """Per-term weighted sums over one chunk. z: student logits (n, V) fp32; labels (n,); weights (n,)."""
+def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor | SparseChunk | None,
+                    objective: Objective, divisor: float = 1.0) -> Tensor:
+    """Per-term weighted sums over one chunk. z: student logits (n, V) fp32; labels (n,); weights (n,);
+    teacher: (n, V) logits (divided by ``divisor``: the temperature, or 1 for pre-tempered log-probs) or sparse."""
     valid = weights != 0
     logq_t = logp_t = logq_1 = None
     sums = []
@@ -119,17 +123,14 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher_logits: 
             logq_1 = F.log_softmax(z, -1) if logq_1 is None else logq_1
             per_token = term(logq_1, label_logp(labels, z.shape[-1]))
         else:
-            if logq_t is None:
-                tau = objective.tau
-                logq_t = F.log_softmax(z / tau, -1)
-                logp_t = F.log_softmax(teacher_logits.float() / tau, -1)
-            per_token = term(logq_t, logp_t) * objective.teacher_scale
+            logq_t = F.log_softmax(z / objective.tau, -1) if logq_t is None else logq_t
+            if isinstance(teacher, SparseChunk):
+                per_token = term.sparse(logq_t, teacher.ids, teacher.weights) * objective.teacher_scale
+            else:
+                logp_t = F.log_softmax(teacher.float() / divisor, -1) if logp_t is None else logp_t
+                per_token = term(logq_t, logp_t) * objective.teacher_scale
         sums.append((torch.where(valid, per_token, torch.zeros_like(per_token)) * weights).sum())
     return torch.stack(sums)
-
-
-def _term_weights(objective: Objective, device: torch.device) -> Tensor:
-    return torch.tensor([t.weight for t in objective.terms], device=device)
 
 
 @torch.no_grad()
@@ -140,12 +141,17 @@ def label_nll_sums(z: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
     return torch.stack([nll(z), nll(teacher_logits)])
 
 
+def _term_weights(objective: Objective, device: torch.device) -> Tensor:
+    return torch.tensor([t.weight for t in objective.terms], device=device)
+
+
 def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads, compiled=False):
     """The shared chunk loop. Returns (sums, grad_hidden, grad_weight, grad_bias); sums (n_terms + 2,) holds the
     per-term sums, then the student's and teacher's label NLL sums (zeros unless the objective tracks them)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     weights = (labels != IGNORE_INDEX).float() * (1.0 if token_weight is None else token_weight.float())
     term_sums_fn = compiled_term_sums() if compiled else chunk_term_sums
+    divisor = logits_divisor(target, objective.tau) if objective.needs_teacher else 1.0
     term_weights = _term_weights(objective, hidden.device)
     term_sums = torch.zeros(len(objective.terms), device=hidden.device)
     nll_sums = torch.zeros(2, device=hidden.device)
@@ -157,10 +163,10 @@ def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, c
         if not bool((w_c != 0).any()):
             continue  # padding-only chunk: contributes nothing, costs nothing
         h_c = hidden[sl].detach()
-        t_c = target.chunk_logits(sl)[:, :vocab].detach() if objective.needs_teacher else None
+        t_c = teacher_chunk(target, sl, vocab) if objective.needs_teacher else None
         with torch.enable_grad():
             z = F.linear(h_c, weight.detach(), None if bias is None else bias.detach()).float().requires_grad_(want_grads)
-            sums_c = term_sums_fn(z, labels[sl], w_c, t_c, objective)
+            sums_c = term_sums_fn(z, labels[sl], w_c, t_c, objective, divisor)
             if want_grads:
                 (dz,) = torch.autograd.grad((sums_c * term_weights).sum(), z)
         term_sums += sums_c.detach()
@@ -216,6 +222,8 @@ def fused_loss(
         raise ValueError(f"hidden has {hidden.shape[0]} positions but labels {labels.shape[0]}")
     if objective.needs_teacher and target is None:
         raise ValueError(f"objective '{objective}' needs a teacher signal but none was given")
+    if is_sparse(target):
+        objective.check_sparse_support("a sampled teacher target")
     tw = None if token_weight is None else token_weight.reshape(-1)
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], weight.device, compiled)
     n_valid = int((labels != IGNORE_INDEX).sum())

@@ -30,20 +30,21 @@ class DivergenceSpec:
     uses_labels: bool = False  # evaluated against the one-hot data labels instead of the teacher
     doc: str = ""
     schedule: type | None = None  # built from hparams; supplies the fn's dynamic arguments (e.g. TAID's t)
+    sparse: Callable[..., Tensor] | None = None  # (student_logp, ids, weights) -> per position, for sampled targets
 
 
 DIVERGENCES: Registry[DivergenceSpec] = Registry("divergence")
 
 
 def register(name: str, *, is_divergence: bool = True, uses_labels: bool = False, schedule: type | None = None,
-             **hparams: HParam):
+             sparse: Callable[..., Tensor] | None = None, **hparams: HParam):
     def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         params = [p for p in inspect.signature(fn).parameters][2:]
         expected = list(schedule.provides) if schedule else list(hparams)
         if sorted(params) != sorted(expected):
             raise TypeError(f"divergence {name!r}: signature {params} does not match declared {expected}")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        DIVERGENCES.register(name)(DivergenceSpec(name, fn, hparams, is_divergence, uses_labels, doc, schedule))
+        DIVERGENCES.register(name)(DivergenceSpec(name, fn, hparams, is_divergence, uses_labels, doc, schedule, sparse))
         return fn
 
     return add
@@ -73,7 +74,8 @@ def list_divergences() -> list[dict]:
     for name in DIVERGENCES.names():
         spec = DIVERGENCES.get(name)
         hp = describe(spec.hparams)
-        out.append({"name": name, "doc": spec.doc, "hparams": hp, "target": "labels" if spec.uses_labels else "teacher"})
+        targets = "labels" if spec.uses_labels else "dense, top-k" + (", sampled" if spec.sparse else "")
+        out.append({"name": name, "doc": spec.doc, "hparams": hp, "target": targets})
     return out
 
 
@@ -104,7 +106,13 @@ def log_mix(logp: Tensor, logq: Tensor, weight_p: float) -> Tensor:
 # ---- the registered objectives (formulas: ../shared/DESIGN.md, docs/objectives.md) --------------------------
 
 
-@register("fkl")
+def sampled_cross_entropy(student_logp: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+    """−Σ_s w_s·log q(id_s): an unbiased estimate of H(p, q) = KL(p‖q) + H(p) from a sampled target (same
+    gradient as forward KL; the value is offset by the teacher's entropy, which samples cannot give)."""
+    return -(weights * student_logp.gather(-1, ids)).sum(-1)
+
+
+@register("fkl", sparse=sampled_cross_entropy)
 def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     """Forward KL(p‖q): mass-covering; the classic Hinton KD objective."""
     return kl(teacher_logp, student_logp)

@@ -29,6 +29,7 @@ class Term:
     fn: Callable[..., Tensor]  # the registered function with its static hyperparameters bound
     uses_labels: bool
     schedule: Any = None  # mutable per-run state (e.g. TAID's t) supplying the fn's dynamic arguments
+    sparse: Callable[..., Tensor] | None = None  # the term's form for sampled targets, if it has one
 
     def __call__(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
         dynamic = self.schedule.current() if self.schedule is not None else {}
@@ -61,6 +62,13 @@ class Objective:
     @property
     def teacher_scale(self) -> float:
         return self.tau**2 if self.t_squared else 1.0
+
+    def check_sparse_support(self, what: str) -> None:
+        """Refuse (at config load) teacher terms that a sampled target cannot estimate, naming what they need."""
+        unsupported = [t.name for t in self.terms if not t.uses_labels and t.sparse is None]
+        if unsupported:
+            raise ValueError(f"{what} only supports forward-KL/CE-type terms (fkl, ce); {', '.join(unsupported)} "
+                             "need the full teacher distribution: build the cache in mode 'topk' or 'dense'")
 
     @property
     def tracks_nll(self) -> bool:
@@ -129,7 +137,7 @@ def parse_term(text: str) -> Term:
         raise ValueError(f"objective term {text.strip()!r}: weight must be ≥ 0")
     if spec.schedule is not None:  # static hparams configure the schedule; it supplies the fn's arguments
         return Term(name, weight, hparams, spec.fn, spec.uses_labels, spec.schedule(**hparams))
-    return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels)
+    return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels, None, spec.sparse)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,11 @@
 """Teacher signals as data. Every regime (live teacher, logit cache, rollout scorer) yields one of these,
-so all of them share the one chunked loss path. A target hands out raw teacher logits for a slice of the
-flattened (N = B·T) positions; the loss path applies temperature and log-softmax, in one place.
+so all of them share the one chunked loss path. A target hands out the teacher's signal for a slice of the
+flattened (N = B·T) positions: dense-able targets give a (n, V) tensor (``chunk_logits``), sparse sampled
+targets give ids with weights (``chunk_sparse``).
+
+``temperature`` says what the dense tensor is: None = raw logits (the loss path divides by its temperature);
+a number = log-probs already at that temperature (a cache built at T): the loss path uses them as they are and
+refuses a run whose temperature differs.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ class DenseLogits:
     """Precomputed teacher logits, shape (N, V_teacher). Small vocabularies and tests."""
 
     logits: Tensor
+    temperature: float | None = None
 
     def chunk_logits(self, sl: slice) -> Tensor:
         return self.logits[sl]
@@ -31,6 +37,7 @@ class TeacherHidden:
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    temperature: float | None = None
 
     @torch.no_grad()
     def chunk_logits(self, sl: slice) -> Tensor:
@@ -50,6 +57,7 @@ class TopKTail:
     logprobs: Tensor
     tail_mass: Tensor
     vocab: int
+    temperature: float | None = None  # None: log-probs at T = 1, usable as logits at any temperature
 
     def chunk_logits(self, sl: slice) -> Tensor:
         ids, logprobs, tail = self.ids[sl], self.logprobs[sl].float(), self.tail_mass[sl].float()
@@ -67,4 +75,47 @@ class TopKTail:
         return cls(ids, top, tail, logits.shape[-1])
 
 
-Target = DenseLogits | TeacherHidden | TopKTail
+@dataclass
+class SparseChunk:
+    ids: Tensor  # (n, S) vocabulary ids
+    weights: Tensor  # (n, S) estimator weights; padding slots have weight 0
+
+
+@dataclass
+class Sampled:
+    """RS-KD (Anshumann et al. 2025): per position, ids drawn from a proposal r and weights w such that
+    Σ_s w_s·f(id_s) is an unbiased estimate of Σ_v p(v)·f(v) — with r = p, w = count/K; otherwise
+    w = count/K · p/r. The student's softmax stays over the full vocabulary; only terms of the form
+    −Σ p·log q (forward KL, up to the teacher's constant entropy) can be computed from it."""
+
+    ids: Tensor  # (N, S)
+    weights: Tensor  # (N, S)
+    temperature: float
+
+    def chunk_sparse(self, sl: slice) -> SparseChunk:
+        return SparseChunk(self.ids[sl], self.weights[sl])
+
+
+Target = DenseLogits | TeacherHidden | TopKTail | Sampled
+
+
+def is_sparse(target) -> bool:
+    return isinstance(target, Sampled)
+
+
+def teacher_chunk(target: Target, sl: slice, vocab: int) -> Tensor | SparseChunk:
+    """The teacher's signal for positions ``sl``, trimmed to ``vocab`` and cut off from autograd."""
+    if is_sparse(target):
+        chunk = target.chunk_sparse(sl)
+        return SparseChunk(chunk.ids.long(), chunk.weights.float().detach())
+    return target.chunk_logits(sl)[:, :vocab].detach()
+
+
+def logits_divisor(target: Target, temperature: float) -> float:
+    """What to divide the target's dense tensor by to get the teacher at ``temperature`` (see module docstring)."""
+    if target.temperature is None:
+        return temperature
+    if abs(target.temperature - temperature) > 1e-6:
+        raise ValueError(f"the teacher signal was made at temperature {target.temperature:g} but the objective uses "
+                         f"{temperature:g}: set loss.temperature={target.temperature:g} or rebuild the cache")
+    return 1.0
