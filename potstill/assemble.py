@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
@@ -10,7 +11,7 @@ from potstill import models
 from potstill.config import RunConfig
 from potstill.data.encode import Example, encode_all
 from potstill.data.loading import load_records, split_holdout
-from potstill.guardrails import check_pair, check_student_only
+from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Parts:
     student: PreTrainedModel
     vocab: int  # output rows both losses use (padded rows trimmed)
     reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
+    cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
 
 
 def resolve_model_path(path: str) -> str:
@@ -54,6 +56,9 @@ def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) ->
 
 
 def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
+    """Teacher (unless signals come from a cache), student, tokenizer and the guardrail checks between them."""
+    if cfg.teacher.cache:
+        return _load_cached_parts(cfg, device)
     teacher = tokenizer = None
     if cfg.teacher.path:
         teacher_path = resolve_model_path(cfg.teacher.path)
@@ -64,18 +69,52 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     student = build_student(cfg, teacher, tokenizer).to(device)
     student_tok = _student_tokenizer(student_tok_path, tokenizer)
     if teacher is not None:
-        vocab = check_pair(tokenizer, student_tok, teacher, student)
+        vocab = check_pair(tokenizer, student_tok, teacher, student, probe_texts(cfg))
     else:
         vocab = check_student_only(student_tok, student)
     reference = None
     if cfg.loss.reference:
         reference = models.load_causal_lm(cfg.loss.reference, cfg.teacher.dtype).to(device).eval().requires_grad_(False)
-        check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference)
-    return Parts(student_tok, teacher, student, vocab, reference)
+        check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
+    # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
+    return Parts(tokenizer if teacher is not None else student_tok, teacher, student, vocab, reference)
+
+
+def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
+    """With teacher.cache the teacher is never loaded: the tokenizer saved with the cache stands in for it."""
+    from potstill.teacher.cache_run import cached_tokenizer, open_cache
+
+    tokenizer = cached_tokenizer(cfg.teacher.cache)
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(cfg, None, tokenizer).to(device)
+    student_tok = _student_tokenizer(cfg.student.path, tokenizer)
+    problems = compare_tokenizers(tokenizer, student_tok, probe_texts(cfg))
+    if problems:
+        raise TokenizerMismatch(f"the student's tokenizer differs from the one the cache was built with: {'; '.join(problems)}")
+    vocab = check_student_only(student_tok, student)
+    return Parts(tokenizer, None, student, vocab, None, open_cache(cfg, tokenizer, vocab))
+
+
+def probe_texts(cfg: RunConfig, n: int = 8) -> list[str]:
+    """A few of the run's own training texts, for the tokenizer behaviour check (all fields of a record)."""
+    texts = []
+    for record in load_records(cfg.data.train, "train", n):
+        if "messages" in record:
+            texts += [str(m.get("content", "")) for m in record["messages"]]
+        else:
+            texts += [str(record[k]) for k in ("text", "prompt", "completion") if k in record]
+    return texts
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def _student_tokenizer(path: str | None, teacher_tok):
-    if path:
+    """The student's own tokenizer when its directory (or hub repo) has one, else the teacher's. A local directory
+    without tokenizer files must not be handed to AutoTokenizer: for some model types it silently builds an empty
+    default tokenizer instead of failing."""
+    local = Path(path).expanduser() if path else None
+    if path and not (local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES)):
         try:
             return load_tokenizer(path)
         except (OSError, ValueError):

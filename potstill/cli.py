@@ -35,7 +35,7 @@ def _fail(exc: Exception) -> None:
 
 def _shortcuts(**flags: object) -> list[str]:
     """Command-line flags that are shorthands for config keys become overrides (applied before explicit ones)."""
-    keys = {"teacher": "teacher.path", "student": "student.path", "student_config": "student.config",
+    keys = {"teacher": "teacher.path", "cache": "teacher.cache", "student": "student.path", "student_config": "student.config",
             "init_layers": "student.init_from_teacher_layers", "data": "data.train", "validation": "data.validation",
             "objective": "loss.objective", "steps": "train.max_steps", "out": "out_dir"}
     return [f"{keys[k]}={v}" for k, v in flags.items() if v is not None]
@@ -46,6 +46,7 @@ def distill(
     overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. train.max_steps=50"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher: local HF dir, hub id, or 'builtin'."),
+    cache: Optional[str] = typer.Option(None, help="Read teacher signals from this cache (never loads the teacher)."),
     student: Optional[str] = typer.Option(None, help="Student to start from: local HF dir or hub id."),
     student_config: Optional[str] = typer.Option(None, help="Fresh student from a config.json path."),
     init_layers: Optional[int] = typer.Option(None, help="Student = teacher's first N layers."),
@@ -60,7 +61,7 @@ def distill(
     """Distil a teacher into a student (live teacher, teacher-forced on the data)."""
     from potstill.train import distill as run
 
-    flags = _shortcuts(teacher=teacher, student=student, student_config=student_config, init_layers=init_layers,
+    flags = _shortcuts(teacher=teacher, cache=cache, student=student, student_config=student_config, init_layers=init_layers,
                        data=data, validation=validation, objective=objective, steps=steps, out=out)
     try:
         cfg = RunConfig.from_yaml(config, flags + list(overrides or []))
@@ -68,6 +69,27 @@ def distill(
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     _print_metrics(result.metrics, f"{result.run_dir}: final student in {result.final_dir}")
+
+
+@app.command("cache", epilog="Config keys (set in the YAML file or as section.key=value):\n\n" + _OPTIONS_HELP)
+def cache_cmd(
+    overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. cache.k=32"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (its teacher, data, loss.temperature)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher to run: local HF dir, hub id, or 'builtin'."),
+    data: Optional[str] = typer.Option(None, help="Training data: .jsonl, .parquet, datasets dir, or 'builtin'."),
+    out: Optional[str] = typer.Option(None, help="Cache directory (teacher.cache)."),
+    mode: Optional[str] = typer.Option(None, help="dense, topk or sample (cache.mode)."),
+) -> None:
+    """Run the teacher once over the training data and store its signal (resumable; one shard set per rank)."""
+    from potstill.teacher.cache_run import build_from_config
+
+    flags = _shortcuts(teacher=teacher, data=data, cache=out) + ([f"cache.mode={mode}"] if mode else [])
+    try:
+        cfg = RunConfig.from_yaml(config, flags + list(overrides or []), check_run=False)
+        summary = build_from_config(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    _print_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, f"cache {summary['dir']} ({summary['mode']})")
 
 
 @app.command("eval")

@@ -29,6 +29,8 @@ class TeacherConfig:
     """Teacher model: a local Hugging Face directory or a hub id; `builtin` is the shipped default teacher."""
     dtype: str = "float32"
     """Teacher weights dtype (float32, bfloat16, float16); it runs without gradients."""
+    cache: str | None = None
+    """Teacher-signal cache directory: `potstill cache` writes it; `distill` then reads it and never loads the teacher."""
 
 
 @dataclass
@@ -75,6 +77,24 @@ class LossConfig:
     """Positions projected to logits at once; peak loss memory is O(chunk_size × vocab). 0 = auto (sized per device)."""
     compile: str = "auto"
     """torch.compile the per-chunk objective: auto (GPUs, vocab ≥ 16384, objectives without schedules), true or false."""
+
+
+@dataclass
+class CacheConfig:
+    mode: str = "topk"
+    """What `potstill cache` stores per position: dense (full log-probs), topk (k ids + log-probs + tail mass) or sample (RS-KD draws)."""
+    k: int = 64
+    """topk: ids kept per position."""
+    samples: int = 64
+    """sample: draws per position (≤ 255)."""
+    proposal_temperature: float | None = None
+    """sample: draw from the teacher at this temperature (importance-weighted); None = loss.temperature."""
+    seed: int = 0
+    """sample: seed of the draws (per example, independent of batching and sharding)."""
+    shard_size: int = 512
+    """Examples per shard file (the unit of resume)."""
+    batch_size: int = 8
+    """Examples per teacher forward pass while building."""
 
 
 @dataclass
@@ -125,13 +145,16 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "RunConfig":
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                  check_run: bool = True) -> "RunConfig":
+        """``check_run=False`` checks keys, types and the objective only (for `potstill cache`, which needs no student)."""
         raw: dict = {}
         if path is not None:
             path = Path(path)
@@ -142,12 +165,12 @@ class RunConfig:
                 raise ValueError(f"{path}: expected a mapping of sections at the top level")
         for item in overrides:
             apply_override(raw, item)
-        return cls.from_dict(raw, source=str(path or "overrides"))
+        return cls.from_dict(raw, source=str(path or "overrides"), check_run=check_run)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
+    def from_dict(cls, raw: dict, source: str = "config", check_run: bool = True) -> "RunConfig":
         cfg = build(cls, raw, source)
-        cfg.validate()
+        cfg.validate() if check_run else cfg.objective()
         return cfg
 
     def to_dict(self) -> dict:
@@ -163,8 +186,10 @@ class RunConfig:
     def validate(self) -> None:
         obj = self.objective()  # parses and range-checks every term
         self._validate_reference(obj)
-        if obj.needs_teacher and not self.teacher.path:
-            raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path (or use objective 'ce')")
+        if obj.needs_teacher and not (self.teacher.path or self.teacher.cache):
+            raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path or teacher.cache (or use objective 'ce')")
+        if self.student.init_from_teacher_layers is not None and not self.teacher.path:
+            raise ValueError("student.init_from_teacher_layers needs teacher.path (the teacher's weights)")
         sources = [self.student.path, self.student.config, self.student.init_from_teacher_layers]
         if sum(s is not None for s in sources) != 1:
             raise ValueError("set exactly one of student.path, student.config, student.init_from_teacher_layers")

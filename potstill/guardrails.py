@@ -19,8 +19,23 @@ def _sample(keys: set[str], n: int = 5) -> str:
     return ", ".join(repr(k) for k in sorted(keys)[:n]) + (" ..." if len(keys) > n else "")
 
 
-def compare_tokenizers(teacher_tok, student_tok) -> list[str]:
-    """Human-readable differences that make token-level KD wrong (empty list = compatible)."""
+# Always probed, besides the run's own texts: words, digits, punctuation, whitespace runs, non-ASCII.
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog. 12345 + 678 = ?", "  two  spaces\tand a tab\nnew line",
+               "café naïve 日本語 emoji 🙂")
+
+
+def _first_difference(teacher_tok, student_tok, probes) -> str | None:
+    """Same vocabulary is not enough: the same text must become the same ids (pre-tokenizer, normaliser, BOS)."""
+    for text in list(probes) + list(PROBE_TEXTS):
+        a, b = teacher_tok(text)["input_ids"], student_tok(text)["input_ids"]
+        if a != b:
+            return f"they tokenize {text[:60]!r} differently (teacher {a[:12]}, student {b[:12]})"
+    return None
+
+
+def compare_tokenizers(teacher_tok, student_tok, probes: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Human-readable differences that make token-level KD wrong (empty list = compatible). ``probes`` are texts
+    (e.g. a few training records) that both must encode to the same ids."""
     problems = []
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     if tv != sv:
@@ -34,16 +49,17 @@ def compare_tokenizers(teacher_tok, student_tok) -> list[str]:
         t, s = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
         if name == "eos_token_id" and t != s or (name != "eos_token_id" and t is not None and s is not None and t != s):
             problems.append(f"{name} differs: teacher {t}, student {s}")
-    return problems
+    behaviour = None if problems else _first_difference(teacher_tok, student_tok, probes)
+    return problems + ([behaviour] if behaviour else [])
 
 
-def check_pair(teacher_tok, student_tok, teacher, student) -> int:
+def check_pair(teacher_tok, student_tok, teacher, student, probes: tuple[str, ...] | list[str] = ()) -> int:
     """Refuse incompatible pairs; return the vocabulary size V both losses use (padded rows trimmed).
 
     Padded output rows (e.g. 151,936 vs 152,064 for a 151,665-token tokenizer) are dropped from *both*
     softmaxes: they are never labels, and an untrained padded row of one model must not leak mass into the KD target.
     """
-    problems = compare_tokenizers(teacher_tok, student_tok)
+    problems = compare_tokenizers(teacher_tok, student_tok, probes)
     if problems:
         raise TokenizerMismatch(
             "teacher and student tokenizers differ, so token-level KD would compare unrelated tokens: "

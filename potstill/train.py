@@ -29,6 +29,8 @@ from potstill.losses.targets import TeacherHidden
 from potstill.models import hidden_states, output_head
 from potstill.progress import TrainProgress
 from potstill.report import write_report
+from potstill.teacher.cache_run import check_examples_cached
+from potstill.teacher.cached_targets import batch_target
 
 
 @dataclass
@@ -81,10 +83,19 @@ def frozen_signal(model, batch: dict, vocab: int) -> TeacherHidden:
     return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias)
 
 
+def teacher_target(parts: Parts, batch: dict, objective: Objective):
+    """The teacher signal for this batch: looked up in the cache by example id, or the live teacher's states."""
+    if not objective.needs_teacher:
+        return None
+    if parts.cache is not None:
+        return batch_target(parts.cache, batch, parts.vocab)
+    return frozen_signal(parts.teacher, batch, parts.vocab)
+
+
 def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int, compiled: bool = False) -> LossOutput:
     h = hidden_states(parts.student, batch["input_ids"], batch["attention_mask"])[:, :-1]
     weight, bias = output_head(parts.student, parts.vocab)
-    target = frozen_signal(parts.teacher, batch, parts.vocab) if objective.needs_teacher else None
+    target = teacher_target(parts, batch, objective)
     reference = frozen_signal(parts.reference, batch, parts.vocab) if parts.reference is not None else None
     return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference,
                       compiled=compiled)
@@ -154,6 +165,8 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     runtime.seed_everything(cfg.train.seed)
     parts = load_parts(cfg, rt.device)
     train_examples, held_examples = load_examples(cfg, parts.tokenizer)
+    if parts.cache is not None:
+        check_examples_cached(parts.cache, train_examples)
     pad = parts.tokenizer.pad_token_id
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad)
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]

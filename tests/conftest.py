@@ -26,12 +26,17 @@ def tiny_config(arch: str, vocab: int, layers: int = 2, hidden: int = 32):
     raise ValueError(arch)
 
 
-def save_tiny_model(path: Path, arch: str, tokenizer, layers: int = 2, hidden: int = 32, vocab: int | None = None, seed: int = 0) -> Path:
+def save_tiny_model(path: Path, arch: str, tokenizer, layers: int = 2, hidden: int = 32, vocab: int | None = None,
+                    seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """A random model saved like a hub checkpoint. transformers 5 loads any tokenizer in a qwen2 directory as
+    Qwen2Tokenizer (which mangles our word-level one), so qwen2 students are saved without one and borrow the
+    teacher's — the guardrail test below shows what happens otherwise."""
     torch.manual_seed(seed)
     cfg = tiny_config(arch, vocab or len(tokenizer), layers, hidden)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if with_tokenizer:
+        tokenizer.save_pretrained(path)
     return path
 
 
@@ -45,7 +50,7 @@ def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
         "llama_teacher": save_tiny_model(root / "llama_teacher", "llama", tokenizer, layers=3, hidden=48, seed=1),
-        "qwen2_student": save_tiny_model(root / "qwen2_student", "qwen2", tokenizer, seed=2),
+        "qwen2_student": save_tiny_model(root / "qwen2_student", "qwen2", tokenizer, seed=2, with_tokenizer=False),
         "gpt2_teacher": save_tiny_model(root / "gpt2_teacher", "gpt2", tokenizer, layers=3, hidden=48, seed=3),
         "gpt2_student": save_tiny_model(root / "gpt2_student", "gpt2", tokenizer, seed=4),
     }

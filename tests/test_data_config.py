@@ -111,10 +111,19 @@ def test_different_tokenizers_are_refused(tmp_path, tokenizer, model_dirs):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_same_vocab_but_different_tokenization_is_refused(tmp_path, tokenizer, model_dirs, text_jsonl):
+    # transformers loads a tokenizer saved in a qwen2 directory as Qwen2Tokenizer: same vocabulary, other ids.
+    student = save_tiny_model(tmp_path / "q", "qwen2", tokenizer, with_tokenizer=True)
+    cfg = RunConfig.from_yaml(None, [f"teacher.path={model_dirs['llama_teacher']}", f"student.path={student}",
+                                     f"data.train={text_jsonl}", f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(TokenizerMismatch, match="tokenize .* differently"):
+        potstill.distill(cfg, progress=False)
+
+
 def test_padded_vocab_sizes(tmp_path, tokenizer, model_dirs, text_jsonl):
     # Teacher head padded to 512 rows, student to 480: both trimmed to the tokenizer's 479 real tokens.
     teacher = save_tiny_model(tmp_path / "t", "llama", tokenizer, vocab=512)
-    student = save_tiny_model(tmp_path / "s", "qwen2", tokenizer, vocab=480)
+    student = save_tiny_model(tmp_path / "s", "qwen2", tokenizer, vocab=480, with_tokenizer=False)
     assert shared_vocab(479, 512, 480) == 479
     with pytest.raises(ValueError, match="output layer has 400 rows but the tokenizer has 479"):
         shared_vocab(479, 512, 400)

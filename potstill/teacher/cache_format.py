@@ -79,8 +79,8 @@ def id_dtype(vocab: int) -> torch.dtype:
 def tensor_layout(spec: CacheSpec) -> dict[str, str]:
     """Stored tensor name → 'dtype (shape)' per example, P = L − 1 predicted positions, U = max unique ids."""
     ids = str(id_dtype(spec.vocab)).removeprefix("torch.")
-    if spec.mode == "dense":
-        return {"logprobs": f"float16 (P, {spec.vocab})"}
+    if spec.mode == "dense":  # the exact reference mode: fp32, so training from it equals the live teacher
+        return {"logprobs": f"float32 (P, {spec.vocab})"}
     if spec.mode == "topk":
         return {"ids": f"{ids} (P, {spec.k})", "logprobs": f"float16 (P, {spec.k})", "tail_mass": "float16 (P,)"}
     layout = {"ids": f"{ids} (P, U)", "counts": "uint8 (P, U)"}
@@ -93,7 +93,7 @@ def payload_bytes_per_position(spec: CacheSpec, unique: float | None = None) -> 
     """Tensor bytes per predicted position (file headers excluded). ``unique``: sample mode's padded U (≤ K)."""
     id_bytes = torch.empty((), dtype=id_dtype(spec.vocab)).element_size()
     if spec.mode == "dense":
-        return 2 * spec.vocab
+        return 4 * spec.vocab
     if spec.mode == "topk":
         return spec.k * id_bytes + 2 * spec.k + 2
     per_id = id_bytes + 1 + (4 if spec.importance_weighted else 0)
@@ -137,7 +137,7 @@ def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None
     sorted draws (n, K) (plus per-draw log-probs); ``compact_samples`` turns an example's draws into ids/counts."""
     logp = F.log_softmax(logits / spec.temperature, dim=-1)  # (n, V): the teacher at T
     if spec.mode == "dense":
-        return {"logprobs": logp.half().cpu()}
+        return {"logprobs": logp.float().cpu()}
     if spec.mode == "topk":
         top, ids = logp.topk(spec.k, dim=-1)  # (n, k) each, most likely first
         tail = (1 - top.exp().sum(-1)).clamp_min(0)  # (n,): mass outside the top k

@@ -1,0 +1,84 @@
+"""Training from a teacher-signal cache: the same loss path, looked up by example id, with its guardrails."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import potstill
+from potstill.cli import app
+from potstill.config import RunConfig
+from potstill.teacher.cache_format import CacheError
+from potstill.teacher.cache_run import build_from_config
+
+runner = CliRunner()
+
+
+def _cfg(tmp_path, model_dirs, data, *extra):
+    return RunConfig.from_yaml(None, [f"teacher.path={model_dirs['llama_teacher']}", f"student.path={model_dirs['qwen2_student']}",
+                                      f"data.train={data}", "data.max_length=48", "data.max_eval_examples=8",
+                                      "data.max_train_examples=40", "train.batch_size=4", "train.max_steps=6",
+                                      "train.log_every=1", "train.eval_every=0", "train.lr=0.01", "eval.max_new_tokens=3",
+                                      "cache.shard_size=16", *extra])
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_dense_cache_training_equals_live_teacher(tmp_path, model_dirs, text_jsonl):
+    cache = tmp_path / "cache"
+    summary = build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=dense"), progress=False)
+    assert summary["examples"] == 39 and (cache / "manifest.json").exists() and (cache / "tokenizer" / "tokenizer.json").exists()
+    live = potstill.distill(_cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / 'live'}"), progress=False)
+    cached_cfg = _cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / 'cached'}", f"teacher.cache={cache}", "teacher.path=")
+    cached = potstill.distill(cached_cfg, progress=False)
+    assert _losses(cached.run_dir) == pytest.approx(_losses(live.run_dir), rel=1e-4)  # dense caches store fp32
+    assert "teacher_ce" not in cached.metrics  # the teacher was never loaded
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_sparse_caches_train_and_refuse_what_they_cannot_do(tmp_path, model_dirs, text_jsonl, mode):
+    cache = tmp_path / "cache"
+    build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", f"cache.mode={mode}",
+                           "cache.k=8", "cache.samples=16"), progress=False)
+    run = _cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / 'run'}", f"teacher.cache={cache}", "teacher.path=",
+               "train.max_steps=12")
+    losses = _losses(potstill.distill(run, progress=False).run_dir)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses  # sampled losses are noisy estimates: compare averages
+    if mode == "sample":
+        bad = _cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / 'rkl'}", f"teacher.cache={cache}",
+                   "teacher.path=", "loss.objective=rkl")
+        with pytest.raises(ValueError, match="rkl need the full teacher distribution: build the cache in mode 'topk' or 'dense'"):
+            potstill.distill(bad, progress=False)
+    hot = _cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / 'hot'}", f"teacher.cache={cache}", "teacher.path=",
+               "loss.temperature=2")
+    with pytest.raises(CacheError, match="built at temperature 1 but loss.temperature is 2"):
+        potstill.distill(hot, progress=False)
+
+
+def test_cache_refuses_changed_data(tmp_path, model_dirs, text_jsonl):
+    cache = tmp_path / "cache"
+    build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=topk", "cache.k=4"), progress=False)
+    longer = _cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / 'r'}", f"teacher.cache={cache}", "teacher.path=",
+                  "data.max_length=64")
+    with pytest.raises(CacheError, match="tokens here but 48 in the cache|rebuild it for this data"):
+        potstill.distill(longer, progress=False)
+
+
+def test_cache_cli_then_distill_cli(tmp_path, model_dirs, text_jsonl):
+    cache = tmp_path / "c"
+    built = runner.invoke(app, ["cache", "--teacher", str(model_dirs["llama_teacher"]), "--data", str(text_jsonl),
+                                "--out", str(cache), "--mode", "sample", "cache.samples=8", "data.max_length=32",
+                                "data.max_train_examples=12"], terminal_width=200)
+    assert built.exit_code == 0, built.output
+    assert "bytes_per_position" in built.output
+    again = runner.invoke(app, ["cache", "--teacher", str(model_dirs["llama_teacher"]), "--data", str(text_jsonl),
+                                "--out", str(cache), "--mode", "topk", "data.max_length=32", "data.max_train_examples=12"])
+    assert again.exit_code == 2 and "error" in again.output  # a different build into the same directory is refused
+    trained = runner.invoke(app, ["distill", "--cache", str(cache), "--student", str(model_dirs["qwen2_student"]),
+                                  "--data", str(text_jsonl), "--steps", "2", "--out", str(tmp_path / "run"),
+                                  "data.max_length=32", "data.max_train_examples=12", "data.max_eval_examples=4",
+                                  "eval.max_new_tokens=2"])
+    assert trained.exit_code == 0, trained.output
