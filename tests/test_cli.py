@@ -25,7 +25,7 @@ def test_distill_help_shows_config_docs():
 
 def test_distill_eval_report_round_trip(tmp_path, model_dirs, text_jsonl):
     out = tmp_path / "run"
-    args = ["distill", "--teacher", str(model_dirs["llama_teacher"]), "--student", str(model_dirs["qwen2_student"]),
+    args = ["distill", "--teacher", str(model_dirs["llama_teacher"]), "--student", str(model_dirs["gpt2_student"]),
             "--data", str(text_jsonl), "--steps", "4", "--out", str(out), "--objective", "0.5*ce + 0.5*gjsd(beta=0.5)",
             "data.max_eval_examples=8", "eval.max_new_tokens=3", "train.eval_every=2"]
     result = runner.invoke(app, args)

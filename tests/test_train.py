@@ -111,7 +111,7 @@ def _examples_of(batch, examples):
 
 
 def test_ce_only_run_needs_no_teacher(tmp_path, model_dirs, text_jsonl):
-    cfg = RunConfig.from_yaml(None, [f"student.path={model_dirs['qwen2_student']}", f"data.train={text_jsonl}",
+    cfg = RunConfig.from_yaml(None, [f"student.path={model_dirs['gpt2_student']}", f"data.train={text_jsonl}",
                                      "loss.objective=ce", f"out_dir={tmp_path / 'ce'}", "train.max_steps=3",
                                      "data.max_eval_examples=8", "eval.max_new_tokens=3"])
     result = potstill.distill(cfg, progress=False)
