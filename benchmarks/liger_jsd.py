@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from loss_memory import cuda_forward_backward  # benchmarks/ is the script's directory, hence on sys.path
 from potstill.losses.chunked import fused_loss, resolve_chunk_size
 from potstill.losses.objective import parse_objective
 from potstill.losses.targets import TeacherHidden
@@ -52,30 +53,6 @@ def dense_loss(beta):
     return run
 
 
-def measure(fn, args, reps):
-    times, value = [], None
-    for rep in range(reps + 1):
-        for t in args[:2]:
-            t.grad = None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        try:
-            loss = fn(*args)
-            loss.backward()
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return {"s": float("nan"), "mb": float("nan"), "loss": float("nan")}
-        end.record()
-        torch.cuda.synchronize()
-        if rep:
-            times.append(start.elapsed_time(end) / 1000)
-        value = loss.item()
-    return {"s": min(times), "mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "loss": value}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192)
@@ -90,16 +67,18 @@ def main() -> None:
     chunk = resolve_chunk_size(args.chunk, args.v, "cuda")
     chunk_compiled = resolve_chunk_size(args.chunk, args.v, "cuda", compiled=True)
     data = inputs(args.n, args.v, args.h, dtype)
-    rows = {"dense": measure(dense_loss(args.beta), data, args.reps),
-            f"potstill fused, eager (chunk {chunk})": measure(potstill_loss(args.beta, chunk), data, args.reps),
-            f"potstill fused, compiled (chunk {chunk_compiled})": measure(potstill_loss(args.beta, chunk_compiled, True), data, args.reps),
-            "Liger fused linear JSD": measure(liger_loss(args.beta), data, args.reps)}
+    runs = {"dense": dense_loss(args.beta),
+            f"potstill fused, eager (chunk {chunk})": potstill_loss(args.beta, chunk),
+            f"potstill fused, compiled (chunk {chunk_compiled})": potstill_loss(args.beta, chunk_compiled, True),
+            "Liger fused linear JSD": liger_loss(args.beta)}
+    rows = {name: cuda_forward_backward(fn, data, args.reps) for name, fn in runs.items()}
     base = rows["dense"]
     print(f"GJSD(beta={args.beta}) N={args.n} V={args.v} H={args.h} {args.dtype}, forward+backward, best of {args.reps}, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| path | loss | s | vs dense | peak MB | vs dense |\n|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['loss']:.5f} | {r['s']:.4f} | {r['s'] / base['s']:.2f}x | {r['mb']:.0f} | {r['mb'] / base['mb']:.2f}x |"
+        print(f"| {name} | {r['loss']:.5f} | {r['seconds']:.4f} | {r['seconds'] / base['seconds']:.2f}x | {r['peak_mb']:.0f} "
+              f"| {r['peak_mb'] / base['peak_mb']:.2f}x |"
               .replace("nan", "OOM"))
 
 

@@ -68,37 +68,39 @@ def _measure(path, objective_text, n, v, h, chunk, reps, queue):
     queue.put({"peak_mb": _rss_mb() - base, "seconds": min(times), "loss": loss.item()})
 
 
-def measure_cuda(path, objective_text, n, v, h, chunk, reps, dtype) -> dict:
-    """On a GPU the allocator's own peak counter isolates each path; CUDA events time it. OOM is a result."""
-    try:
-        return _measure_cuda(path, objective_text, n, v, h, chunk, reps, dtype)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"peak_mb": float("nan"), "seconds": float("nan"), "loss": float("nan"), "oom": True}
-
-
-def _measure_cuda(path, objective_text, n, v, h, chunk, reps, dtype) -> dict:
-    from potstill.losses.objective import parse_objective
-
-    objective = parse_objective(objective_text)
-    inputs = _inputs(n, v, h, device="cuda", dtype=dtype)
-    times = []
-    for rep in range(reps + 1):  # the first repetition warms up kernels and the allocator
-        for x in inputs[:2]:
-            x.grad = None
+def cuda_forward_backward(fn, args, reps: int) -> dict:
+    """Best-of-``reps`` time (CUDA events, after one warm-up) and allocator peak of ``fn(*args).backward()``;
+    args[0] and args[1] are the leaves whose gradients are reset. An out-of-memory is a result (nan)."""
+    times, value = [], None
+    for rep in range(reps + 1):
+        for t in args[:2]:
+            t.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = _dense(objective, *inputs) if path == "dense" else _fused(objective, *inputs, chunk)
-        loss.backward()
+        try:
+            loss = fn(*args)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return {"peak_mb": float("nan"), "seconds": float("nan"), "loss": float("nan"), "oom": True}
         end.record()
         torch.cuda.synchronize()
         if rep:
             times.append(start.elapsed_time(end) / 1000)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return {"peak_mb": peak, "seconds": min(times), "loss": loss.item()}
+        value = loss.item()
+    return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "seconds": min(times), "loss": value}
+
+
+def measure_cuda(path, objective_text, n, v, h, chunk, reps, dtype) -> dict:
+    from potstill.losses.objective import parse_objective
+
+    objective = parse_objective(objective_text)
+    inputs = _inputs(n, v, h, device="cuda", dtype=dtype)
+    fn = (lambda *a: _dense(objective, *a)) if path == "dense" else (lambda *a: _fused(objective, *a, chunk))
+    return cuda_forward_backward(fn, inputs, reps)
 
 
 def measure(path, objective, n, v, h, chunk, reps) -> dict:
