@@ -44,8 +44,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup(device: str = "auto") -> Runtime:
+def setup(device: str = "auto", multi_process: bool = False) -> Runtime:
+    """``multi_process``: the caller shards its own work by rank (cache building). Training does not yet wrap the
+    student for data parallelism, so it refuses to run under torchrun rather than train N unsynchronised copies."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not multi_process:
+        raise RuntimeError(f"WORLD_SIZE={world}: multi-process training is not supported yet; run distill as a single "
+                           "process (building a cache under torchrun is supported: each rank writes its own shards)")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if world > 1 else 0

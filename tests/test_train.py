@@ -118,6 +118,12 @@ def test_ce_only_run_needs_no_teacher(tmp_path, model_dirs, text_jsonl):
     assert "teacher_ce" not in result.metrics and result.metrics["student_ce"] > 0
 
 
+def test_training_refuses_torchrun_until_data_parallelism_exists(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="multi-process training is not supported yet"):
+        runtime.setup("cpu")
+
+
 def test_seed_everything_is_reproducible():
     runtime.seed_everything(3)
     a = torch.rand(3)

@@ -44,7 +44,7 @@ def build_from_config(cfg: RunConfig, progress: bool = True) -> dict:
 
     if not cfg.teacher.path or not cfg.teacher.cache:
         raise ValueError("potstill cache needs teacher.path (the model to run) and teacher.cache (where to write)")
-    rt = runtime.setup(cfg.device)
+    rt = runtime.setup(cfg.device, multi_process=True)
     teacher_path = resolve_model_path(cfg.teacher.path)
     teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype).to(rt.device).eval().requires_grad_(False)
     tokenizer = load_tokenizer(teacher_path)
