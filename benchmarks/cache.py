@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from potstill.config import RunConfig
@@ -48,6 +49,7 @@ def main() -> None:
         cache = args.out / f"cache-{kind}{size}"
         size_key = {"topk": "cache.k", "sample": "cache.samples"}.get(kind)
         build = [f"teacher.cache={cache}", f"cache.mode={kind}"] + ([f"{size_key}={size}"] if size_key else [])
+        shutil.rmtree(cache, ignore_errors=True)  # a fresh build each time: a resumed one would skip every shard
         summary = build_from_config(RunConfig.from_yaml(CONFIG, build, check_run=False), progress=False)
         metrics, step = run(f"from-{kind}{size}", [f"teacher.cache={cache}", "teacher.path="], args.out, args.steps)
         rows.append((mode, summary, metrics, step))
