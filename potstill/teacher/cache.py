@@ -27,7 +27,7 @@ from potstill.teacher.cache_format import (
     example_uniforms, finish_example, manifest_record, read_json, sha256_file, shard_file, sidecar_file, tensor_key,
 )
 
-__all__ = ["CacheError", "CacheReader", "CacheSpec", "build_cache", "finalize_manifest", "fingerprint_examples",
+__all__ = ["CacheError", "CacheReader", "CacheSpec", "build_cache", "build_cache_from", "finalize_manifest", "fingerprint_examples",
            "fingerprint_model", "fingerprint_tokenizer"]
 
 REBUILD_HINT = "rebuild the cache with `potstill cache` (or point to a cache built for this run)"
@@ -187,16 +187,25 @@ class _Progress:
 
 def build_cache(out_dir, teacher, examples: list[Example], spec: CacheSpec, *, fingerprints: dict[str, str],
                 batch_size: int = 8, rank: int = 0, world_size: int = 1, progress: bool = False) -> Path:
-    """Run the teacher (on its device, eval mode) teacher-forced over ``examples`` and store its signal.
+    """Run the teacher (an HF model on its device, eval mode) teacher-forced over ``examples`` and store its
+    signal (see ``build_cache_from`` for sharding, resume and the manifest). Returns ``out_dir``."""
+    _check_teacher(teacher, spec)
+    encode = lambda members, advance: _encode_shard(teacher, members, spec, batch_size, advance)  # noqa: E731
+    return build_cache_from(out_dir, examples, spec, encode, fingerprints=fingerprints, rank=rank,
+                            world_size=world_size, progress=progress)
+
+
+def build_cache_from(out_dir, examples: list[Example], spec: CacheSpec, encode_shard, *, fingerprints: dict[str, str],
+                     rank: int = 0, world_size: int = 1, progress: bool = False) -> Path:
+    """Store the signals ``encode_shard(examples, advance) -> {"{id}/{name}": tensor}`` computes for each shard.
 
     Shard i holds examples[i·shard_size : (i+1)·shard_size]; this rank builds shards with i % world_size == rank
     and skips those already complete (resume). Once every shard's sidecar exists — after the last rank finishes,
-    or via ``finalize_manifest`` — the manifest is written. Returns ``out_dir``.
+    or via ``finalize_manifest`` — the manifest is written. Any signal source (an HF teacher, vLLM) plugs in here.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_examples(examples)
-    _check_teacher(teacher, spec)
     key = build_key(spec, fingerprints)
     _check_existing_manifest(out_dir, key)
     n_shards = math.ceil(len(examples) / spec.shard_size)
@@ -205,7 +214,7 @@ def build_cache(out_dir, teacher, examples: list[Example], spec: CacheSpec, *, f
     bar = _Progress(sum(len(shards[i]) for i in todo), progress)
     try:
         for index in todo:
-            tensors = _encode_shard(teacher, shards[index], spec, batch_size, bar.advance)
+            tensors = encode_shard(shards[index], bar.advance)
             _write_shard(out_dir, index, tensors, shards[index], key)
     finally:
         bar.close()
