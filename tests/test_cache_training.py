@@ -58,6 +58,20 @@ def test_sparse_caches_train_and_refuse_what_they_cannot_do(tmp_path, model_dirs
         potstill.distill(hot, progress=False)
 
 
+def test_cache_refuses_same_length_different_text(tmp_path, model_dirs, text_jsonl):
+    cache = tmp_path / "cache"
+    build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=topk", "cache.k=4"), progress=False)
+    lines = text_jsonl.read_text().splitlines()
+    record = json.loads(lines[0])
+    words = record["text"].split()
+    record["text"] = " ".join([words[1], words[0], *words[2:]])  # same words, same length, other order
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    run = _cfg(tmp_path, model_dirs, edited, f"out_dir={tmp_path / 'r'}", f"teacher.cache={cache}", "teacher.path=")
+    with pytest.raises(CacheError, match="has other tokens than when the cache was built"):
+        potstill.distill(run, progress=False)
+
+
 def test_cache_refuses_changed_data(tmp_path, model_dirs, text_jsonl):
     cache = tmp_path / "cache"
     build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=topk", "cache.k=4"), progress=False)

@@ -23,7 +23,7 @@ from potstill.io import atomic_write_text
 from potstill.losses.chunked import project_chunks
 from potstill.models import hidden_states, output_head, output_size
 from potstill.teacher.cache_format import (
-    FORMAT, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, build_key, decode, dumps, encode_chunk,
+    FORMAT, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, build_key, decode, dumps, encode_chunk, example_digest,
     example_uniforms, finish_example, manifest_record, read_json, sha256_file, shard_file, sidecar_file, tensor_key,
 )
 
@@ -115,6 +115,7 @@ def _write_shard(out_dir: Path, index: int, tensors: dict[str, Tensor], examples
     sidecar = {
         "format_version": FORMAT_VERSION, "build_key": key, "shard": index, "file": path.name,
         "example_ids": [e.example_id for e in examples], "lengths": [len(e.input_ids) for e in examples],
+        "digests": [example_digest(e.input_ids) for e in examples],
         "positions": sum(max(len(e.input_ids) - 1, 0) for e in examples),
         "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "bytes": size, "sha256": sha,
@@ -134,7 +135,7 @@ def _completed_sidecar(out_dir: Path, index: int, key: str, examples: list[Examp
         raise CacheError(f"{path} belongs to a cache built with a different spec or fingerprints; "
                          f"use a new directory or delete {out_dir} and build again")
     if examples is not None and (sidecar["example_ids"] != [e.example_id for e in examples]
-                                 or sidecar["lengths"] != [len(e.input_ids) for e in examples]):
+                                 or sidecar.get("digests") != [example_digest(e.input_ids) for e in examples]):
         raise CacheError(f"{path} holds different examples than this build assigns to shard {index}; "
                          f"use a new directory or delete {out_dir} and build again")
     shard = out_dir / sidecar["file"]
@@ -259,9 +260,11 @@ class CacheReader:
         self._check_expectations(expect or {})
         self._shard_of: dict[int, int] = {}
         self._length_of: dict[int, int] = {}
+        self._digest_of: dict[int, str] = {}
         for index, shard in enumerate(self.manifest["shards"]):
-            for example_id, length in zip(shard["example_ids"], shard["lengths"]):
+            for example_id, length, digest in zip(shard["example_ids"], shard["lengths"], shard["digests"]):
                 self._shard_of[example_id], self._length_of[example_id] = index, length
+                self._digest_of[example_id] = digest
         self._open: dict[int, object] = {}
 
     def _load_manifest(self) -> dict:
@@ -299,6 +302,10 @@ class CacheReader:
     def length(self, example_id: int) -> int:
         """Tokens L of the example (the cache holds L − 1 predicted positions)."""
         return self._length_of[self._shard_index(example_id)[1]]
+
+    def digest(self, example_id: int) -> str:
+        """The token-id digest of the example as it was cached (``cache_format.example_digest``)."""
+        return self._digest_of[self._shard_index(example_id)[1]]
 
     def bytes_per_position(self) -> float:
         """Shard-file bytes (headers included) per predicted position, as measured at build time."""

@@ -206,13 +206,18 @@ def read_json(path: Path) -> dict:
         raise CacheError(f"{path} is not valid JSON ({exc.msg}): delete it and re-run the cache build") from None
 
 
+def example_digest(input_ids: list[int]) -> str:
+    """What the stored signal depends on: the example's token ids (the teacher sees nothing else)."""
+    return hashlib.sha256(torch.tensor(input_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
 def manifest_record(spec: CacheSpec, fingerprints: dict[str, str], sidecars: list[dict]) -> dict:
     """The manifest: the spec, the fingerprints and every shard's examples, size and checksum."""
     positions = sum(s["positions"] for s in sidecars)
     total = sum(s["bytes"] for s in sidecars)
     payload = sum(s["tensor_bytes"] for s in sidecars)
     per_position = lambda n: round(n / positions, 3) if positions else 0.0  # noqa: E731
-    keep = ("file", "example_ids", "lengths", "positions", "tensor_bytes", "bytes", "sha256")
+    keep = ("file", "example_ids", "lengths", "digests", "positions", "tensor_bytes", "bytes", "sha256")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

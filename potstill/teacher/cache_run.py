@@ -17,7 +17,7 @@ from potstill.config import RunConfig
 from potstill.data.encode import Example
 from potstill.teacher.cache import (CacheReader, build_cache, fingerprint_examples, fingerprint_model,
                                     fingerprint_tokenizer)
-from potstill.teacher.cache_format import CacheError, CacheSpec
+from potstill.teacher.cache_format import CacheError, CacheSpec, example_digest
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -97,7 +97,8 @@ def open_cache(cfg: RunConfig, tokenizer, vocab: int) -> CacheReader:
 
 
 def check_examples_cached(reader: CacheReader, examples: list[Example]) -> None:
-    """Every training example must be in the cache with the length it had at build time."""
+    """Every training example must be in the cache with the very token ids it had at build time (a training
+    subset of the cached data is fine: lookups are by example id)."""
     for e in examples:
         if not reader.has(e.example_id):
             raise CacheError(f"training example {e.example_id} is not in the cache ({len(reader.example_ids)} "
@@ -105,3 +106,6 @@ def check_examples_cached(reader: CacheReader, examples: list[Example]) -> None:
         if reader.length(e.example_id) != len(e.input_ids):
             raise CacheError(f"training example {e.example_id} has {len(e.input_ids)} tokens here but "
                              f"{reader.length(e.example_id)} in the cache: rebuild it for this data and data.max_length")
+        if reader.digest(e.example_id) != example_digest(e.input_ids):
+            raise CacheError(f"training example {e.example_id} has other tokens than when the cache was built "
+                             "(the data changed): rebuild the cache with `potstill cache`")
