@@ -58,26 +58,32 @@ def test_sparse_caches_train_and_refuse_what_they_cannot_do(tmp_path, model_dirs
         potstill.distill(hot, progress=False)
 
 
-def test_cache_refuses_same_length_different_text(tmp_path, model_dirs, text_jsonl):
+def _topk_cache(tmp_path, model_dirs, data):
     cache = tmp_path / "cache"
-    build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=topk", "cache.k=4"), progress=False)
+    build_from_config(_cfg(tmp_path, model_dirs, data, f"teacher.cache={cache}", "cache.mode=topk", "cache.k=4"), progress=False)
+    return cache
+
+
+def _cached_run(tmp_path, model_dirs, data, cache, *extra):
+    return _cfg(tmp_path, model_dirs, data, f"out_dir={tmp_path / 'r'}", f"teacher.cache={cache}", "teacher.path=", *extra)
+
+
+def test_cache_refuses_same_length_different_text(tmp_path, model_dirs, text_jsonl):
+    cache = _topk_cache(tmp_path, model_dirs, text_jsonl)
     lines = text_jsonl.read_text().splitlines()
     record = json.loads(lines[0])
     words = record["text"].split()
     record["text"] = " ".join([words[1], words[0], *words[2:]])  # same words, same length, other order
     edited = tmp_path / "edited.jsonl"
     edited.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
-    run = _cfg(tmp_path, model_dirs, edited, f"out_dir={tmp_path / 'r'}", f"teacher.cache={cache}", "teacher.path=")
     with pytest.raises(CacheError, match="has other tokens than when the cache was built"):
-        potstill.distill(run, progress=False)
+        potstill.distill(_cached_run(tmp_path, model_dirs, edited, cache), progress=False)
 
 
 def test_cache_refuses_changed_data(tmp_path, model_dirs, text_jsonl):
-    cache = tmp_path / "cache"
-    build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=topk", "cache.k=4"), progress=False)
-    longer = _cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / 'r'}", f"teacher.cache={cache}", "teacher.path=",
-                  "data.max_length=64")
-    with pytest.raises(CacheError, match="tokens here but 48 in the cache|rebuild it for this data"):
+    cache = _topk_cache(tmp_path, model_dirs, text_jsonl)
+    longer = _cached_run(tmp_path, model_dirs, text_jsonl, cache, "data.max_length=64")
+    with pytest.raises(CacheError, match=r"has \d+ tokens here but 48 in the cache: rebuild it for this data"):
         potstill.distill(longer, progress=False)
 
 
