@@ -17,7 +17,7 @@ from pathlib import Path
 
 from potstill.config import RunConfig
 from potstill.quickstart import CONFIG
-from potstill.teacher.cache_run import build_from_config
+from potstill.cache.run import build_from_config
 from potstill.train import distill
 
 DEFAULT_MODES = ["dense", "topk:8", "topk:32", "sample:16", "sample:64"]

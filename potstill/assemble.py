@@ -82,7 +82,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
 
 def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
     """With teacher.cache the teacher is never loaded: the tokenizer saved with the cache stands in for it."""
-    from potstill.teacher.cache_run import cached_tokenizer, open_cache
+    from potstill.cache.run import cached_tokenizer, open_cache
 
     tokenizer = cached_tokenizer(cfg.teacher.cache)
     torch.manual_seed(cfg.train.seed)

@@ -81,7 +81,7 @@ def cache_cmd(
     mode: Optional[str] = typer.Option(None, help="dense, topk or sample (cache.mode)."),
 ) -> None:
     """Run the teacher once over the training data and store its signal (resumable; one shard set per rank)."""
-    from potstill.teacher.cache_run import build_from_config
+    from potstill.cache.run import build_from_config
 
     flags = _shortcuts(teacher=teacher, data=data, cache=out) + ([f"cache.mode={mode}"] if mode else [])
     try:

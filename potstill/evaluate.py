@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from potstill.losses.chunked import IGNORE_INDEX, project_chunks
+from potstill.labels import IGNORE_INDEX
+from potstill.losses.chunked import project_chunks
 from potstill.losses.divergences import kl
 from potstill.models import hidden_states, output_head
 

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import potstill.teacher.cache as cache_module
+import potstill.cache.store as cache_module
 from potstill.data.encode import Example
-from potstill.teacher.cache import (
+from potstill.cache.store import (
     CacheError, CacheReader, CacheSpec, build_cache, finalize_manifest, fingerprint_examples, fingerprint_model,
     fingerprint_tokenizer,
 )
-from potstill.teacher.cache_format import id_dtype, payload_bytes_per_position
+from potstill.cache.format import id_dtype, payload_bytes_per_position
 
 V = 64
 LENGTHS = [7, 3, 12, 1, 5, 9, 2]  # includes a one-token example (no predicted positions)

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 import potstill
 from potstill.cli import app
 from potstill.config import RunConfig
-from potstill.teacher.cache_format import CacheError
-from potstill.teacher.cache_run import build_from_config
+from potstill.cache.format import CacheError
+from potstill.cache.run import build_from_config
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from potstill.config import RunConfig, describe_fields
 from potstill.data.encode import encode_all
 from potstill.data.loading import load_records
 from potstill.guardrails import TokenizerMismatch, check_pair, shared_vocab
-from potstill.losses.chunked import IGNORE_INDEX
+from potstill.labels import IGNORE_INDEX
 from potstill.train import RunDirError
 from tests.conftest import save_tiny_model
 

@@ -126,7 +126,7 @@ def test_evaluate_matches_dense_reference(teacher_vocab):
     m = result.metrics
     assert m["tokens"] == ref["tokens"] == 9 + 9
     for key in ("student_ce", "teacher_ce", "kl_teacher_student", "top1_agreement", "ece"):
-        assert m[key] == pytest.approx(ref[key], abs=1e-5), key
+        assert m[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
     assert m["student_ppl"] == pytest.approx(math.exp(ref["student_ce"]), rel=1e-5)
     assert m["teacher_ppl"] == pytest.approx(math.exp(ref["teacher_ce"]), rel=1e-5)
     assert sum(b[2] for b in result.calibration) == ref["tokens"] and len(result.calibration) == 15
@@ -137,7 +137,7 @@ def test_evaluate_result_does_not_depend_on_chunk_size():
     student, teacher = tiny_llama(0), tiny_llama(1)
     small = evaluate(student, make_batches(), teacher=teacher, vocab=VOCAB, chunk_size=1).metrics
     large = evaluate(student, make_batches(), teacher=teacher, vocab=VOCAB, chunk_size=4096).metrics
-    assert small == pytest.approx(large, abs=1e-6)
+    assert small == pytest.approx(large, rel=1e-5, abs=1e-9)  # relative: fp32 reassociation differs by CPU
 
 
 def test_evaluate_student_as_its_own_teacher():
@@ -145,7 +145,7 @@ def test_evaluate_student_as_its_own_teacher():
     m = evaluate(student, make_batches(), teacher=student, vocab=VOCAB, chunk_size=3).metrics
     assert m["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6)
     assert m["top1_agreement"] == 1.0
-    assert m["teacher_ce"] == pytest.approx(m["student_ce"], abs=1e-6)
+    assert m["teacher_ce"] == pytest.approx(m["student_ce"], rel=1e-6)
 
 
 def test_evaluate_without_teacher_reports_student_metrics_only():

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from potstill.losses.chunked import fused_loss
 from potstill.losses.objective import parse_objective
 from potstill.losses.targets import DenseLogits, Sampled, TopKTail
-from potstill.teacher.cache_format import CacheSpec, compact_samples, encode_chunk
-from potstill.teacher.cached_targets import sampled_weights
+from potstill.cache.format import CacheSpec, compact_samples, encode_chunk
+from potstill.cache.targets import sampled_weights
 
 N, V, H = 12, 40, 8
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from potstill.data.encode import Example
-from potstill.teacher.cache import CacheReader, build_cache, build_cache_from
-from potstill.teacher.cache_format import CacheError, CacheSpec
-from potstill.teacher.vllm_capture import encode_from_prompt_logprobs, topk_from_prompt_logprobs
+from potstill.cache.store import CacheReader, build_cache, build_cache_from
+from potstill.cache.format import CacheError, CacheSpec
+from potstill.cache.vllm_capture import encode_from_prompt_logprobs, topk_from_prompt_logprobs
 
 V, K = 64, 6
 

@@ -1,22 +1,17 @@
-"""The built-in teacher: a small Llama trained by potstill itself (objective `ce`) on the built-in language.
+"""The built-in teacher: where it lives and the recipe it was trained with (data only, no training code).
 
-It ships as package data (``assets/teacher``); ``python -m potstill.builtin.teacher --out DIR`` reproduces it.
-Training runs on a fixed number of CPU threads (THREADS) so that, on the same CPU type and torch build, the
-result is bit-for-bit the same. If the
-shipped copy is missing (e.g. a slim install), the teacher is trained on first use and cached under
-``$POTSTILL_CACHE`` (default ``~/.cache/potstill``) in a directory named after the recipe's hash.
+It ships as package data (``assets/teacher``): a small Llama trained by potstill itself (objective `ce`) on the
+built-in language. ``python -m potstill.builtin.build_teacher --out DIR`` reproduces it; that module holds the
+training, so loading the teacher never imports the training loop. If the shipped copy is missing (e.g. a slim
+install), a copy rebuilt into ``$POTSTILL_CACHE`` (default ``~/.cache/potstill``), in a directory named after the
+recipe's hash, is used instead.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-
-import torch
 
 SHIPPED = Path(__file__).parent / "assets" / "teacher"
 MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
@@ -40,65 +35,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("POTSTILL_CACHE", Path.home() / ".cache" / "potstill"))
 
 
+def rebuilt_dir() -> Path:
+    return cache_root() / f"builtin-teacher-{recipe_hash()}"
+
+
 def builtin_teacher_dir() -> Path:
-    """The shipped teacher, else a cached one, else train it now (about three minutes on two CPU cores)."""
-    if is_complete(SHIPPED):
-        return SHIPPED
-    cached = cache_root() / f"builtin-teacher-{recipe_hash()}"
-    if not is_complete(cached):
-        build_teacher(cached)
-    return cached
-
-
-def initial_model_dir(path: Path) -> None:
-    """A freshly initialised model (seeded) next to the built-in tokenizer: the starting point of training."""
-    from potstill.builtin.tokenizer import build_tokenizer
-    from potstill.models import model_from_config
-
-    tokenizer = build_tokenizer(path)
-    torch.manual_seed(TRAIN["seed"])
-    config = {**MODEL, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    model_from_config(config).save_pretrained(path, safe_serialization=True)
-
-
-def build_teacher(out: Path, progress: bool = True) -> Path:
-    """Train the teacher from scratch and move it into ``out`` atomically."""
-    from potstill.config import RunConfig
-    from potstill.train import distill
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)  # a fixed thread count fixes the float summation order
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.build-"))
-    try:
-        initial_model_dir(work / "init")
-        cfg = RunConfig.from_dict({"student": {"path": str(work / "init")}, "data": DATA,
-                                   "loss": {"objective": "ce"}, "train": TRAIN, "out_dir": str(work / "run"),
-                                   "device": "cpu"})
-        result = distill(cfg, progress=progress)
-        final = result.final_dir
-        shutil.rmtree(final / "potstill", ignore_errors=True)
-        (final / "RECIPE.json").write_text(json.dumps({"model": MODEL, "train": TRAIN, "data": DATA,
-                                                       "recipe_hash": recipe_hash(), "metrics": result.metrics}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(final, out)
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(work, ignore_errors=True)
-    return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Reproduce the built-in teacher (shipped in assets/teacher).")
-    parser.add_argument("--out", type=Path, default=SHIPPED, help="where to write the teacher directory")
-    args = parser.parse_args()
-    path = build_teacher(args.out)
-    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
-    print(f"teacher written to {path}; model.safetensors sha256 {digest}")
-
-
-if __name__ == "__main__":
-    main()
+    """The shipped teacher, else a rebuilt one; a clear error (with the command that rebuilds it) otherwise."""
+    for path in (SHIPPED, rebuilt_dir()):
+        if is_complete(path):
+            return path
+    raise FileNotFoundError(f"the built-in teacher is missing from this install ({SHIPPED}); rebuild it (about three "
+                            f"minutes on two CPU cores) with: python -m potstill.builtin.build_teacher --out {rebuilt_dir()}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from potstill.data.encode import Example
-from potstill.losses.chunked import IGNORE_INDEX
+from potstill.labels import IGNORE_INDEX
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from potstill.data.loading import record_kind
-from potstill.losses.chunked import IGNORE_INDEX
+from potstill.labels import IGNORE_INDEX
 
 
 @dataclass

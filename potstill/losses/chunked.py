@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from potstill.labels import IGNORE_INDEX
 from potstill.losses.objective import Objective
 from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
 from potstill.losses.targets import SparseChunk, Target, is_sparse, logits_divisor, teacher_chunk
-
-IGNORE_INDEX = -100
 
 
 @dataclass

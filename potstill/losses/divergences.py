@@ -103,7 +103,7 @@ def log_mix(logp: Tensor, logq: Tensor, weight_p: float) -> Tensor:
     return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
 
 
-# ---- the registered objectives (formulas: ../shared/DESIGN.md, docs/objectives.md) --------------------------
+# ---- the registered objectives (formulas: docs/objectives.md) ----------------------------------------------
 
 
 def sampled_cross_entropy(student_logp: Tensor, ids: Tensor, weights: Tensor) -> Tensor:

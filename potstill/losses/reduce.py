@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from potstill.losses.chunked import IGNORE_INDEX
+from potstill.labels import IGNORE_INDEX
 
 
 def count_valid_tokens(label_batches: Iterable[torch.Tensor], all_reduce=lambda x: x) -> int:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from potstill.data.encode import Example
-from potstill.teacher.cache import build_cache_from
-from potstill.teacher.cache_format import CacheError, CacheSpec, finish_example, tensor_key
+from potstill.cache.store import build_cache_from
+from potstill.cache.format import CacheError, CacheSpec, finish_example, tensor_key
 
 
 def _as_float(value) -> float:

@@ -1,7 +1,7 @@
 """The on-disk teacher-signal cache: build it once (resumable, shardable over ranks), read it lazily by example id.
 
 Layout, tensor names and integrity rules: docs/cache-format.md. The format itself (spec, per-mode encoding,
-records) is ``cache_format.py``; this module runs the teacher, writes shards atomically and reads them back.
+records) is ``format.py``; this module runs the teacher, writes shards atomically and reads them back.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from potstill.data.encode import Example
 from potstill.io import atomic_write_text
 from potstill.losses.chunked import project_chunks
 from potstill.models import hidden_states, output_head, output_size
-from potstill.teacher.cache_format import (
+from potstill.cache.format import (
     FORMAT, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, build_key, decode, dumps, encode_chunk, example_digest,
     example_uniforms, finish_example, manifest_record, read_json, sha256_file, shard_file, sidecar_file, tensor_key,
 )
@@ -304,7 +304,7 @@ class CacheReader:
         return self._length_of[self._shard_index(example_id)[1]]
 
     def digest(self, example_id: int) -> str:
-        """The token-id digest of the example as it was cached (``cache_format.example_digest``)."""
+        """The token-id digest of the example as it was cached (``format.example_digest``)."""
         return self._digest_of[self._shard_index(example_id)[1]]
 
     def bytes_per_position(self) -> float:

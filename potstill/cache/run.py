@@ -15,9 +15,9 @@ from pathlib import Path
 from potstill import models, runtime
 from potstill.config import RunConfig
 from potstill.data.encode import Example
-from potstill.teacher.cache import (CacheReader, build_cache, fingerprint_examples, fingerprint_model,
+from potstill.cache.store import (CacheReader, build_cache, fingerprint_examples, fingerprint_model,
                                     fingerprint_tokenizer)
-from potstill.teacher.cache_format import CacheError, CacheSpec, example_digest
+from potstill.cache.format import CacheError, CacheSpec, example_digest
 
 TOKENIZER_DIR = "tokenizer"
 

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from potstill.losses.targets import DenseLogits, Sampled, Target, TopKTail
-from potstill.teacher.cache import CacheReader
-from potstill.teacher.cache_format import CacheError, CacheSpec
+from potstill.cache.store import CacheReader
+from potstill.cache.format import CacheError, CacheSpec
 
 
 def sampled_weights(stored: dict[str, Tensor], spec: CacheSpec) -> Tensor:
