@@ -2,16 +2,22 @@
 and the output head. Everything model-specific the rest of potstill touches is here."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Heads that post-process logits (soft-capping, scaling) would make hidden @ Wᵀ differ from the model's logits.
-_UNSUPPORTED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# How far the model's own logits may differ from s·(h·Wᵀ + b), relative to the largest logit: fp32 reassociation
+# is ~1e-6; half precision rounds each logit to ~4e-3 relative. Post-processing (soft-capping at 30 when the
+# largest logit is PROBE_LOGIT, a 1/16 logit scale) differs by tens of percent.
+_HEAD_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}
+_HEAD_TOLERANCE_HALF = 5e-2
+PROBE_LOGIT = 64.0
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -45,14 +51,62 @@ def model_from_config(config: dict | str, dtype: str = "float32") -> PreTrainedM
     return model
 
 
+@torch.no_grad()
 def check_plain_head(model: PreTrainedModel) -> None:
-    for name in _UNSUPPORTED_HEAD_FIELDS:
-        value = getattr(model.config, name, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(
-                f"{type(model).__name__} post-processes its logits ({name}={value}); the fused loss path "
-                "projects hidden states with the plain output head and would train on different logits"
-            )
+    """Refuse a model whose logits are not its output head applied to its decoder body's last hidden states.
+
+    The fused loss computes ``h·Wᵀ + b`` itself, so anything the model does between the body and its logits —
+    soft-capping (Gemma 2), a logit scale (Cohere, Granite), scaling hidden states before the head (MiniCPM) —
+    would silently train other logits. Checked by behaviour, not by config names: one no-grad forward on a few
+    token ids, with the head's output multiplied by a power of two (exact) so the largest logit is about
+    PROBE_LOGIT (random tiny models have logits ≈ 0.1, where a soft-cap is invisible)."""
+    head = model.get_output_embeddings()
+    probe = _probe_forward(model, head)
+    tolerance = _HEAD_TOLERANCE.get(head.weight.dtype, _HEAD_TOLERANCE_HALF)
+    body_gap = _relative_gap(probe["body"], probe["head_input"])
+    if body_gap > tolerance:
+        raise NotImplementedError(
+            f"{type(model).__name__} transforms its last hidden states before the output head (relative difference "
+            f"{body_gap:.2g}); the fused loss path would train on different logits. This architecture is not supported yet")
+    expected = probe["scale"] * F.linear(probe["head_input"], head.weight, head.bias).float()
+    logit_gap = _relative_gap(probe["logits"], expected)
+    if logit_gap > tolerance:
+        raise NotImplementedError(
+            f"{type(model).__name__} post-processes its logits (soft-capping or scaling: its logits differ from the "
+            f"output head's by {logit_gap:.2g} relative); the fused loss path projects hidden states with the plain "
+            "head and would train on different logits. This architecture is not supported yet")
+
+
+def _relative_gap(actual: Tensor, expected: Tensor) -> float:
+    actual, expected = actual.float(), expected.float()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def _probe_forward(model: PreTrainedModel, head: nn.Module) -> dict:
+    """Logits of a short probe sequence with the head's output scaled, the head's input, and the body's output."""
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(8, device=head.weight.device) * 7919 % vocab)[None]  # a few distinct ids, any vocabulary
+    seen: dict = {}
+
+    def scale_output(module, args, output):
+        seen["head_input"] = args[0].reshape(-1, args[0].shape[-1])
+        seen["scale"] = 2.0 ** round(math.log2(PROBE_LOGIT / max(float(output.abs().max()), 1e-30)))
+        return output * seen["scale"]
+
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ
+    handle = head.register_forward_hook(scale_output)
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+        body = hidden_states(model, ids)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if "head_input" not in seen:
+        raise NotImplementedError(f"{type(model).__name__} computes its logits without calling its output head module; "
+                                  "the fused loss path cannot reproduce them. This architecture is not supported yet")
+    return {**seen, "logits": logits.reshape(-1, vocab), "body": body.reshape(-1, body.shape[-1])}
 
 
 def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
