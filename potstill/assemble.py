@@ -1,6 +1,7 @@
 """Everything a run needs before step 1: tokenizer, teacher, student, guardrail checks and encoded data."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from transformers import AutoTokenizer, PreTrainedModel
 from potstill import models
 from potstill.config import RunConfig
 from potstill.data.encode import Example, encode_all
-from potstill.data.loading import load_records, split_holdout
+from potstill.data.loading import Record, load_records, split_holdout
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
+
+log = logging.getLogger("potstill")
 
 
 @dataclass
@@ -98,7 +101,7 @@ def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
 def probe_texts(cfg: RunConfig, n: int = 8) -> list[str]:
     """A few of the run's own training texts, for the tokenizer behaviour check (all fields of a record)."""
     texts = []
-    for record in load_records(cfg.data.train, "train", n):
+    for _, record in load_records(cfg.data.train, "train", n):
         if "messages" in record:
             texts += [str(m.get("content", "")) for m in record["messages"]]
         else:
@@ -125,7 +128,7 @@ def _student_tokenizer(path: str | None, teacher_tok):
     return teacher_tok
 
 
-def _held_out_records(cfg: RunConfig) -> list[dict] | None:
+def _held_out_records(cfg: RunConfig) -> list[Record] | None:
     """Explicit or built-in validation records; None when they must be split off the training file."""
     d = cfg.data
     if d.validation:
@@ -134,14 +137,20 @@ def _held_out_records(cfg: RunConfig) -> list[dict] | None:
 
 
 def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[Example], list[Example]]:
-    """(training, held-out) examples; with ``train=False`` only what evaluation needs is read and encoded."""
+    """(training, held-out) examples; with ``train=False`` only what evaluation needs is read and encoded.
+    Example ids are record positions in their file, whatever is split off or limited (see data/loading.py);
+    truncation and drops are logged (INFO, logger "potstill") per source."""
     d = cfg.data
     held_records = _held_out_records(cfg)
-    train_records: list[dict] = []
+    train_records: list[Record] = []
     if train or held_records is None:
         train_records = load_records(d.train, "train", d.max_train_examples)
     if held_records is None:
         train_records, held_records = split_holdout(train_records)
-    train_examples = encode_all(tokenizer, train_records, d.max_length, d.train) if train else []
-    held = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train)
+    train_examples: list[Example] = []
+    if train:
+        train_examples, stats = encode_all(tokenizer, train_records, d.max_length, d.train)
+        log.info(stats.summary("training"))
+    held, stats = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train)
+    log.info(stats.summary("held-out"))
     return train_examples, held

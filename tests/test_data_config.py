@@ -69,10 +69,10 @@ def test_missing_and_empty_data(tmp_path):
 
 
 def test_prompt_completion_and_chat_masks(tokenizer):
-    records = [{"prompt": "what is 1 + 2 ?", "completion": "answer 3"},
+    records = [{"prompt": "what is 1 + 2 ?", "completion": " answer 3"},
                {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"},
                              {"role": "user", "content": "the man"}, {"role": "assistant", "content": "runs"}]}]
-    pc, chat = encode_all(tokenizer, records, 128, "test")
+    (pc, chat), _ = encode_all(tokenizer, list(enumerate(records)), 128, "test")
     trained = tokenizer.convert_ids_to_tokens([t for t in pc.labels if t != IGNORE_INDEX])
     assert trained == ["answer", "3", "</s>"]
     chat_trained = tokenizer.convert_ids_to_tokens([t for t in chat.labels if t != IGNORE_INDEX])
@@ -86,8 +86,8 @@ def test_parquet_and_datasets_dir(tmp_path):
     ds = datasets.Dataset.from_list([{"text": "the cat runs ."}, {"text": "a dog sleeps ."}])
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.save_to_disk(str(tmp_path / "dsdir"))
-    assert load_records(str(tmp_path / "d.parquet")) == ds.to_list()
-    assert load_records(str(tmp_path / "dsdir")) == ds.to_list()
+    assert load_records(str(tmp_path / "d.parquet")) == list(enumerate(ds.to_list()))
+    assert load_records(str(tmp_path / "dsdir")) == list(enumerate(ds.to_list()))
 
 
 def test_different_tokenizers_are_refused(tmp_path, tokenizer, model_dirs):
