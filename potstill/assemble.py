@@ -36,7 +36,10 @@ def resolve_model_path(path: str) -> str:
 
 
 def load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or files transformers cannot read
+        raise ValueError(f"{path}: no usable tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
     if tok.pad_token_id is None:  # batching needs a pad id; padded positions never get a label
         tok.pad_token = tok.eos_token
     return tok
@@ -45,7 +48,7 @@ def load_tokenizer(path: str):
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
     s = cfg.student
     if s.path:
-        return models.load_causal_lm(s.path, s.dtype)
+        return models.load_causal_lm(s.path, s.dtype, "student.path")
     if s.init_from_teacher_layers is not None:
         if teacher is None:
             raise ValueError("student.init_from_teacher_layers needs teacher.path")
@@ -65,7 +68,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     teacher = tokenizer = None
     if cfg.teacher.path:
         teacher_path = resolve_model_path(cfg.teacher.path)
-        teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype).to(device).eval().requires_grad_(False)
+        teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype, "teacher.path").to(device).eval().requires_grad_(False)
         tokenizer = load_tokenizer(teacher_path)
     student_tok_path = cfg.student.path if cfg.student.path else None
     torch.manual_seed(cfg.train.seed)  # the same seed gives the same fresh student, whatever the objective
@@ -77,7 +80,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
         vocab = check_student_only(student_tok, student)
     reference = None
     if cfg.loss.reference:
-        reference = models.load_causal_lm(cfg.loss.reference, cfg.teacher.dtype).to(device).eval().requires_grad_(False)
+        reference = models.load_causal_lm(cfg.loss.reference, cfg.teacher.dtype, "loss.reference").to(device).eval().requires_grad_(False)
         check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
     # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
     return Parts(tokenizer if teacher is not None else student_tok, teacher, student, vocab, reference)

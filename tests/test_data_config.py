@@ -160,3 +160,28 @@ def test_student_from_config_and_teacher_truncation(tmp_path, model_dirs, text_j
     assert json.loads((res.final_dir / "config.json").read_text())["model_type"] == "qwen2"
     with pytest.raises(ValueError, match="exactly one of student.path"):
         RunConfig.from_yaml(None, base + ["student.init_from_teacher_layers=1", f"student.path={model_dirs['qwen2_student']}"])
+
+
+def test_numbers_as_people_write_them(tmp_path):
+    cfg = RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["train.lr=3e-4", "train.max_steps=1e3",
+                                                                "cache.proposal_temperature=2E0"])
+    assert cfg.train.lr == 3e-4 and cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
+    assert cfg.cache.proposal_temperature == 2.0
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  max_steps: 1e3\n  warmup_steps: 1.5e1\n")  # PyYAML reads these as strings
+    cfg = RunConfig.from_yaml(path, ["student.init_from_teacher_layers=1", "teacher.path=t"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.warmup_steps) == (3e-4, 1000, 15)
+    with pytest.raises(ValueError, match=r"'train.max_steps' expects int \(a whole number\), got '1e-3'"):
+        RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["train.max_steps=1e-3"])
+    with pytest.raises(ValueError, match=r"'train.lr' expects float, got 'fast'"):
+        RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["train.lr=fast"])
+    assert RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["data.train=1e3"]).data.train == "1e3"  # str stays
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:3: invalid YAML \(expected the node content"):
+        RunConfig.from_yaml(path)
+    with pytest.raises(ValueError, match=r"override 'loss.objective=\[': invalid YAML"):
+        RunConfig.from_yaml(None, ["loss.objective=["])
