@@ -161,7 +161,13 @@ class RunConfig:
             path = Path(path)
             if not path.exists():
                 raise FileNotFoundError(f"config file {path} does not exist")
-            raw = _parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+            data = path.read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = data[: exc.start].count(b"\n") + 1
+                raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
+            raw = _parse_yaml(text, str(path)) or {}
             if not isinstance(raw, dict):
                 raise ValueError(f"{path}: expected a mapping of sections at the top level")
         for item in overrides:

@@ -185,3 +185,6 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
         RunConfig.from_yaml(path)
     with pytest.raises(ValueError, match=r"override 'loss.objective=\[': invalid YAML"):
         RunConfig.from_yaml(None, ["loss.objective=["])
+    path.write_bytes(b"train:\n  lr: 0.1 # \xe9\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:2: not valid UTF-8 \(byte 0xe9\)"):
+        RunConfig.from_yaml(path)

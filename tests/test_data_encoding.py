@@ -8,7 +8,7 @@ import logging
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
 
 from potstill.assemble import load_examples
 from potstill.config import RunConfig
@@ -52,6 +52,40 @@ def test_prompt_completion_is_one_text_and_boundary_merges_are_masked_by_offsets
     split_word = encode_one(bpe, {"prompt": "The ans", "completion": "wer is 42"})
     assert split_word.input_ids == plain.input_ids
     assert trained_tokens(bpe, split_word) == ["Ġanswer", "Ġis", "Ġ42", "</s>"]
+
+
+class SlowWordTokenizer(PreTrainedTokenizer):
+    """A real pure-Python ("slow") tokenizer, splitting on whitespace: it has no offset mapping."""
+
+    def __init__(self, words, **kwargs):
+        self.vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+        super().__init__(unk_token="<unk>", eos_token="</s>", **kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def _tokenize(self, text):
+        return text.split()
+
+    def _convert_token_to_id(self, token):
+        return self.vocab.get(token, 0)
+
+    def _convert_id_to_token(self, index):
+        return {i: w for w, i in self.vocab.items()}[index]
+
+
+def test_boundary_merge_without_offsets_is_refused_not_misaligned():
+    tok = SlowWordTokenizer(["the", "answer", "is", "42", "ans", "wer"])
+    assert not tok.is_fast
+    plain = encode_one(tok, {"prompt": "the answer is", "completion": " 42"})
+    assert trained_tokens(tok, plain) == ["42", "</s>"]
+    with pytest.raises(ValueError, match=r"d.jsonl:1: the prompt's last token merges with the completion's first, "
+                                         r"and this tokenizer gives no character offsets"):
+        encode_all(tok, [(0, {"prompt": "the ans", "completion": "wer is 42"})], 64, "d.jsonl")
 
 
 GENERATION_TEMPLATE = (  # renders a turn count first, so renderings of prefixes are NOT prefixes of each other
