@@ -1,6 +1,7 @@
 """Everything a run needs before step 1: tokenizer, teacher, student, guardrail checks and encoded data."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from transformers import AutoTokenizer, PreTrainedModel
 from potstill import models
 from potstill.config import RunConfig
 from potstill.data.encode import Example, encode_all
-from potstill.data.loading import load_records, split_holdout
+from potstill.data.loading import Record, load_records, split_holdout
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
+
+log = logging.getLogger("potstill")
 
 
 @dataclass
@@ -33,7 +36,10 @@ def resolve_model_path(path: str) -> str:
 
 
 def load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or files transformers cannot read
+        raise ValueError(f"{path}: no usable tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
     if tok.pad_token_id is None:  # batching needs a pad id; padded positions never get a label
         tok.pad_token = tok.eos_token
     return tok
@@ -42,7 +48,7 @@ def load_tokenizer(path: str):
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
     s = cfg.student
     if s.path:
-        return models.load_causal_lm(s.path, s.dtype)
+        return models.load_causal_lm(s.path, s.dtype, "student.path")
     if s.init_from_teacher_layers is not None:
         if teacher is None:
             raise ValueError("student.init_from_teacher_layers needs teacher.path")
@@ -62,7 +68,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     teacher = tokenizer = None
     if cfg.teacher.path:
         teacher_path = resolve_model_path(cfg.teacher.path)
-        teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype).to(device).eval().requires_grad_(False)
+        teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype, "teacher.path").to(device).eval().requires_grad_(False)
         tokenizer = load_tokenizer(teacher_path)
     student_tok_path = cfg.student.path if cfg.student.path else None
     torch.manual_seed(cfg.train.seed)  # the same seed gives the same fresh student, whatever the objective
@@ -74,7 +80,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
         vocab = check_student_only(student_tok, student)
     reference = None
     if cfg.loss.reference:
-        reference = models.load_causal_lm(cfg.loss.reference, cfg.teacher.dtype).to(device).eval().requires_grad_(False)
+        reference = models.load_causal_lm(cfg.loss.reference, cfg.teacher.dtype, "loss.reference").to(device).eval().requires_grad_(False)
         check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
     # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
     return Parts(tokenizer if teacher is not None else student_tok, teacher, student, vocab, reference)
@@ -98,7 +104,7 @@ def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
 def probe_texts(cfg: RunConfig, n: int = 8) -> list[str]:
     """A few of the run's own training texts, for the tokenizer behaviour check (all fields of a record)."""
     texts = []
-    for record in load_records(cfg.data.train, "train", n):
+    for _, record in load_records(cfg.data.train, "train", n):
         if "messages" in record:
             texts += [str(m.get("content", "")) for m in record["messages"]]
         else:
@@ -125,7 +131,7 @@ def _student_tokenizer(path: str | None, teacher_tok):
     return teacher_tok
 
 
-def _held_out_records(cfg: RunConfig) -> list[dict] | None:
+def _held_out_records(cfg: RunConfig) -> list[Record] | None:
     """Explicit or built-in validation records; None when they must be split off the training file."""
     d = cfg.data
     if d.validation:
@@ -134,14 +140,20 @@ def _held_out_records(cfg: RunConfig) -> list[dict] | None:
 
 
 def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[Example], list[Example]]:
-    """(training, held-out) examples; with ``train=False`` only what evaluation needs is read and encoded."""
+    """(training, held-out) examples; with ``train=False`` only what evaluation needs is read and encoded.
+    Example ids are record positions in their file, whatever is split off or limited (see data/loading.py);
+    truncation and drops are logged (INFO, logger "potstill") per source."""
     d = cfg.data
     held_records = _held_out_records(cfg)
-    train_records: list[dict] = []
+    train_records: list[Record] = []
     if train or held_records is None:
         train_records = load_records(d.train, "train", d.max_train_examples)
     if held_records is None:
         train_records, held_records = split_holdout(train_records)
-    train_examples = encode_all(tokenizer, train_records, d.max_length, d.train) if train else []
-    held = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train)
+    train_examples: list[Example] = []
+    if train:
+        train_examples, stats = encode_all(tokenizer, train_records, d.max_length, d.train)
+        log.info(stats.summary("training"))
+    held, stats = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train)
+    log.info(stats.summary("held-out"))
     return train_examples, held

@@ -1,36 +1,106 @@
-"""The `potstill` command: one verb = one typed function over the Python API."""
+"""The `potstill` command: one verb = one typed function over the Python API.
+
+Every verb runs under one error path (``verb`` below): a user mistake ends with one line ``error: ...`` and exit
+code 2, any other exception with one line naming its type and exit code 1; ``potstill --debug VERB`` also prints
+the traceback.
+"""
 from __future__ import annotations
 
+import functools
+import logging
 import sys
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import click
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from potstill.config import RunConfig, describe_fields
+from potstill.registry import UnknownName
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="potstill: distil large language models into small ones.")
 console = Console()
+err_console = Console(stderr=True)
 
 _OPTIONS_HELP = "\n\n".join(f"[bold]{key}[/bold] (default {default}): {doc}" for key, default, doc in describe_fields())
 
+# What a user can cause: bad config or data (ValueError, incl. CacheError, TokenizerMismatch), missing files or
+# models (OSError), unknown registry names (UnknownName), unsupported models (NotImplementedError), run-dir
+# refusals and device failures (RuntimeError), YAML syntax.
+USER_ERRORS = (ValueError, OSError, UnknownName, NotImplementedError, RuntimeError, yaml.YAMLError)
+
+
+class _ConsoleLogHandler(logging.Handler):
+    """potstill's INFO lines (data counts, guardrail notes) on the console, which follows redirected streams."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+
+
+def _show_potstill_logs() -> None:
+    log = logging.getLogger("potstill")
+    if not any(isinstance(h, _ConsoleLogHandler) for h in log.handlers):
+        log.addHandler(_ConsoleLogHandler())
+    log.setLevel(logging.INFO)
+
+
+_debug = {"on": False}  # set by the app callback on every invocation (--debug / POTSTILL_DEBUG)
+
 
 @app.callback()
-def _quiet_libraries() -> None:
+def _setup(debug: bool = typer.Option(False, "--debug", envvar="POTSTILL_DEBUG",
+                                      help="On an error, print the full traceback too.")) -> None:
     """Keep the terminal for potstill's own progress bar: no per-file load/save bars from transformers."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    _show_potstill_logs()
+    _debug["on"] = debug
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if not isinstance(exc, KeyError) or isinstance(exc, UnknownName) else f"missing key {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _fail(exc: BaseException) -> None:
+    """Print the error as one line (after the traceback with --debug) and exit: 2 for user errors, 1 otherwise."""
+    if _debug["on"]:
+        err_console.print(escape("".join(traceback.format_exception(exc))), highlight=False, soft_wrap=True)
+    if isinstance(exc, USER_ERRORS):
+        message, code = _one_line(exc), 2
+    else:
+        message, code = f"unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", 1
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _with_error_path(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the one place where every verb's errors become one line
+            _fail(exc)
+
+    return run
+
+
+def verb(*args, **kwargs) -> Callable[[Callable], Callable]:
+    """``app.command`` with the shared error path."""
+    return lambda fn: app.command(*args, **kwargs)(_with_error_path(fn))
 
 
 def _shortcuts(**flags: object) -> list[str]:
@@ -41,7 +111,7 @@ def _shortcuts(**flags: object) -> list[str]:
     return [f"{keys[k]}={v}" for k, v in flags.items() if v is not None]
 
 
-@app.command(epilog="Config keys (set in the YAML file or as section.key=value):\n\n" + _OPTIONS_HELP)
+@verb(epilog="Config keys (set in the YAML file or as section.key=value):\n\n" + _OPTIONS_HELP)
 def distill(
     overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. train.max_steps=50"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
@@ -63,15 +133,12 @@ def distill(
 
     flags = _shortcuts(teacher=teacher, cache=cache, student=student, student_config=student_config, init_layers=init_layers,
                        data=data, validation=validation, objective=objective, steps=steps, out=out)
-    try:
-        cfg = RunConfig.from_yaml(config, flags + list(overrides or []))
-        result = run(cfg, resume=resume, overwrite=overwrite)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(exc)
+    cfg = RunConfig.from_yaml(config, flags + list(overrides or []))
+    result = run(cfg, resume=resume, overwrite=overwrite)
     _print_metrics(result.metrics, f"{result.run_dir}: final student in {result.final_dir}")
 
 
-@app.command("cache", epilog="Config keys (set in the YAML file or as section.key=value):\n\n" + _OPTIONS_HELP)
+@verb("cache", epilog="Config keys (set in the YAML file or as section.key=value):\n\n" + _OPTIONS_HELP)
 def cache_cmd(
     overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. cache.k=32"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (its teacher, data, loss.temperature)."),
@@ -84,15 +151,12 @@ def cache_cmd(
     from potstill.cache.run import build_from_config
 
     flags = _shortcuts(teacher=teacher, data=data, cache=out) + ([f"cache.mode={mode}"] if mode else [])
-    try:
-        cfg = RunConfig.from_yaml(config, flags + list(overrides or []), check_run=False)
-        summary = build_from_config(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(exc)
+    cfg = RunConfig.from_yaml(config, flags + list(overrides or []), check_run=False)
+    summary = build_from_config(cfg)
     _print_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, f"cache {summary['dir']} ({summary['mode']})")
 
 
-@app.command("eval")
+@verb("eval")
 def eval_cmd(
     run_or_model: Path = typer.Argument(..., help="A run directory (evaluates its final/ student) or a model directory."),
     teacher: Optional[str] = typer.Option(None, help="Teacher for reference metrics (default: the run's teacher)."),
@@ -101,27 +165,21 @@ def eval_cmd(
     """Evaluate a student: held-out CE/perplexity, KL to the teacher, top-1 agreement, ECE, a sample."""
     from potstill.evaluate_run import evaluate_path
 
-    try:
-        metrics = evaluate_path(run_or_model, teacher=teacher, data=data)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+    metrics = evaluate_path(run_or_model, teacher=teacher, data=data)
     _print_metrics(metrics, str(run_or_model))
 
 
-@app.command()
+@verb()
 def report(run_dirs: list[Path] = typer.Argument(..., help="One or more run directories to compare.")) -> None:
     """Write report.md for each run and print them side by side."""
     from potstill.report import compare_table_rich, write_report
 
-    try:
-        for run_dir in run_dirs:
-            console.print(f"wrote {write_report(run_dir)}")
-        console.print(compare_table_rich(run_dirs))
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+    for run_dir in run_dirs:
+        console.print(f"wrote {write_report(run_dir)}")
+    console.print(compare_table_rich(run_dirs))
 
 
-@app.command()
+@verb()
 def losses() -> None:
     """List the registered objectives, token selectors and temperature schedules with their hyperparameters."""
     from potstill import list_divergences
@@ -149,7 +207,7 @@ def losses() -> None:
     console.print(f"temperature schedules (loss.temperature_schedule): fixed, {schedules}", soft_wrap=True)
 
 
-@app.command()
+@verb()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Where the two runs and the comparison go."),
     steps: Optional[int] = typer.Option(None, help="Override the number of steps per student."),
@@ -157,10 +215,7 @@ def quickstart(
     """Offline demo on the built-in default: a CE-only and a KD student at equal budget, compared."""
     from potstill.quickstart import run_quickstart
 
-    try:
-        run_quickstart(out, steps=steps, console=console)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(exc)
+    run_quickstart(out, steps=steps, console=console)
 
 
 def _print_metrics(metrics: dict, title: str) -> None:

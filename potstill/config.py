@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -160,7 +161,13 @@ class RunConfig:
             path = Path(path)
             if not path.exists():
                 raise FileNotFoundError(f"config file {path} does not exist")
-            raw = yaml.safe_load(path.read_text()) or {}
+            data = path.read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = data[: exc.start].count(b"\n") + 1
+                raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
+            raw = _parse_yaml(text, str(path)) or {}
             if not isinstance(raw, dict):
                 raise ValueError(f"{path}: expected a mapping of sections at the top level")
         for item in overrides:
@@ -231,7 +238,18 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {p!r} is a value, not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    node[leaf] = _parse_yaml(value, f"override {item!r}") if value.strip() else None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML text; a syntax error becomes one line naming ``where`` (file:line) and the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None and not where.startswith("override") else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ValueError(f"{where}{line}: invalid YAML ({' '.join(problem.split())})") from None
 
 
 def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
@@ -258,6 +276,10 @@ def coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     options = typing.get_args(hint) if union else (hint,)
     if value is None and type(None) in options:
         return None
+    given = value
+    numeric = int in options or float in options
+    if numeric and isinstance(value, str) and str not in options and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 3e-4 and 1e3 as strings; a numeric field wants the number
     for opt in options:
         if opt is bool and isinstance(value, bool):
             return value
@@ -271,7 +293,12 @@ def coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             return str(value)
         if opt is dict and isinstance(value, dict):
             return value
-    raise ValueError(f"{source}: config key {key!r} expects {_type_name(hint)}, got {value!r}")
+    whole = " (a whole number)" if options == (int,) or options == (int, type(None)) else ""
+    raise ValueError(f"{source}: config key {key!r} expects {_type_name(hint)}{whole}, got {given!r}")
+
+
+# A decimal number as people write it: 3e-4, 1e3, 1.5E+2, -.5 (not inf/nan, which no numeric option wants).
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _type_name(hint: Any) -> str:

@@ -23,10 +23,23 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _decode_line(path: Path, lineno: int, raw: bytes) -> str:
+    """One line as text; a byte that is not UTF-8 fails naming file, line and column (a leading BOM is dropped)."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                         "save the file as UTF-8") from None
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) for each non-blank line; malformed JSON raises naming file and line."""
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    """(line number, parsed value) for each non-blank line; malformed JSON or bad UTF-8 raises naming file and line.
+
+    Lines are split on b"\\n" and decoded one by one (UTF-8 never uses that byte inside a character), so a decoding
+    error knows its line."""
+    with Path(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode_line(path, lineno, raw)
             if not line.strip():
                 continue
             try:

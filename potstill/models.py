@@ -27,12 +27,21 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32") -> PreTrainedModel:
-    """A local HF model directory or a hub id. Local paths that do not exist fail here, with the path."""
+def load_causal_lm(name_or_path: str, dtype: str = "float32", key: str = "model") -> PreTrainedModel:
+    """A local HF model directory or a hub id. Local paths that do not exist fail here, with the path; a hub id
+    that cannot be fetched fails with one line naming the config ``key`` (transformers reports missing repos,
+    invalid ids and no network all as OSError)."""
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").exists():
-        raise FileNotFoundError(f"model directory {name_or_path!r} has no config.json (is the path right?)")
-    model = AutoModelForCausalLM.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local else name_or_path, dtype=torch_dtype(dtype))
+        raise FileNotFoundError(f"{key} {name_or_path!r}: model directory has no config.json (is the path right?)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local else name_or_path,
+                                                     dtype=torch_dtype(dtype))
+    except OSError as exc:
+        if looks_local:
+            raise
+        raise FileNotFoundError(f"{key} {name_or_path!r}: not a local directory and not found on the Hugging Face "
+                                "hub (offline?)") from exc
     check_plain_head(model)
     return model
 

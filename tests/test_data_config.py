@@ -69,10 +69,10 @@ def test_missing_and_empty_data(tmp_path):
 
 
 def test_prompt_completion_and_chat_masks(tokenizer):
-    records = [{"prompt": "what is 1 + 2 ?", "completion": "answer 3"},
+    records = [{"prompt": "what is 1 + 2 ?", "completion": " answer 3"},
                {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"},
                              {"role": "user", "content": "the man"}, {"role": "assistant", "content": "runs"}]}]
-    pc, chat = encode_all(tokenizer, records, 128, "test")
+    (pc, chat), _ = encode_all(tokenizer, list(enumerate(records)), 128, "test")
     trained = tokenizer.convert_ids_to_tokens([t for t in pc.labels if t != IGNORE_INDEX])
     assert trained == ["answer", "3", "</s>"]
     chat_trained = tokenizer.convert_ids_to_tokens([t for t in chat.labels if t != IGNORE_INDEX])
@@ -86,8 +86,8 @@ def test_parquet_and_datasets_dir(tmp_path):
     ds = datasets.Dataset.from_list([{"text": "the cat runs ."}, {"text": "a dog sleeps ."}])
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.save_to_disk(str(tmp_path / "dsdir"))
-    assert load_records(str(tmp_path / "d.parquet")) == ds.to_list()
-    assert load_records(str(tmp_path / "dsdir")) == ds.to_list()
+    assert load_records(str(tmp_path / "d.parquet")) == list(enumerate(ds.to_list()))
+    assert load_records(str(tmp_path / "dsdir")) == list(enumerate(ds.to_list()))
 
 
 def test_different_tokenizers_are_refused(tmp_path, tokenizer, model_dirs):
@@ -160,3 +160,31 @@ def test_student_from_config_and_teacher_truncation(tmp_path, model_dirs, text_j
     assert json.loads((res.final_dir / "config.json").read_text())["model_type"] == "qwen2"
     with pytest.raises(ValueError, match="exactly one of student.path"):
         RunConfig.from_yaml(None, base + ["student.init_from_teacher_layers=1", f"student.path={model_dirs['qwen2_student']}"])
+
+
+def test_numbers_as_people_write_them(tmp_path):
+    cfg = RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["train.lr=3e-4", "train.max_steps=1e3",
+                                                                "cache.proposal_temperature=2E0"])
+    assert cfg.train.lr == 3e-4 and cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
+    assert cfg.cache.proposal_temperature == 2.0
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  max_steps: 1e3\n  warmup_steps: 1.5e1\n")  # PyYAML reads these as strings
+    cfg = RunConfig.from_yaml(path, ["student.init_from_teacher_layers=1", "teacher.path=t"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.warmup_steps) == (3e-4, 1000, 15)
+    with pytest.raises(ValueError, match=r"'train.max_steps' expects int \(a whole number\), got '1e-3'"):
+        RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["train.max_steps=1e-3"])
+    with pytest.raises(ValueError, match=r"'train.lr' expects float, got 'fast'"):
+        RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["train.lr=fast"])
+    assert RunConfig.from_yaml(CONFIG_DIR / "quickstart.yaml", ["data.train=1e3"]).data.train == "1e3"  # str stays
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:3: invalid YAML \(expected the node content"):
+        RunConfig.from_yaml(path)
+    with pytest.raises(ValueError, match=r"override 'loss.objective=\[': invalid YAML"):
+        RunConfig.from_yaml(None, ["loss.objective=["])
+    path.write_bytes(b"train:\n  lr: 0.1 # \xe9\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:2: not valid UTF-8 \(byte 0xe9\)"):
+        RunConfig.from_yaml(path)

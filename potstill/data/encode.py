@@ -1,16 +1,26 @@
 """Records → token ids and loss labels (HF convention: labels aligned with input_ids, -100 = no loss).
 
 - ``text``: every token is trained on; EOS is appended so the student learns where documents end.
-- ``prompt``/``completion``: loss on the completion (and its EOS) only.
-- ``messages``: rendered with the tokenizer's chat template; loss on assistant turns only. Assistant spans are
-  found by rendering the conversation up to each turn, which works for any template whose renderings of a
-  conversation's prefixes are prefixes of each other (checked, with a clear error otherwise).
+- ``prompt``/``completion``: ``prompt + completion`` is tokenised as one string (the tokens the model sees when it
+  reads that text), loss on the completion and its EOS only. The prompt covers the first
+  ``len(tokenizer(prompt))`` tokens when those ids are a prefix of the joint ids; when a token merges across the
+  boundary they are not, and the rule is then by character offsets: tokens lying wholly inside the prompt are
+  masked, the first token reaching past the prompt's last character (the merged one) and all after it are trained,
+  so no completion character goes untrained. Without offsets (slow tokenizers) such a record is refused.
+- ``messages``: rendered with the tokenizer's chat template; loss on assistant turns only. A template with
+  ``{% generation %}`` blocks marks the assistant tokens itself (``return_assistant_tokens_mask``); otherwise
+  assistant spans are found by rendering the conversation up to each turn, which works for any template whose
+  renderings of a conversation's prefixes are prefixes of each other (checked, with a clear error otherwise).
+
+Examples keep their record's number as ``example_id`` (see ``loading``). ``encode_all`` counts what truncation to
+``max_length`` did and which examples it dropped (``EncodeStats``), so neither is silent.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from potstill.data.loading import record_kind
+from potstill.data.loading import Record, record_kind, record_location
 from potstill.labels import IGNORE_INDEX
 
 
@@ -19,6 +29,22 @@ class Example:
     example_id: int
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass
+class EncodeStats:
+    """What encoding a data source did: kept examples, how many of them were cut, and the ones dropped."""
+    source: str
+    max_length: int
+    kept: int = 0
+    truncated: int = 0  # kept, but cut to max_length
+    dropped_prompt_fills: int = 0  # had tokens to train on, none left after truncation
+    dropped_empty: int = 0  # no token to train on at all (e.g. a conversation without an assistant turn)
+
+    def summary(self, what: str = "training") -> str:
+        return (f"data: {self.kept} {what} examples from {self.source}; {self.truncated} truncated to "
+                f"{self.max_length} tokens; {self.dropped_prompt_fills} dropped (prompt fills max_length); "
+                f"{self.dropped_empty} dropped (no token to train on)")
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -35,16 +61,46 @@ def encode_text(tokenizer, record: dict) -> tuple[list[int], list[int]]:
     return ids, list(ids)
 
 
-def encode_prompt_completion(tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    prompt = _ids(tokenizer, record["prompt"], True)
-    completion = _with_eos(tokenizer, _ids(tokenizer, record["completion"], False))
-    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+def _prompt_token_count(tokenizer, prompt: str, joint, where: str) -> int:
+    """How many leading tokens of the joint encoding are prompt (see the module docstring for the rule)."""
+    ids = joint["input_ids"]
+    prompt_ids = _ids(tokenizer, prompt, True)
+    if ids[: len(prompt_ids)] == prompt_ids:
+        return len(prompt_ids)
+    offsets = joint.get("offset_mapping")
+    if offsets is None:
+        raise ValueError(f"{where}: the prompt's last token merges with the completion's first, and this tokenizer "
+                         "gives no character offsets to place the boundary; use a fast tokenizer, or end the "
+                         "prompt where a token ends (e.g. move a trailing space into the completion)")
+    return next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
 
 
-def encode_messages(tokenizer, record: dict, where: str) -> tuple[list[int], list[int]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{where}: chat 'messages' need a tokenizer with a chat_template; this one has none")
-    messages = record["messages"]
+def encode_prompt_completion(tokenizer, record: dict, where: str) -> tuple[list[int], list[int]]:
+    prompt = record["prompt"]
+    joint = tokenizer(prompt + record["completion"], add_special_tokens=True,
+                      return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)))
+    n_prompt = _prompt_token_count(tokenizer, prompt, joint, where)
+    ids = _with_eos(tokenizer, list(joint["input_ids"]))
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _assistant_mask_encoding(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]] | None:
+    """(ids, labels) from the template's own assistant mask, or None when the template marks no assistant token
+    (no ``{% generation %}`` block, or one that does not cover this conversation)."""
+    if not getattr(tokenizer, "is_fast", False) or not _GENERATION_BLOCK.search(str(tokenizer.chat_template)):
+        return None
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if not any(mask):
+        return None
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
+def _prefix_rendering_encoding(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+    """Assistant spans located by rendering the conversation up to each turn (any prefix-consistent template)."""
     ids: list[int] = []
     labels: list[int] = []
 
@@ -65,21 +121,44 @@ def encode_messages(tokenizer, record: dict, where: str) -> tuple[list[int], lis
     return ids, labels
 
 
-def encode_record(tokenizer, record: dict, example_id: int, max_length: int, where: str) -> Example:
+def encode_messages(tokenizer, record: dict, where: str) -> tuple[list[int], list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: chat 'messages' need a tokenizer with a chat_template; this one has none")
+    messages = record["messages"]
+    return _assistant_mask_encoding(tokenizer, messages) or _prefix_rendering_encoding(tokenizer, messages, where)
+
+
+def encode_record(tokenizer, record: dict, where: str) -> tuple[list[int], list[int]]:
+    """Untruncated (input_ids, labels) of one record."""
     kind = record_kind(record, where)
     if kind == "messages":
-        ids, labels = encode_messages(tokenizer, record, where)
-    elif kind == "prompt/completion":
-        ids, labels = encode_prompt_completion(tokenizer, record)
-    else:
-        ids, labels = encode_text(tokenizer, record)
-    return Example(example_id, ids[:max_length], labels[:max_length])
+        return encode_messages(tokenizer, record, where)
+    if kind == "prompt/completion":
+        return encode_prompt_completion(tokenizer, record, where)
+    return encode_text(tokenizer, record)
 
 
-def encode_all(tokenizer, records: list[dict], max_length: int, source: str) -> list[Example]:
-    """Encode every record; examples with nothing to learn (no label after the first position) are dropped."""
-    examples = [encode_record(tokenizer, r, i, max_length, f"{source}: record {i}") for i, r in enumerate(records)]
-    kept = [e for e in examples if any(lab != IGNORE_INDEX for lab in e.labels[1:])]
+def _has_target(labels: list[int]) -> bool:
+    """A label after the first position (the first token is never predicted)."""
+    return any(lab != IGNORE_INDEX for lab in labels[1:])
+
+
+def encode_all(tokenizer, records: list[Record], max_length: int, source: str) -> tuple[list[Example], EncodeStats]:
+    """Encode numbered records, truncating to ``max_length``; examples with nothing to learn are dropped (their ids
+    stay unused) and counted, like the truncated ones."""
+    stats = EncodeStats(source, max_length)
+    kept = []
+    for number, record in records:
+        ids, labels = encode_record(tokenizer, record, record_location(source, number))
+        if not _has_target(labels):
+            stats.dropped_empty += 1
+        elif not _has_target(labels[:max_length]):
+            stats.dropped_prompt_fills += 1
+        else:
+            stats.truncated += len(ids) > max_length
+            kept.append(Example(number, ids[:max_length], labels[:max_length]))
+    stats.kept = len(kept)
     if not kept:
-        raise ValueError(f"{source}: no example has any token to train on (all empty, or prompts fill max_length)")
-    return kept
+        raise ValueError(f"{source}: no example has any token to train on ({stats.dropped_empty} without a target, "
+                         f"{stats.dropped_prompt_fills} whose prompt fills data.max_length={max_length})")
+    return kept, stats
