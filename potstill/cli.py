@@ -125,15 +125,18 @@ def distill(
     objective: Optional[str] = typer.Option(None, help="e.g. 'fkl' or '0.5*ce + 0.5*gjsd(beta=0.5)'."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (train.max_steps)."),
     out: Optional[str] = typer.Option(None, help="Run directory (out_dir)."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its newest checkpoint (its own config.yaml unless --config is given)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
 ) -> None:
     """Distil a teacher into a student (live teacher, teacher-forced on the data)."""
+    from potstill.rundir import resume_config
     from potstill.train import distill as run
 
     flags = _shortcuts(teacher=teacher, cache=cache, student=student, student_config=student_config, init_layers=init_layers,
                        data=data, validation=validation, objective=objective, steps=steps, out=out)
-    cfg = RunConfig.from_yaml(config, flags + list(overrides or []))
+    given = flags + list(overrides or [])
+    # --resume without --config: the run's own config.yaml, with any given options on top
+    cfg = resume_config(given) if resume and config is None else RunConfig.from_yaml(config, given)
     result = run(cfg, resume=resume, overwrite=overwrite)
     _print_metrics(result.metrics, f"{result.run_dir}: final student in {result.final_dir}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -52,7 +53,7 @@ class DataConfig:
     """Training data: a .jsonl file (`text`, `prompt`/`completion` or chat `messages`), a .parquet file, a saved HF datasets dir, or `builtin`."""
     validation: str | None = None
     """Held-out data in the same formats; default: `builtin` for builtin training data, else 2% of the training file."""
-    max_length: int = 128
+    max_length: int = 1024
     """Examples are truncated to this many tokens."""
     max_train_examples: int | None = None
     """Use at most this many training examples (None = all)."""
@@ -106,12 +107,12 @@ class TrainConfig:
     """Examples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimiser step (the loss is normalised by the step's total token count, so this is exact)."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW); the default suits a pretrained student (a tiny fresh one wants ~3e-3)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; None = 5% of max_steps (rounded up)."""
     schedule: str = "cosine"
     """Learning-rate schedule after warm-up: cosine, linear or constant."""
     max_grad_norm: float = 1.0
@@ -126,6 +127,12 @@ class TrainConfig:
     """Checkpoint every N steps (and always at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     """Keep the newest N step checkpoints (the final student is always kept)."""
+    on_nonfinite: str = "stop"
+    """A step whose loss, any term or gradient norm is NaN/inf never updates the model: `stop` ends the run (the last checkpoint stays), `skip` drops the step (at most 10 in a row)."""
+
+    def resolved_warmup(self) -> int:
+        """Warm-up steps in effect: the explicit value, else 5% of max_steps rounded up."""
+        return self.warmup_steps if self.warmup_steps is not None else math.ceil(0.05 * self.max_steps)
 
 
 @dataclass
@@ -212,6 +219,10 @@ class RunConfig:
             raise ValueError(f"loss.chunk_size must be ≥ 0 (0 = auto), got {self.loss.chunk_size}")
         if self.train.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"train.schedule={self.train.schedule!r}: use cosine, linear or constant")
+        if self.train.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.on_nonfinite={self.train.on_nonfinite!r}: use stop or skip")
+        if self.train.warmup_steps is not None and self.train.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be ≥ 0 (or null = 5% of max_steps), got {self.train.warmup_steps}")
 
 
     def _validate_reference(self, obj: Objective) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
 from potstill import checkpoint, runtime
+from potstill.rundir import RunDirError, check_resume_config, check_run_dir, claim_run_dir  # noqa: F401 (re-export)
 from potstill.assemble import Parts, load_examples, load_parts
 from potstill.config import RunConfig
 from potstill.data.batches import Batcher, eval_batches
@@ -40,20 +40,11 @@ class RunResult:
     metrics: dict = field(default_factory=dict)  # the last evaluation's metrics
 
 
-class RunDirError(RuntimeError):
-    pass
+MAX_CONSECUTIVE_SKIPS = 10  # train.on_nonfinite=skip stops a run that is broken for good rather than spin
 
 
-def prepare_run_dir(out_dir: str, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(out_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
-    if resume and checkpoint.latest_checkpoint(run_dir) is None:
-        raise RunDirError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+class NonFiniteError(RuntimeError):
+    """A step's loss, one of its terms or its gradient norm was NaN or infinite; the model was not updated."""
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -66,7 +57,8 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
 def make_optimizer(cfg: RunConfig, model) -> tuple[torch.optim.Optimizer, LambdaLR]:
     t = cfg.train
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    sched = LambdaLR(opt, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.schedule))
+    warmup = t.resolved_warmup()
+    sched = LambdaLR(opt, lambda s: lr_lambda(s, warmup, t.max_steps, t.schedule))
     return opt, sched
 
 
@@ -119,14 +111,18 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     params = [p for p in parts.student.parameters() if p.grad is not None]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     # Schedules (TAID's t, DTS) read these: reduced over ranks so that every rank follows the same trajectory.
     term_means = [v / max(count, 1) for v in rt.all_reduce_sum(term_sums).tolist()]
     nll_means = tuple(v / max(count, 1) for v in rt.all_reduce_sum(nll_sums).tolist())
-    stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": count, **term_metrics(objective, term_means)}
+    stats = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": count,
+             **term_metrics(objective, term_means)}
+    problems = nonfinite_problems(objective, loss, term_means, grad_norm)
+    if problems:  # never reaches the optimizer; the loop decides (train.on_nonfinite) whether the run goes on
+        optimizer.zero_grad(set_to_none=True)
+        return {**stats, "nonfinite": problems}, term_means, nll_means
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     if objective.selection is not None:  # local kept fraction (per rank): what the selector did this step
         stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != -100).sum()) for b in batches), 1)
         stats["select/weight_min"], stats["select/weight_max"] = low, high
@@ -135,11 +131,37 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     return stats, term_means, nll_means
 
 
-def term_metrics(objective: Objective, term_means: list[float]) -> dict[str, float]:
-    """Per-term token means as 'term/<name>' (a repeated name gets '#<index>'), plus schedule values."""
+def term_names(objective: Objective) -> list[str]:
+    """Each term's name; a name used twice gets '#<index>'."""
     names = [t.name for t in objective.terms]
-    keys = [f"term/{n}" if names.count(n) == 1 else f"term/{n}#{i}" for i, n in enumerate(names)]
-    return {**dict(zip(keys, term_means)), **objective.scalars()}
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def term_metrics(objective: Objective, term_means: list[float]) -> dict[str, float]:
+    """Per-term token means as 'term/<name>', plus schedule values."""
+    return {**{f"term/{n}": v for n, v in zip(term_names(objective), term_means)}, **objective.scalars()}
+
+
+def nonfinite_problems(objective: Objective, loss: float, term_means: list[float], grad_norm: float) -> list[str]:
+    """What was NaN/inf in a step, e.g. ["term 'rkl' is nan"]; empty when the step may update the model."""
+    problems = [f"term '{n}' is {v}" for n, v in zip(term_names(objective), term_means) if not math.isfinite(v)]
+    if not problems and not math.isfinite(loss):
+        problems.append(f"the loss is {loss}")
+    if not problems and not math.isfinite(grad_norm):
+        problems.append(f"the gradient norm is {grad_norm}")
+    return problems
+
+
+def nonfinite_error(run_dir: Path, step: int, stats: dict, consecutive: int) -> NonFiniteError:
+    """The one-line message for a run stopped by a non-finite step (train.on_nonfinite=stop, or too many skips)."""
+    last = checkpoint.latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    what = f"step {step}: {', '.join(stats['nonfinite'])} (loss {stats['loss']:.6g}, grad norm {stats['grad_norm']:.6g})"
+    if consecutive > 1:
+        return NonFiniteError(f"{what}, the {consecutive}th non-finite step in a row (train.on_nonfinite=skip gives up "
+                              f"after {MAX_CONSECUTIVE_SKIPS}); {kept} — lower train.lr or check the data")
+    return NonFiniteError(f"{what}; {kept} — lower train.lr, raise train.warmup_steps or check the step's data, "
+                          "or set train.on_nonfinite=skip to drop such steps")
 
 
 def run_eval(parts: Parts, held, cfg: RunConfig, step: int) -> dict:
@@ -158,10 +180,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Run one distillation as configured; returns the run directory, the final student dir and last metrics."""
+    """Run one distillation as configured; returns the run directory, the final student dir and last metrics.
+
+    The run directory is checked first (read only) and created or replaced only after every input is validated
+    and the models are loaded, so a refused run leaves nothing behind."""
     rt = runtime.setup(cfg.device)
     objective = cfg.objective()
-    run_dir = prepare_run_dir(cfg.out_dir, resume, overwrite)
+    run_dir = Path(cfg.out_dir)
+    check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        check_resume_config(run_dir, cfg)
     runtime.seed_everything(cfg.train.seed)
     parts = load_parts(cfg, rt.device)
     train_examples, held_examples = load_examples(cfg, parts.tokenizer)
@@ -171,32 +199,16 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad)
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
     optimizer, scheduler = make_optimizer(cfg, parts.student)
+    claim_run_dir(run_dir, resume, overwrite)
     config_yaml = cfg.to_yaml()
     atomic_write_text(run_dir / "config.yaml", config_yaml)
-    step = restore(run_dir, parts, optimizer, scheduler, batcher, objective) if resume else 0
-    last_eval: dict = {}
-    with TrainProgress(cfg.train.max_steps, step, enabled=progress and rt.is_main) as bar:
-        while step < cfg.train.max_steps:
-            started = time.perf_counter()
-            micro = [to_device(batcher.next_batch(), rt.device) for _ in range(cfg.train.grad_accum)]
-            stats, term_means, nll_means = train_step(parts, micro, objective, cfg, rt, optimizer, scheduler)
-            step += 1
-            objective.after_step(term_means, step, cfg.train.max_steps, nll_means)
-            stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
-            bar.update(step, stats["loss"], stats["tokens_per_s"])
-            if rt.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
-                append_metrics(run_dir, {"step": step, "kind": "train", **stats})
-            if _due(step, cfg.train.eval_every, cfg.train.max_steps):
-                last_eval = run_eval(parts, held, cfg, step)
-                append_metrics(run_dir, last_eval)
-                bar.note(f"step {step}: held-out CE {last_eval['student_ce']:.4f}")
-            if _due(step, cfg.train.save_every, cfg.train.max_steps):
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": runtime.rng_state(), "data": batcher.state(), "objective": objective.state_dict()}
-                checkpoint.save_checkpoint(run_dir, step, parts.student, parts.tokenizer, config_yaml, state, cfg.train.keep_checkpoints)
+    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml)
+    if resume:
+        loop.restore()
+    last_eval = loop.run(held, progress and rt.is_main)
     final = checkpoint.save_model_dir(run_dir / "final", parts.student, parts.tokenizer, {"config.yaml": config_yaml})
     if not last_eval:  # resumed at max_steps: keep the metrics the run already has
-        last_eval = run_eval(parts, held, cfg, step)
+        last_eval = run_eval(parts, held, cfg, loop.step)
         append_metrics(run_dir, last_eval)
     write_report(run_dir)
     return RunResult(run_dir, final, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
@@ -206,16 +218,90 @@ def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def restore(run_dir: Path, parts: Parts, optimizer, scheduler, batcher: Batcher, objective: Objective) -> int:
-    """Load the newest complete checkpoint into the freshly built run; returns the step to continue from."""
-    path = checkpoint.latest_checkpoint(run_dir)
-    state = checkpoint.load_trainer_state(path)
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(parts.student.parameters()).dtype)
-    parts.student.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    batcher.load_state(state["data"])
-    objective.load_state_dict(state["objective"])
-    runtime.set_rng_state(state["rng"])
-    checkpoint.truncate_metrics(run_dir / "metrics.jsonl", state["step"])
-    return int(state["step"])
+@dataclass
+class Loop:
+    """The step loop and the state a checkpoint holds (step, skipped-step count, optimizer, schedules, data, RNG)."""
+
+    cfg: RunConfig
+    rt: runtime.Runtime
+    parts: Parts
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    batcher: Batcher
+    run_dir: Path
+    config_yaml: str
+    step: int = 0
+    skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
+    consecutive: int = 0  # ... in a row, up to now
+
+    def run(self, held: list[dict], progress: bool) -> dict:
+        """Train up to max_steps; returns the last evaluation's record ({} when no step was left to take)."""
+        cfg, parts = self.cfg, self.parts
+        # from_pretrained returns eval-mode models: dropout must be on for training steps, off for frozen models.
+        parts.student.train()
+        for frozen in (parts.teacher, parts.reference):
+            if frozen is not None:
+                frozen.eval()
+        last_eval: dict = {}
+        with TrainProgress(cfg.train.max_steps, self.step, enabled=progress, every=cfg.train.log_every) as bar:
+            while self.step < cfg.train.max_steps:
+                stats = self.one_step()
+                bar.update(self.step, stats["loss"], stats["tokens_per_s"])
+                if "nonfinite" in stats:
+                    bar.note(f"step {self.step}: skipped ({', '.join(stats['nonfinite'])})")
+                if _due(self.step, cfg.train.eval_every, cfg.train.max_steps):
+                    last_eval = run_eval(parts, held, cfg, self.step)
+                    append_metrics(self.run_dir, last_eval)
+                    bar.note(f"step {self.step}: held-out CE {last_eval['student_ce']:.4f}")
+                if _due(self.step, cfg.train.save_every, cfg.train.max_steps):
+                    self.save()
+        return last_eval
+
+    def one_step(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        micro = [to_device(self.batcher.next_batch(), self.rt.device) for _ in range(cfg.train.grad_accum)]
+        stats, term_means, nll_means = train_step(self.parts, micro, self.objective, cfg, self.rt, self.optimizer, self.scheduler)
+        self.step += 1
+        stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
+        if "nonfinite" in stats:
+            self.skip(stats)
+        else:
+            self.consecutive = 0
+            self.objective.after_step(term_means, self.step, cfg.train.max_steps, nll_means)
+            if self.rt.is_main and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps):
+                append_metrics(self.run_dir, {"step": self.step, "kind": "train", **stats, "skipped": self.skipped})
+        return stats
+
+    def skip(self, stats: dict) -> None:
+        """A non-finite step (the model was not updated): stop, or log it and go on (train.on_nonfinite)."""
+        self.consecutive += 1
+        if self.cfg.train.on_nonfinite == "stop" or self.consecutive >= MAX_CONSECUTIVE_SKIPS:
+            raise nonfinite_error(self.run_dir, self.step, stats, self.consecutive)
+        self.skipped += 1
+        if self.rt.is_main:
+            append_metrics(self.run_dir, {"step": self.step, "kind": "skip", "reason": ", ".join(stats["nonfinite"]),
+                                          "skipped": self.skipped})
+
+    def save(self) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": runtime.rng_state(), "data": self.batcher.state(), "objective": self.objective.state_dict(),
+                 "skipped": self.skipped, "consecutive": self.consecutive}
+        checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer, self.config_yaml,
+                                   state, self.cfg.train.keep_checkpoints)
+
+    def restore(self) -> None:
+        """Load the newest complete checkpoint into the freshly built run and continue from its step."""
+        path = checkpoint.latest_checkpoint(self.run_dir)
+        state = checkpoint.load_trainer_state(path)
+        student = self.parts.student
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(student.parameters()).dtype)
+        student.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batcher.load_state(state["data"])
+        self.objective.load_state_dict(state["objective"])
+        runtime.set_rng_state(state["rng"])
+        checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        self.step, self.skipped, self.consecutive = int(state["step"]), state.get("skipped", 0), state.get("consecutive", 0)

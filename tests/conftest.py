@@ -27,13 +27,15 @@ def tiny_config(arch: str, vocab: int, layers: int = 2, hidden: int = 32):
 
 
 def save_tiny_model(path: Path, arch: str, tokenizer, layers: int = 2, hidden: int = 32, vocab: int | None = None,
-                    seed: int = 0, with_tokenizer: bool = True) -> Path:
+                    seed: int = 0, with_tokenizer: bool = True, **config) -> Path:
     """A random model saved like a hub checkpoint. transformers 5 loads any tokenizer in a qwen2 directory as
     Qwen2Tokenizer (which mangles our word-level one), so qwen2 students are saved without one and borrow the
     teacher's — the guardrail test below shows what happens otherwise."""
     torch.manual_seed(seed)
     cfg = tiny_config(arch, vocab or len(tokenizer), layers, hidden)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    for key, value in config.items():  # e.g. attention_dropout=0.5
+        setattr(cfg, key, value)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     if with_tokenizer:
         tokenizer.save_pretrained(path)
@@ -61,3 +63,10 @@ def text_jsonl(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts("train", 300)))
     return path
+
+
+@pytest.fixture(scope="session")
+def dropout_student(tmp_path_factory, tokenizer) -> Path:
+    """A Llama student with attention dropout 0.5: its training losses depend on the torch RNG stream."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "llama_dropout", "llama", tokenizer, seed=5,
+                           attention_dropout=0.5)

@@ -13,11 +13,12 @@ from potstill.assemble import load_examples, load_parts
 from potstill.config import RunConfig
 from potstill.data.batches import Batcher, collate
 from potstill.losses.reduce import count_valid_tokens, normalise
-from potstill.train import batch_loss, shifted
+from potstill.train import RunDirError, batch_loss, shifted
 
 
 def run_config(tmp_path, model_dirs, data, teacher="llama_teacher", student="qwen2_student", **train):
-    overrides = [f"teacher.path={model_dirs[teacher]}", f"student.path={model_dirs[student]}", f"data.train={data}",
+    """``student``: a key of ``model_dirs`` or a model directory."""
+    overrides = [f"teacher.path={model_dirs[teacher]}", f"student.path={model_dirs.get(student, student)}", f"data.train={data}",
                  f"out_dir={tmp_path / 'run'}", "data.max_length=64", "data.max_eval_examples=16", "loss.chunk_size=50",
                  "train.lr=0.01", "train.log_every=1", "eval.max_new_tokens=5", "device=cpu"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
@@ -53,8 +54,10 @@ def test_distill_end_to_end(tmp_path, model_dirs, text_jsonl, teacher, student):
 
 @pytest.mark.parametrize("objective,schedule", [("0.5*ce + 0.5*gjsd(beta=0.5)", "fixed"), ("taid(alpha=0.2)", "fixed"),
                                                 ("fkl", "dts(t_min=1, t_max=4, momentum=0.5)")])
-def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl, objective, schedule):
-    cfg = run_config(tmp_path, model_dirs, text_jsonl, max_steps=8, batch_size=4, save_every=4, eval_every=0, keep_checkpoints=3)
+def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl, dropout_student, objective, schedule):
+    """The student has dropout 0.5, so the losses also depend on the torch RNG stream coming back."""
+    cfg = run_config(tmp_path, model_dirs, text_jsonl, student=dropout_student, max_steps=8, batch_size=4, save_every=4,
+                     eval_every=0, keep_checkpoints=3)
     cfg.loss.objective, cfg.loss.temperature_schedule, cfg.loss.temperature = objective, schedule, 3.0
     full = potstill.distill(cfg, progress=False)
     uninterrupted = metric_lines(full.run_dir, "train")
@@ -75,6 +78,61 @@ def test_resume_gives_identical_losses(tmp_path, model_dirs, text_jsonl, objecti
     if schedule.startswith("dts"):  # the temperature decays with the cosine and came back with the checkpoint
         assert [r["temperature"] for r in again] == [r["temperature"] for r in uninterrupted]
         assert again[-1]["temperature"] < again[0]["temperature"] == 3.0
+
+
+def _crashed_after_step_2(run_dir):
+    """Make a finished 4-step run (checkpoints every 2) look like one killed after step 3."""
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000004")
+    shutil.rmtree(run_dir / "final")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= 3) + "\n")
+
+
+def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, model_dirs, text_jsonl):
+    cfg = run_config(tmp_path, model_dirs, text_jsonl, max_steps=4, batch_size=4, save_every=2, eval_every=0)
+    potstill.distill(cfg, progress=False)
+    _crashed_after_step_2(tmp_path / "run")
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    changed = run_config(tmp_path, model_dirs, text_jsonl, max_steps=3, batch_size=4, save_every=2, eval_every=0, lr=0.02,
+                         seed=1)
+    changed.loss.objective = "rkl"
+    with pytest.raises(RunDirError, match=r"other settings \(loss.objective: 'fkl' → 'rkl'; train.lr: 0.01 → 0.02; "
+                                          r"train.max_steps: 4 → 3; train.seed: 0 → 1\)"):
+        potstill.distill(changed, resume=True, progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    # cadence, evaluation and placement may change, and max_steps may grow (the schedules stretch to the new total)
+    extended = run_config(tmp_path, model_dirs, text_jsonl, max_steps=6, batch_size=4, save_every=3, eval_every=5,
+                          log_every=2, keep_checkpoints=1)
+    extended.eval.max_new_tokens, extended.loss.chunk_size = 2, 30
+    result = potstill.distill(extended, resume=True, progress=False)
+    assert [r["step"] for r in metric_lines(result.run_dir, "train")] == [1, 2, 4, 6]  # logged every 2 after step 2
+    assert [r["step"] for r in metric_lines(result.run_dir, "eval")] == [5, 6]
+    assert RunConfig.from_yaml(result.run_dir / "config.yaml").train.max_steps == 6
+
+
+def test_cli_resume_with_only_out_continues_from_the_runs_config(tmp_path, model_dirs, text_jsonl):
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(model_dirs["llama_teacher"]), "--student", str(model_dirs["qwen2_student"]),
+            "--data", str(text_jsonl), "--steps", "4", "--out", str(out), "data.max_length=48", "data.max_eval_examples=8",
+            "train.save_every=2", "train.log_every=1", "train.batch_size=4", "eval.max_new_tokens=3", "device=cpu"]
+    runner = CliRunner()
+    assert runner.invoke(app, args).exit_code == 0
+    uninterrupted = metric_lines(out, "train")
+    _crashed_after_step_2(out)
+    result = runner.invoke(app, ["distill", "--resume", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [r["loss"] for r in metric_lines(out, "train")] == [r["loss"] for r in uninterrupted]
+    assert (out / "final" / "model.safetensors").exists()
+    refused = runner.invoke(app, ["distill", "--resume", "--out", str(out), "train.batch_size=8"], terminal_width=400)
+    assert refused.exit_code == 2 and "train.batch_size: 4 → 8" in refused.output
+    missing = runner.invoke(app, ["distill", "--resume", "--out", str(tmp_path / "nothing")], terminal_width=400)
+    assert missing.exit_code == 2 and "config.yaml does not exist" in missing.output
 
 
 def _grads(model):
