@@ -114,17 +114,16 @@ def test_sample_counts_and_draws_do_not_depend_on_batching(tmp_path, teacher, ex
     assert float(torch.cat(gaps).mean()) < 0.04
 
 
-def test_sample_with_a_tempered_proposal_stores_both_logprobs(tmp_path, teacher, examples):
+def test_sample_with_a_tempered_proposal_stores_the_log_importance_ratio(tmp_path, teacher, examples):
     reader = CacheReader(build(tmp_path, teacher, examples, mode="sample", samples=16, temperature=1.0,
                                proposal_temperature=2.0))
     for e in examples[:3]:
         got = reader.read(e.example_id)
-        assert set(got) == {"ids", "counts", "logprobs", "proposal_logprobs"}
+        assert set(got) == {"ids", "counts", "log_ratio"}
         used = got["counts"] > 0
-        for name, temperature in (("logprobs", 1.0), ("proposal_logprobs", 2.0)):
-            expected = teacher_logp(teacher, e, temperature).gather(-1, got["ids"])
-            assert_fp16_equal(got[name][used], expected[used])
-        assert bool((got["ids"][~used] == 0).all()) and bool((got[name][~used] == 0).all())
+        expected = (teacher_logp(teacher, e, 1.0) - teacher_logp(teacher, e, 2.0)).gather(-1, got["ids"])
+        torch.testing.assert_close(got["log_ratio"][used], expected[used], rtol=1e-5, atol=1e-5)
+        assert bool((got["ids"][~used] == 0).all()) and bool((got["log_ratio"][~used] == 0).all())
 
 
 def test_bytes_per_position(tmp_path, teacher, examples):
