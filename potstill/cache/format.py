@@ -218,11 +218,18 @@ def dumps(record: dict) -> str:
     return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A manifest or sidecar; garbled bytes, invalid JSON or a missing field → one CacheError naming the file.
+    Either file is rewritten by re-running the build (`potstill cache` resumes and keeps finished shards)."""
+    fix = "delete it and re-run `potstill cache` (it resumes, keeping finished shards)"
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CacheError(f"{path} is not valid JSON ({exc.msg}): delete it and re-run the cache build") from None
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{path} is not valid JSON ({getattr(exc, 'msg', None) or exc.reason}): {fix}") from None
+    missing = [key for key in required if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise CacheError(f"{path} is damaged (no {', '.join(missing)}): {fix}")
+    return record
 
 
 def example_digest(input_ids: list[int]) -> str:
