@@ -331,3 +331,34 @@ def test_an_encoder_producing_nan_writes_nothing(tmp_path, examples):
     with pytest.raises(CacheError, match=r"example 100 was encoded wrongly \(its logprobs holds NaN or inf\)"):
         cache_module.build_cache_from(tmp_path, examples, spec, encode, fingerprints=FINGERPRINTS)
     assert not list(tmp_path.glob("shard-*"))
+
+
+def test_non_contiguous_example_ids_and_a_training_subset(tmp_path, teacher):
+    """Example ids are record positions in their file: every 50th record held out for validation leaves gaps
+    (…, 48, 50, …), and a run may train on a subset of what was cached. Lookups are by id, so both work."""
+    from potstill.cache.run import check_examples_cached
+    from potstill.cache.targets import batch_target, sampled_weights
+    from potstill.data.batches import collate
+
+    gen = torch.Generator().manual_seed(2)
+    ids = [i for i in range(130) if i % 50 != 49]  # 49 and 99 are held out
+    cached = [Example(i, torch.randint(1, V, (2 + i % 5,), generator=gen).tolist(), None) for i in ids]
+    cached = [Example(e.example_id, e.input_ids, list(e.input_ids)) for e in cached]
+    spec = CacheSpec(mode="sample", vocab=V, samples=8, proposal_temperature=2.0, shard_size=16)
+    reader = CacheReader(build_cache(tmp_path, teacher, cached, spec, fingerprints=FINGERPRINTS))
+    assert reader.example_ids == ids and reader.manifest["n_examples"] == 128
+    subset = cached[47:53] + cached[95:101:2]  # around both gaps, across shards
+    check_examples_cached(reader, subset)
+    with pytest.raises(CacheError, match="training example 49 is not in the cache"):
+        check_examples_cached(reader, subset + [Example(49, [1, 2, 3], [1, 2, 3])])
+    batch = collate(subset, pad_id=0)
+    target = batch_target(reader, batch, V)
+    width, positions = target.ids.shape[-1], batch["input_ids"].shape[1] - 1
+    for row, e in enumerate(subset):
+        stored = reader.read(e.example_id)
+        rows = slice(row * positions, row * positions + len(e.input_ids) - 1)
+        pad = width - stored["ids"].shape[-1]
+        assert torch.equal(target.ids[rows], F.pad(stored["ids"], (0, pad)))
+        assert torch.equal(target.weights[rows], F.pad(sampled_weights(stored, spec), (0, pad)))
+        assert torch.equal(stored["ids"], CacheReader(build_cache(tmp_path / f"alone{row}", teacher, [e], spec,
+                                                                  fingerprints=FINGERPRINTS)).read(e.example_id)["ids"])
