@@ -87,18 +87,26 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
 
 
 def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
-    """With teacher.cache the teacher is never loaded: the tokenizer saved with the cache stands in for it."""
+    """With teacher.cache the cache supplies every teacher signal and the tokenizer saved with it stands in for the
+    teacher's. The teacher's weights are read only for student.init_from_teacher_layers (on the CPU, then freed)."""
     from potstill.cache.run import cached_tokenizer, open_cache
 
     tokenizer = cached_tokenizer(cfg.teacher.cache)
     torch.manual_seed(cfg.train.seed)
-    student = build_student(cfg, None, tokenizer).to(device)
+    student = build_student(cfg, _teacher_to_copy(cfg), tokenizer).to(device)
     student_tok = _student_tokenizer(cfg.student.path, tokenizer)
     problems = compare_tokenizers(tokenizer, student_tok, probe_texts(cfg))
     if problems:
         raise TokenizerMismatch(f"the student's tokenizer differs from the one the cache was built with: {'; '.join(problems)}")
     vocab = check_student_only(student_tok, student)
     return Parts(tokenizer, None, student, vocab, None, open_cache(cfg, tokenizer, vocab))
+
+
+def _teacher_to_copy(cfg: RunConfig) -> PreTrainedModel | None:
+    """The teacher on the CPU when the student is its first N layers (a cached run never runs it), else None."""
+    if cfg.student.init_from_teacher_layers is None:
+        return None
+    return models.load_causal_lm(resolve_model_path(cfg.teacher.path), cfg.teacher.dtype).eval()
 
 
 def probe_texts(cfg: RunConfig, n: int = 8) -> list[str]:

@@ -116,7 +116,7 @@ def distill(
     overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. train.max_steps=50"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher: local HF dir, hub id, or 'builtin'."),
-    cache: Optional[str] = typer.Option(None, help="Read teacher signals from this cache (never loads the teacher)."),
+    cache: Optional[str] = typer.Option(None, help="Read teacher signals from this cache (the teacher is loaded only to copy layers for --init-layers)."),
     student: Optional[str] = typer.Option(None, help="Student to start from: local HF dir or hub id."),
     student_config: Optional[str] = typer.Option(None, help="Fresh student from a config.json path."),
     init_layers: Optional[int] = typer.Option(None, help="Student = teacher's first N layers."),

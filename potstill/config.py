@@ -32,7 +32,7 @@ class TeacherConfig:
     dtype: str = "float32"
     """Teacher weights dtype (float32, bfloat16, float16); it runs without gradients."""
     cache: str | None = None
-    """Teacher-signal cache directory: `potstill cache` writes it; `distill` then reads it and never loads the teacher."""
+    """Teacher-signal cache directory: `potstill cache` writes it; `distill` then takes every teacher signal from it. With teacher.path set too, the cache still supplies the signal; the teacher is loaded (on the CPU) only to copy its layers for student.init_from_teacher_layers."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 resumable and rank-sharded builds that are byte-identical to an uninterrupted one, and integrity errors."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,17 +115,16 @@ def test_sample_counts_and_draws_do_not_depend_on_batching(tmp_path, teacher, ex
     assert float(torch.cat(gaps).mean()) < 0.04
 
 
-def test_sample_with_a_tempered_proposal_stores_both_logprobs(tmp_path, teacher, examples):
+def test_sample_with_a_tempered_proposal_stores_the_log_importance_ratio(tmp_path, teacher, examples):
     reader = CacheReader(build(tmp_path, teacher, examples, mode="sample", samples=16, temperature=1.0,
                                proposal_temperature=2.0))
     for e in examples[:3]:
         got = reader.read(e.example_id)
-        assert set(got) == {"ids", "counts", "logprobs", "proposal_logprobs"}
+        assert set(got) == {"ids", "counts", "log_ratio"}
         used = got["counts"] > 0
-        for name, temperature in (("logprobs", 1.0), ("proposal_logprobs", 2.0)):
-            expected = teacher_logp(teacher, e, temperature).gather(-1, got["ids"])
-            assert_fp16_equal(got[name][used], expected[used])
-        assert bool((got["ids"][~used] == 0).all()) and bool((got[name][~used] == 0).all())
+        expected = (teacher_logp(teacher, e, 1.0) - teacher_logp(teacher, e, 2.0)).gather(-1, got["ids"])
+        torch.testing.assert_close(got["log_ratio"][used], expected[used], rtol=1e-5, atol=1e-5)
+        assert bool((got["ids"][~used] == 0).all()) and bool((got["log_ratio"][~used] == 0).all())
 
 
 def test_bytes_per_position(tmp_path, teacher, examples):
@@ -227,3 +227,138 @@ def test_fingerprints(teacher, examples, tokenizer):
     assert fingerprint_examples(examples) == fingerprint_examples(list(examples))
     assert fingerprint_examples(relabelled) != fingerprint_examples(examples)
     assert fingerprint_tokenizer(tokenizer) == fingerprint_tokenizer(tokenizer)
+
+
+# ---- damaged caches: every problem is one CacheError naming the file and the fix ------------------------------
+
+def rewrite_shard(out: Path, index: int, mutate) -> None:
+    """What a faulty build would leave: a shard with other tensor values, with matching size and sha256."""
+    from safetensors.torch import load_file, save_file
+    from potstill.cache.format import FORMAT, FORMAT_VERSION, sha256_file
+
+    path = out / f"shard-{index:05d}.safetensors"
+    tensors = load_file(str(path))
+    mutate(tensors)
+    save_file(tensors, str(path), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][index] |= {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("mode, name, value", [("topk", "logprobs", float("nan")), ("topk", "tail_mass", float("inf")),
+                                               ("sample", "log_ratio", float("-inf")), ("sample", "counts", 3)])
+def test_values_written_by_a_faulty_build_are_reported(tmp_path, teacher, examples, mode, name, value):
+    kwargs = {"k": 4} if mode == "topk" else {"samples": 8, "proposal_temperature": 2.0}
+    out = build(tmp_path, teacher, examples, mode=mode, shard_size=2, **kwargs)
+    victim = examples[2].example_id  # shard 1
+
+    def poison(tensors):
+        t = tensors[f"{victim}/{name}"].view(-1)
+        t[0] = value if name != "counts" else t[0] + value
+
+    rewrite_shard(out, 1, poison)
+    reader = CacheReader(out)
+    reader.check_shards([examples[0].example_id])  # other shards are fine
+    problem = "NaN or inf" if name != "counts" else "counts do not sum to K = 8"
+    with pytest.raises(CacheError, match=rf"shard-00001\.safetensors is damaged at example {victim} \(its .*{problem}.*"
+                                         r"delete it and re-run `potstill cache`"):
+        reader.check_shards([victim])
+    with pytest.raises(CacheError, match=rf"damaged at example {victim}"):
+        CacheReader(out, verify=False).read(victim)  # no scan at open without verify, but every read is checked
+
+
+def test_a_teacher_with_nan_logits_writes_nothing(tmp_path, teacher, examples):
+    broken = LlamaForCausalLM(teacher.config).eval()
+    broken.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        broken.lm_head.weight[5] = float("nan")
+    with pytest.raises(CacheError, match=r"NaN or \+inf logits for example \d+: nothing was written"):
+        build(tmp_path, broken, examples, mode="sample", samples=8, shard_size=2)
+    assert not list(tmp_path.glob("shard-*"))
+
+
+def test_missing_and_unreadable_shards_are_reported(tmp_path, teacher, examples):
+    out = build(tmp_path, teacher, examples, mode="topk", k=4, shard_size=2)
+    pristine = files_of(out)
+    shard = out / "shard-00002.safetensors"
+    shard.write_bytes(b"\xff" * 8 + pristine[shard.name][8:])  # a garbled header, same size
+    with pytest.raises(CacheError, match=r"shard-00002\.safetensors cannot be read .*delete it and re-run `potstill cache`"):
+        CacheReader(out, verify=False).check_shards([examples[4].example_id])
+    shard.unlink()
+    with pytest.raises(CacheError, match=r"shard-00002\.safetensors is missing: re-run `potstill cache`"):
+        CacheReader(out).check_shards([e.example_id for e in examples])
+    build(out, teacher, examples, mode="topk", k=4, shard_size=2)  # the advice works: same bytes again
+    assert files_of(out) == pristine
+
+
+def test_garbled_manifest_and_sidecars_are_reported(tmp_path, teacher, examples):
+    out = build(tmp_path, teacher, examples, mode="topk", k=4, shard_size=2)
+    pristine = files_of(out)
+    manifest = out / "manifest.json"
+    record = json.loads(pristine["manifest.json"])
+    without_sha = json.loads(pristine["manifest.json"])
+    del without_sha["shards"][1]["sha256"]
+    for garbled, why in ((b'{"format": "potstill-teacher-cache", "shards": [', "is not valid JSON"),
+                         (b"\xff\xfe\x00garbage", "is not valid JSON"),
+                         (json.dumps({k: v for k, v in record.items() if k != "shards"}).encode(), r"is damaged \(no shards\)"),
+                         (json.dumps(without_sha).encode(), r"is damaged \(KeyError: 'sha256'\)")):
+        manifest.write_bytes(garbled)
+        with pytest.raises(CacheError, match=rf"manifest\.json {why}.*delete it and re-run `potstill cache`"):
+            CacheReader(out)
+    sidecar = out / "shard-00001.json"
+    sidecar.write_text("{}")
+    with pytest.raises(CacheError, match=r"shard-00001\.json is damaged \(no build_key"):
+        build(out, teacher, examples, mode="topk", k=4, shard_size=2)
+    sidecar.write_bytes(b"\x00\x01")
+    with pytest.raises(CacheError, match=r"shard-00001\.json is not valid JSON"):
+        build(out, teacher, examples, mode="topk", k=4, shard_size=2)
+    manifest.unlink()  # the advice: delete both and re-run; finished shards are kept, the rest rebuilt
+    sidecar.unlink()
+    build(out, teacher, examples, mode="topk", k=4, shard_size=2)
+    assert files_of(out) == pristine
+
+
+def test_an_encoder_producing_nan_writes_nothing(tmp_path, examples):
+    """The writer checks what any encoder (HF teacher, vLLM) hands it before a shard is written."""
+    spec = CacheSpec(mode="topk", vocab=V, k=2, shard_size=2)
+
+    def encode(members, advance):
+        rows = {e.example_id: len(e.input_ids) - 1 for e in members}
+        return {f"{i}/{name}": t for i, p in rows.items() for name, t in (
+            ("ids", torch.zeros(p, 2, dtype=torch.uint16)), ("logprobs", torch.full((p, 2), float("nan")).half()),
+            ("tail_mass", torch.zeros(p).half()))}
+
+    with pytest.raises(CacheError, match=r"example 100 was encoded wrongly \(its logprobs holds NaN or inf\)"):
+        cache_module.build_cache_from(tmp_path, examples, spec, encode, fingerprints=FINGERPRINTS)
+    assert not list(tmp_path.glob("shard-*"))
+
+
+def test_non_contiguous_example_ids_and_a_training_subset(tmp_path, teacher):
+    """Example ids are record positions in their file: every 50th record held out for validation leaves gaps
+    (…, 48, 50, …), and a run may train on a subset of what was cached. Lookups are by id, so both work."""
+    from potstill.cache.run import check_examples_cached
+    from potstill.cache.targets import batch_target, sampled_weights
+    from potstill.data.batches import collate
+
+    gen = torch.Generator().manual_seed(2)
+    ids = [i for i in range(130) if i % 50 != 49]  # 49 and 99 are held out
+    cached = [Example(i, torch.randint(1, V, (2 + i % 5,), generator=gen).tolist(), None) for i in ids]
+    cached = [Example(e.example_id, e.input_ids, list(e.input_ids)) for e in cached]
+    spec = CacheSpec(mode="sample", vocab=V, samples=8, proposal_temperature=2.0, shard_size=16)
+    reader = CacheReader(build_cache(tmp_path, teacher, cached, spec, fingerprints=FINGERPRINTS))
+    assert reader.example_ids == ids and reader.manifest["n_examples"] == 128
+    subset = cached[47:53] + cached[95:101:2]  # around both gaps, across shards
+    check_examples_cached(reader, subset)
+    with pytest.raises(CacheError, match="training example 49 is not in the cache"):
+        check_examples_cached(reader, subset + [Example(49, [1, 2, 3], [1, 2, 3])])
+    batch = collate(subset, pad_id=0)
+    target = batch_target(reader, batch, V)
+    width, positions = target.ids.shape[-1], batch["input_ids"].shape[1] - 1
+    for row, e in enumerate(subset):
+        stored = reader.read(e.example_id)
+        rows = slice(row * positions, row * positions + len(e.input_ids) - 1)
+        pad = width - stored["ids"].shape[-1]
+        assert torch.equal(target.ids[rows], F.pad(stored["ids"], (0, pad)))
+        assert torch.equal(target.weights[rows], F.pad(sampled_weights(stored, spec), (0, pad)))
+        assert torch.equal(stored["ids"], CacheReader(build_cache(tmp_path / f"alone{row}", teacher, [e], spec,
+                                                                  fingerprints=FINGERPRINTS)).read(e.example_id)["ids"])

@@ -102,3 +102,50 @@ def test_cache_cli_then_distill_cli(tmp_path, model_dirs, text_jsonl):
                                   "data.max_length=32", "data.max_train_examples=12", "data.max_eval_examples=4",
                                   "eval.max_new_tokens=2"])
     assert trained.exit_code == 0, trained.output
+
+
+def test_student_from_teacher_layers_with_signals_from_the_cache(tmp_path, model_dirs, text_jsonl):
+    """`distill --cache DIR --teacher T --init-layers N`: the student is T's first N layers, the signal the cache's."""
+    import torch
+
+    from potstill.assemble import load_parts
+    from potstill.models import load_causal_lm
+
+    cache = _topk_cache(tmp_path, model_dirs, text_jsonl)
+    teacher_dir = str(model_dirs["llama_teacher"])
+    cfg = _cached_run(tmp_path, model_dirs, text_jsonl, cache, f"teacher.path={teacher_dir}", "student.path=",
+                      "student.init_from_teacher_layers=2")
+    parts = load_parts(cfg, torch.device("cpu"))
+    assert parts.teacher is None and parts.cache is not None  # the cache is the signal
+    teacher = load_causal_lm(teacher_dir, "float32").state_dict()
+    student = parts.student.state_dict()
+    assert parts.student.config.num_hidden_layers == 2 and "model.layers.2.mlp.up_proj.weight" in teacher
+    assert all(torch.equal(t, teacher[name]) for name, t in student.items())
+    trained = runner.invoke(app, ["distill", "--cache", str(cache), "--teacher", teacher_dir, "--init-layers", "2",
+                                  "--data", str(text_jsonl), "--steps", "3", "--out", str(tmp_path / "run"),
+                                  "data.max_length=48", "data.max_train_examples=40", "data.max_eval_examples=4",
+                                  "eval.max_new_tokens=2", "train.log_every=1", "train.batch_size=4"])
+    assert trained.exit_code == 0, trained.output
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(loss == loss for loss in losses)  # finite training from cached signals
+    final = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert final["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize("damage, message", [("garble", "is corrupted"), ("delete", "is missing")])
+def test_a_damaged_shard_stops_the_run_before_step_one(tmp_path, model_dirs, text_jsonl, damage, message):
+    cache = _topk_cache(tmp_path, model_dirs, text_jsonl)
+    shard = cache / "shard-00002.safetensors"  # the last shard: the first batches would not touch it
+    if damage == "garble":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    result = runner.invoke(app, ["distill", "--cache", str(cache), "--student", str(model_dirs["qwen2_student"]),
+                                 "--data", str(text_jsonl), "--steps", "2", "--out", str(tmp_path / "run"),
+                                 "data.max_length=48", "data.max_train_examples=40"], terminal_width=400)
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith("error: shard ")  # one line
+    assert f"shard-00002.safetensors {message}" in result.output and "`potstill cache`" in result.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken

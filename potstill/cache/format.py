@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FORMAT = "potstill-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sample mode draws from a float64 CDF with float64 uniforms and stores log(p/r) in fp32
 MANIFEST = "manifest.json"
 MODES = ("dense", "topk", "sample")
 MAX_SAMPLES = 255  # counts are stored as uint8
@@ -59,7 +59,7 @@ class CacheSpec:
 
     @property
     def importance_weighted(self) -> bool:
-        """Sample mode with r ≠ p: the teacher's and the proposal's log-probs of each stored id are stored too."""
+        """Sample mode with r ≠ p: each stored id also carries its log importance ratio log p − log r."""
         return self.mode == "sample" and self.proposal != self.temperature
 
     def to_dict(self) -> dict:
@@ -85,7 +85,7 @@ def tensor_layout(spec: CacheSpec) -> dict[str, str]:
         return {"ids": f"{ids} (P, {spec.k})", "logprobs": f"float16 (P, {spec.k})", "tail_mass": "float16 (P,)"}
     layout = {"ids": f"{ids} (P, U)", "counts": "uint8 (P, U)"}
     if spec.importance_weighted:
-        layout |= {"logprobs": "float16 (P, U)", "proposal_logprobs": "float16 (P, U)"}
+        layout |= {"log_ratio": "float32 (P, U)"}
     return layout
 
 
@@ -125,16 +125,18 @@ def example_seed(seed: int, example_id: int) -> int:
 
 
 def example_uniforms(spec: CacheSpec, example_id: int, positions: int) -> Tensor:
-    """The (P, K) uniforms that drive inverse-CDF sampling of one example (CPU generator: device-independent)."""
+    """The (P, K) float64 uniforms that drive inverse-CDF sampling of one example. A CPU generator makes them
+    device-independent; float64 (53 random bits) so that no interval of the CDF is finer than their grid."""
     gen = torch.Generator().manual_seed(example_seed(spec.seed, example_id))
-    return torch.rand((positions, spec.samples), generator=gen)
+    return torch.rand((positions, spec.samples), generator=gen, dtype=torch.float64)
 
 
 # ---- encoding: teacher logits of one chunk of positions → stored tensors --------------------------------------
 
 def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None) -> dict[str, Tensor]:
     """Encode fp32 logits (n, V) of n predicted positions; results are on the CPU. Sample mode returns its
-    sorted draws (n, K) (plus per-draw log-probs); ``compact_samples`` turns an example's draws into ids/counts."""
+    sorted draws (n, K) (plus each draw's log p/r when r ≠ p); ``compact_samples`` turns an example's draws into
+    ids/counts. ``uniforms`` (n, K): ``example_uniforms`` rows of these positions."""
     logp = F.log_softmax(logits / spec.temperature, dim=-1)  # (n, V): the teacher at T
     if spec.mode == "dense":
         return {"logprobs": logp.float().cpu()}
@@ -142,18 +144,35 @@ def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None
         top, ids = logp.topk(spec.k, dim=-1)  # (n, k) each, most likely first
         tail = (1 - top.exp().sum(-1)).clamp_min(0)  # (n,): mass outside the top k
         return {"ids": ids.cpu(), "logprobs": top.half().cpu(), "tail_mass": tail.half().cpu()}
-    log_r = logp if not spec.importance_weighted else F.log_softmax(logits / spec.proposal, dim=-1)
-    cdf = log_r.exp().cumsum(-1)  # (n, V)
-    draws = torch.searchsorted(cdf, uniforms.to(cdf.device) * cdf[:, -1:], right=True)  # (n, K) inverse CDF
-    draws = draws.clamp_max(spec.vocab - 1).sort(-1).values
+    draws = inverse_cdf(proposal_cdf(logits, spec), uniforms).sort(-1).values  # (n, K)
     out = {"draws": draws.cpu()}
     if spec.importance_weighted:
-        out |= {"logprobs": logp.gather(-1, draws).cpu(), "proposal_logprobs": log_r.gather(-1, draws).cpu()}
+        out["log_ratio"] = log_ratio(logits, spec, draws).float().cpu()
     return out
 
 
+def proposal_cdf(logits: Tensor, spec: CacheSpec) -> Tensor:
+    """(n, V) float64 cumulative sums of r = softmax(z / T_proposal). In float64 an id's interval is off by at most
+    ~2^-53 absolute, so every id with r ≳ 1e-15 is reachable; fp32 (ulp 6e-8 near 1) would drop the long tail."""
+    return F.softmax(logits.double() / spec.proposal, dim=-1).cumsum(-1)
+
+
+def inverse_cdf(cdf: Tensor, uniforms: Tensor) -> Tensor:
+    """(n, K) ids: id i is drawn iff cdf[i-1] ≤ u·cdf[-1] < cdf[i] (so an id of probability 0 never is)."""
+    points = uniforms.to(cdf) * cdf[:, -1:]  # scaled by the total: no renormalisation of r needed
+    return torch.searchsorted(cdf, points, right=True).clamp_max(cdf.shape[-1] - 1)
+
+
+def log_ratio(logits: Tensor, spec: CacheSpec, ids: Tensor) -> Tensor:
+    """(n, K) float64 log p − log r of ``ids``: z·(1/T − 1/T_r) − (logsumexp(z/T) − logsumexp(z/T_r)), in float64
+    (the normalisers are sums over the whole vocabulary, which is why the ratio is stored, not recomputed)."""
+    z = logits.double()
+    normalisers = z.div(spec.temperature).logsumexp(-1, keepdim=True) - z.div(spec.proposal).logsumexp(-1, keepdim=True)
+    return z.gather(-1, ids) * (1 / spec.temperature - 1 / spec.proposal) - normalisers
+
+
 def compact_samples(draws: Tensor, per_draw: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sorted draws (P, K) → unique ids (P, U) and counts (P, U), padded with id 0 / count 0 (and log-prob 0) to
+    """Sorted draws (P, K) → unique ids (P, U) and counts (P, U), padded with id 0 / count 0 (and value 0) to
     U = the most unique ids at any position of the example. ``per_draw`` values (P, K) follow their ids."""
     positions, k = draws.shape
     starts = torch.ones_like(draws, dtype=torch.bool)
@@ -164,7 +183,7 @@ def compact_samples(draws: Tensor, per_draw: dict[str, Tensor]) -> dict[str, Ten
     counts = torch.zeros(positions, width, dtype=torch.long).scatter_add_(1, slot, torch.ones_like(draws))
     out = {"ids": ids, "counts": counts.to(torch.uint8)}
     for name, values in per_draw.items():  # duplicates of an id carry the same value, so scatter is exact
-        out[name] = torch.zeros(positions, width).scatter_(1, slot, values.float()).half()
+        out[name] = torch.zeros(positions, width, dtype=values.dtype).scatter_(1, slot, values)
     return out
 
 
@@ -199,11 +218,18 @@ def dumps(record: dict) -> str:
     return json.dumps(record, indent=1, sort_keys=True) + "\n"
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A manifest or sidecar; garbled bytes, invalid JSON or a missing field → one CacheError naming the file.
+    Either file is rewritten by re-running the build (`potstill cache` resumes and keeps finished shards)."""
+    fix = "delete it and re-run `potstill cache` (it resumes, keeping finished shards)"
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CacheError(f"{path} is not valid JSON ({exc.msg}): delete it and re-run the cache build") from None
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{path} is not valid JSON ({getattr(exc, 'msg', None) or exc.reason}): {fix}") from None
+    missing = [key for key in required if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise CacheError(f"{path} is damaged (no {', '.join(missing)}): {fix}")
+    return record
 
 
 def example_digest(input_ids: list[int]) -> str:

@@ -98,7 +98,8 @@ def open_cache(cfg: RunConfig, tokenizer, vocab: int) -> CacheReader:
 
 def check_examples_cached(reader: CacheReader, examples: list[Example]) -> None:
     """Every training example must be in the cache with the very token ids it had at build time (a training
-    subset of the cached data is fine: lookups are by example id)."""
+    subset of the cached data is fine, and ids need not be contiguous: lookups are by example id). Then every shard
+    holding one is opened and checked (size, sha256, NaN/inf), so a damaged cache stops the run before step 1."""
     for e in examples:
         if not reader.has(e.example_id):
             raise CacheError(f"training example {e.example_id} is not in the cache ({len(reader.example_ids)} "
@@ -109,3 +110,4 @@ def check_examples_cached(reader: CacheReader, examples: list[Example]) -> None:
         if reader.digest(e.example_id) != example_digest(e.input_ids):
             raise CacheError(f"training example {e.example_id} has other tokens than when the cache was built "
                              "(the data changed): rebuild the cache with `potstill cache`")
+    reader.check_shards(e.example_id for e in examples)

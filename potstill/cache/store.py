@@ -25,12 +25,16 @@ from potstill.models import hidden_states, output_head, output_size
 from potstill.cache.format import (
     FORMAT, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, build_key, decode, dumps, encode_chunk, example_digest,
     example_uniforms, finish_example, manifest_record, read_json, sha256_file, shard_file, sidecar_file, tensor_key,
+    tensor_layout,
 )
 
 __all__ = ["CacheError", "CacheReader", "CacheSpec", "build_cache", "build_cache_from", "finalize_manifest", "fingerprint_examples",
            "fingerprint_model", "fingerprint_tokenizer"]
 
 REBUILD_HINT = "rebuild the cache with `potstill cache` (or point to a cache built for this run)"
+RESUME_HINT = "delete it and re-run `potstill cache` (it resumes and rebuilds only missing shards)"
+SIDECAR_KEYS = ("build_key", "file", "example_ids", "lengths", "digests", "positions", "tensor_bytes", "bytes", "sha256")
+MANIFEST_KEYS = ("format", "format_version", "spec", "fingerprints", "tensors", "shards", "bytes_per_position")
 
 
 # ---- fingerprints ----------------------------------------------------------------------------------------------
@@ -70,12 +74,35 @@ def fingerprint_examples(examples: list[Example]) -> str:
 
 # ---- building --------------------------------------------------------------------------------------------------
 
+def signal_problem(signal: dict[str, Tensor], spec: CacheSpec) -> str | None:
+    """What is wrong with one example's decoded tensors, or None: NaN or +inf anywhere, −inf outside log-probs
+    (log 0 is a legal log-prob), ids outside the vocabulary, sample counts that do not sum to K."""
+    for name, t in signal.items():
+        if t.is_floating_point():
+            bad = t.isnan() | (t == float("inf"))
+            if not name.endswith("logprobs"):
+                bad |= t == float("-inf")
+            if bool(bad.any()):
+                return f"its {name} holds NaN or inf"
+    ids = signal.get("ids")
+    if ids is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < spec.vocab):
+        return f"its ids lie outside the vocabulary [0, {spec.vocab})"
+    counts = signal.get("counts")
+    if counts is not None and bool((counts.sum(-1) != spec.samples).any()):
+        return f"its counts do not sum to K = {spec.samples}"
+    return None
+
+
 def _encode_example(hidden: Tensor, weight: Tensor, bias: Tensor | None, example_id: int, spec: CacheSpec) -> dict[str, Tensor]:
     """hidden (P, H): the teacher's last hidden states at the P = L − 1 predicted positions of one example.
     Logits are projected one chunk of positions at a time (chunk × V at most, never B·T·V)."""
     uniforms = example_uniforms(spec, example_id, hidden.shape[0]) if spec.mode == "sample" else None  # (P, K)
-    parts = [encode_chunk(z, spec, None if uniforms is None else uniforms[sl])
-             for sl, z in project_chunks(hidden, weight, bias, chunk_size=0)]
+    parts = []
+    for sl, z in project_chunks(hidden, weight, bias, chunk_size=0):
+        if bool((z.isnan() | (z == float("inf"))).any()):
+            raise CacheError(f"the teacher produced NaN or +inf logits for example {example_id}: nothing was written "
+                             "for its shard; check the teacher (an fp16 overflow? try teacher.dtype=bfloat16)")
+        parts.append(encode_chunk(z, spec, None if uniforms is None else uniforms[sl]))
     if not parts:  # a one-token example predicts nothing: store correctly-shaped empty tensors
         empty = torch.zeros(0, spec.vocab, device=weight.device)
         parts = [encode_chunk(empty, spec, None if uniforms is None else uniforms[:0])]
@@ -130,8 +157,8 @@ def _completed_sidecar(out_dir: Path, index: int, key: str, examples: list[Examp
     path = out_dir / sidecar_file(index)
     if not path.exists():
         return None
-    sidecar = read_json(path)
-    if sidecar.get("build_key") != key:
+    sidecar = read_json(path, SIDECAR_KEYS)
+    if sidecar["build_key"] != key:
         raise CacheError(f"{path} belongs to a cache built with a different spec or fingerprints; "
                          f"use a new directory or delete {out_dir} and build again")
     if examples is not None and (sidecar["example_ids"] != [e.example_id for e in examples]
@@ -150,6 +177,16 @@ def _check_examples(examples: list[Example]) -> None:
         if e.example_id in seen:
             raise CacheError(f"example id {e.example_id} appears twice; the cache is keyed by example id")
         seen.add(e.example_id)
+
+
+def _check_signals(tensors: dict[str, Tensor], examples: list[Example], spec: CacheSpec) -> None:
+    """Never write a signal a reader would refuse (whatever encoder produced it: HF teacher, vLLM)."""
+    for e in examples:
+        signal = {name: decode(name, tensors[tensor_key(e.example_id, name)]) for name in tensor_layout(spec)}
+        problem = signal_problem(signal, spec)
+        if problem:
+            raise CacheError(f"example {e.example_id} was encoded wrongly ({problem}): nothing was written "
+                             "for its shard; this is a bug in the encoder or the teacher")
 
 
 def _check_teacher(teacher, spec: CacheSpec) -> None:
@@ -216,6 +253,7 @@ def build_cache_from(out_dir, examples: list[Example], spec: CacheSpec, encode_s
     try:
         for index in todo:
             tensors = encode_shard(shards[index], bar.advance)
+            _check_signals(tensors, shards[index], spec)
             _write_shard(out_dir, index, tensors, shards[index], key)
     finally:
         bar.close()
@@ -250,21 +288,28 @@ def _same(recorded, expected) -> bool:
 
 
 class CacheReader:
-    """Lazy, mmap'd reads of a finished cache by example id; shards are opened (and checksummed) on first use."""
+    """Lazy, mmap'd reads of a finished cache by example id; shards are opened (and checksummed) on first use.
+    Every problem with the files (missing, truncated, corrupted, garbled manifest, NaN/inf written by a faulty
+    build) is a ``CacheError`` naming the file and what to do; ``check_shards`` finds them before training."""
 
     def __init__(self, out_dir, *, expect: dict[str, str] | None = None, verify: bool = True):
         self.dir = Path(out_dir)
         self.verify = verify
         self.manifest = self._load_manifest()
-        self.spec = CacheSpec.from_dict(self.manifest["spec"])
+        path = self.dir / MANIFEST
+        try:
+            self.spec = CacheSpec.from_dict(self.manifest["spec"])
+            self._shard_of: dict[int, int] = {}
+            self._length_of: dict[int, int] = {}
+            self._digest_of: dict[int, str] = {}
+            for index, shard in enumerate(self.manifest["shards"]):
+                for example_id, length, digest in zip(shard["example_ids"], shard["lengths"], shard["digests"], strict=True):
+                    self._shard_of[example_id], self._length_of[example_id] = index, length
+                    self._digest_of[example_id] = digest
+                shard["file"], shard["bytes"], shard["sha256"]  # noqa: B018  (present: checked when the shard opens)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheError(f"{path} is damaged ({type(exc).__name__}: {exc}): {RESUME_HINT}") from None
         self._check_expectations(expect or {})
-        self._shard_of: dict[int, int] = {}
-        self._length_of: dict[int, int] = {}
-        self._digest_of: dict[int, str] = {}
-        for index, shard in enumerate(self.manifest["shards"]):
-            for example_id, length, digest in zip(shard["example_ids"], shard["lengths"], shard["digests"]):
-                self._shard_of[example_id], self._length_of[example_id] = index, length
-                self._digest_of[example_id] = digest
         self._open: dict[int, object] = {}
 
     def _load_manifest(self) -> dict:
@@ -272,7 +317,7 @@ class CacheReader:
         if not path.exists():
             raise CacheError(f"{self.dir} has no {MANIFEST}: the cache is not built or its build did not finish; "
                              "re-run `potstill cache` (it resumes) or finalize_manifest once every rank is done")
-        manifest = read_json(path)
+        manifest = read_json(path, MANIFEST_KEYS)
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')}; "
                              f"this potstill reads {FORMAT!r} version {FORMAT_VERSION}: {REBUILD_HINT}")
@@ -318,34 +363,51 @@ class CacheReader:
                              f"at {self.dir}: the data differs from the cache's; {REBUILD_HINT}")
         return self._shard_of[example_id], example_id
 
+    def check_shards(self, example_ids) -> None:
+        """Open (and with ``verify`` checksum and scan) every shard holding these examples — before training."""
+        for index in sorted({self._shard_index(e)[0] for e in example_ids}):
+            self._shard(index)
+
     def _shard(self, index: int):
         if index not in self._open:
             record = self.manifest["shards"][index]
             path = self.dir / record["file"]
             self._check_shard_file(path, record)
             try:
-                self._open[index] = safe_open(str(path), framework="pt")
+                handle = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as exc:
-                raise CacheError(f"shard {path} cannot be read ({exc}): delete it and re-run the cache build "
-                                 "(it resumes and rebuilds only missing shards)") from None
+                raise CacheError(f"shard {path} cannot be read ({exc}): {RESUME_HINT}") from None
+            if self.verify:  # the bytes are the ones written; are the values sane? (a faulty build could write NaN)
+                for example_id in record["example_ids"]:
+                    self._decoded(handle, path, example_id)
+            self._open[index] = handle
         return self._open[index]
 
     def _check_shard_file(self, path: Path, record: dict) -> None:
-        fix = "delete it and re-run the cache build (it resumes and rebuilds only missing shards)"
         if not path.exists():
-            raise CacheError(f"shard {path} is missing: re-run the cache build (it rebuilds only missing shards)")
+            raise CacheError(f"shard {path} is missing: re-run `potstill cache` (it rebuilds only missing shards)")
         size = path.stat().st_size
         if size != record["bytes"]:
             raise CacheError(f"shard {path} is truncated or was replaced ({size} bytes, the manifest says "
-                             f"{record['bytes']}): {fix}")
+                             f"{record['bytes']}): {RESUME_HINT}")
         if self.verify and sha256_file(path) != record["sha256"]:
-            raise CacheError(f"shard {path} is corrupted (its sha256 differs from the manifest's): {fix}")
+            raise CacheError(f"shard {path} is corrupted (its sha256 differs from the manifest's): {RESUME_HINT}")
+
+    def _decoded(self, handle, path: Path, example_id: int) -> dict[str, Tensor]:
+        try:
+            signal = {name: decode(name, handle.get_tensor(tensor_key(example_id, name))) for name in self.manifest["tensors"]}
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CacheError(f"shard {path} cannot be read at example {example_id} ({exc}): {RESUME_HINT}") from None
+        problem = signal_problem(signal, self.spec)
+        if problem:
+            raise CacheError(f"shard {path} is damaged at example {example_id} ({problem}; written by a faulty "
+                             f"build): {RESUME_HINT}")
+        return signal
 
     def read(self, example_id: int) -> dict[str, Tensor]:
         """The example's stored tensors (P = L − 1 rows each), decoded: ids int64; log-probs, tail, counts float32."""
         index, example_id = self._shard_index(example_id)
-        handle = self._shard(index)
-        return {name: decode(name, handle.get_tensor(tensor_key(example_id, name))) for name in self.manifest["tensors"]}
+        return self._decoded(self._shard(index), self.dir / self.manifest["shards"][index]["file"], example_id)
 
     def close(self) -> None:
         self._open.clear()

@@ -16,7 +16,7 @@ def sampled_weights(stored: dict[str, Tensor], spec: CacheSpec) -> Tensor:
     """(P, U) estimator weights: count/K, times p/r when the proposal r was tempered differently from p."""
     weights = stored["counts"] / spec.samples
     if spec.importance_weighted:
-        weights = weights * (stored["logprobs"] - stored["proposal_logprobs"]).exp()
+        weights = weights * stored["log_ratio"].exp()  # p/r, stored as an fp32 log computed in float64
     return weights
 
 
