@@ -247,7 +247,7 @@ def test_topk_target_with_k_equal_v_equals_dense(name):
     hidden, weight, teacher, labels = _data()
     text = f"{name}({','.join(f'{k}={v}' for k, v in hp.items())})" if hp else name
     dense = fused_loss(hidden, weight, None, labels, parse_objective(text, 1.5), DenseLogits(teacher), chunk_size=6)
-    topk = fused_loss(hidden, weight, None, labels, parse_objective(text, 1.5), TopKTail.from_logits(teacher, 17), chunk_size=6)
+    topk = fused_loss(hidden, weight, None, labels, parse_objective(text, 1.5), TopKTail.from_logits(teacher, 17, 1.5), chunk_size=6)
     assert topk.total.item() == pytest.approx(dense.total.item(), rel=1e-5, abs=1e-6)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from potstill.losses.targets import tail_mass, top_k_with_tail
+
 FORMAT = "potstill-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -139,9 +141,7 @@ def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None
     if spec.mode == "dense":
         return {"logprobs": logp.float().cpu()}
     if spec.mode == "topk":
-        top, ids = logp.topk(spec.k, dim=-1)  # (n, k) each, most likely first
-        tail = (1 - top.exp().sum(-1)).clamp_min(0)  # (n,): mass outside the top k
-        return {"ids": ids.cpu(), "logprobs": top.half().cpu(), "tail_mass": tail.half().cpu()}
+        return topk_tensors(*top_k_with_tail(logp, spec.k)[:2])
     log_r = logp if not spec.importance_weighted else F.log_softmax(logits / spec.proposal, dim=-1)
     cdf = log_r.exp().cumsum(-1)  # (n, V)
     draws = torch.searchsorted(cdf, uniforms.to(cdf.device) * cdf[:, -1:], right=True)  # (n, K) inverse CDF
@@ -150,6 +150,14 @@ def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None
     if spec.importance_weighted:
         out |= {"logprobs": logp.gather(-1, draws).cpu(), "proposal_logprobs": log_r.gather(-1, draws).cpu()}
     return out
+
+
+def topk_tensors(ids: Tensor, logprobs: Tensor) -> dict[str, Tensor]:
+    """The stored top-k tensors from ids (n, k) and their fp32 log-probs (n, k), most likely first: fp16 log-probs
+    and the tail mass 1 − Σ p computed from the fp32 values (``losses.targets.tail_mass``), on the CPU. The HF
+    builder and the vLLM capture both store through here."""
+    tail = tail_mass(logprobs)
+    return {"ids": ids.cpu(), "logprobs": logprobs.half().cpu(), "tail_mass": tail.half().cpu()}
 
 
 def compact_samples(draws: Tensor, per_draw: dict[str, Tensor]) -> dict[str, Tensor]:
