@@ -24,6 +24,13 @@ def sampled_weights(stored: dict[str, Tensor], spec: CacheSpec) -> Tensor:
     return weights
 
 
+def topk_padding(k: int) -> tuple[Tensor, float, float]:
+    """The filler of a padded top-k position: ids 0..k−1 (distinct) with log-prob log 1/(k+1) each and tail mass
+    1/(k+1) — the uniform distribution over the k + 1 bins, a valid teacher for every divergence."""
+    uniform = 1.0 / (k + 1)
+    return torch.arange(k), math.log(uniform), uniform
+
+
 def _pad_rows(rows: list[Tensor], width: int, fill: float | Tensor) -> Tensor:
     """Stack per-example (P_b, ...) tensors into (B, width, ...), padding positions with ``fill`` (a number, or
     one row's worth of values)."""
@@ -58,11 +65,11 @@ def batch_target(reader: CacheReader, batch: dict[str, Tensor], vocab: int) -> T
     flat = lambda t: t.reshape(-1, *t.shape[2:]).to(device)  # noqa: E731  (B, P, ...) -> (B·P, ...)
     if spec.mode == "dense":
         return DenseLogits(flat(_pad_rows([s["logprobs"] for s in stored], positions, 0.0)), spec.temperature)
-    if spec.mode == "topk":  # padding: ids 0..k-1 and tail, each of mass 1/(k + 1)
-        uniform = 1.0 / (spec.k + 1)
-        ids = flat(_pad_rows([s["ids"] for s in stored], positions, torch.arange(spec.k)))
-        logprobs = flat(_pad_rows([s["logprobs"] for s in stored], positions, math.log(uniform)))
-        tail = flat(_pad_rows([s["tail_mass"] for s in stored], positions, uniform))
+    if spec.mode == "topk":
+        pad_ids, pad_logprob, pad_tail = topk_padding(spec.k)
+        ids = flat(_pad_rows([s["ids"] for s in stored], positions, pad_ids))
+        logprobs = flat(_pad_rows([s["logprobs"] for s in stored], positions, pad_logprob))
+        tail = flat(_pad_rows([s["tail_mass"] for s in stored], positions, pad_tail))
         return TopKTail(ids, logprobs, tail, vocab, spec.temperature)
     width = max(s["ids"].shape[-1] for s in stored)
     ids = flat(_pad_rows([_pad_columns(s["ids"], width) for s in stored], positions, 0))
