@@ -122,7 +122,8 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor 
                     objective: Objective, divisor: float = 1.0) -> Tensor:
     """Per-term weighted sums over one chunk. z: student logits (n, V) fp32; labels (n,); weights (n,);
     teacher: (n, V) logits (divided by ``divisor``: the temperature, or 1 for pre-tempered log-probs), sparse
-    samples, or top-k bins (then student and teacher both enter the divergence as k + 1 bins)."""
+    samples, or top-k: terms with a sparse form (fkl) take the top-k ids plus the data label as their sample
+    (``TopKChunk.with_label``), every other term sees student and teacher collapsed to k + 1 bins."""
     valid = weights != 0
     logq_t = logp_t = logq_1 = logq_bins = None
     sums = []
@@ -134,6 +135,8 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor 
             logq_t = F.log_softmax(z / objective.tau, -1) if logq_t is None else logq_t
             if isinstance(teacher, SparseChunk):
                 per_token = term.sparse(logq_t, teacher.ids, teacher.weights) * objective.teacher_scale
+            elif isinstance(teacher, TopKChunk) and term.sparse is not None:  # fkl: top-k + the label for the tail
+                per_token = term.sparse(logq_t, *teacher.with_label(labels)) * objective.teacher_scale
             elif isinstance(teacher, TopKChunk):
                 logq_bins = teacher.student(logq_t) if logq_bins is None else logq_bins
                 per_token = term(logq_bins, teacher.teacher_logp) * objective.teacher_scale

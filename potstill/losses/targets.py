@@ -1,7 +1,8 @@
 """Teacher signals as data. Every regime (live teacher, logit cache, rollout scorer) yields one of these,
 so all of them share the one chunked loss path. A target hands out the teacher's signal for a slice of the
-flattened (N = B·T) positions: dense-able targets give a (n, V) tensor (``chunk_logits``), sparse sampled
-targets give ids with weights (``chunk_sparse``).
+flattened (N = B·T) positions: dense targets give a (n, V) tensor (``chunk_logits``), top-k targets their k + 1
+bins (``chunk_bins``: the loss path collapses the student onto the same bins), sparse sampled targets ids with
+weights (``chunk_sparse``).
 
 ``temperature`` says what the dense tensor is: None = raw logits (the loss path divides by its temperature);
 a number = log-probs already at that temperature (a cache built at T): the loss path uses them as they are and
@@ -89,6 +90,20 @@ class TopKChunk:
         # logq instead and its result is replaced by -inf
         rest = torch.logsumexp(torch.where(in_top & ~covered, neg_inf, logq), -1, keepdim=True)
         return torch.cat([top, torch.where(covered, neg_inf, rest)], -1)
+
+    def with_label(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Ids (n, k + 1) and weights for a term's sparse form −Σ w·log q(id): the k ids with the teacher's
+        probabilities, plus the data label y with weight 1 when y is outside them (else 0; unlabelled rows: 0).
+
+        If the data follow the teacher, y falls outside the top k with probability = the tail mass and is then a
+        draw from the teacher's tail, so −Σ_top p·log q − [y ∉ top]·log q(y) is an unbiased estimate of the
+        cross-entropy H(p, q) = Σ_v p(v)·(−log q(v)) — the tail's shape comes from the data, its mass in
+        expectation from the teacher. (Exact at T = 1; at T ≠ 1 the labels still follow the untempered data.)"""
+        y = labels.clamp_min(0)[:, None]  # (n, 1)
+        in_top = ((self.ids == y) & self.valid).any(-1, keepdim=True)
+        label_weight = (~in_top & (labels >= 0)[:, None]).to(self.teacher_logp.dtype)
+        top_weight = self.teacher_logp[:, :-1].exp()  # 0 on empty slots
+        return torch.cat([self.ids, y], -1), torch.cat([top_weight, label_weight], -1)
 
 
 @dataclass
