@@ -40,10 +40,15 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=DEFAULT_MODES, help="dense | topk:K | sample:K")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/cache-bench"))
+    parser.add_argument("--objective", default="fkl", help="objective of the cache-trained students")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the CE-only and live-teacher runs (quick iteration)")
     args = parser.parse_args()
     rows = []
-    ce, ce_step = run("ce", ["loss.objective=ce"], args.out, args.steps)
-    live, live_step = run("live-fkl", [], args.out, args.steps)
+    if args.no_baselines:
+        ce, ce_step, live, live_step = {"student_ce": float("nan"), "ece": float("nan")}, float("nan"), {"student_ce": float("nan"), "ece": float("nan")}, float("nan")
+    else:
+        ce, ce_step = run("ce", ["loss.objective=ce"], args.out, args.steps)
+        live, live_step = run("live-fkl", [], args.out, args.steps)
     for mode in args.modes:
         kind, _, size = mode.partition(":")
         cache = args.out / f"cache-{kind}{size}"
@@ -51,7 +56,8 @@ def main() -> None:
         build = [f"teacher.cache={cache}", f"cache.mode={kind}"] + ([f"{size_key}={size}"] if size_key else [])
         shutil.rmtree(cache, ignore_errors=True)  # a fresh build each time: a resumed one would skip every shard
         summary = build_from_config(RunConfig.from_yaml(CONFIG, build, check_run=False), progress=False)
-        metrics, step = run(f"from-{kind}{size}", [f"teacher.cache={cache}", "teacher.path="], args.out, args.steps)
+        metrics, step = run(f"from-{kind}{size}", [f"teacher.cache={cache}", "teacher.path=", f"loss.objective={args.objective}"],
+                            args.out, args.steps)
         rows.append((mode, summary, metrics, step))
         print(f"{mode}: {summary['bytes_per_position']:.1f} B/token, CE {metrics['student_ce']:.4f}", flush=True)
     print(f"\nbuilt-in default, V=479; baselines: CE-only held-out CE {ce['student_ce']:.4f} (step {ce_step * 1000:.1f} ms), "

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from potstill.labels import IGNORE_INDEX
 from potstill.losses.chunked import project_chunks
-from potstill.losses.divergences import kl
+from potstill.losses.divergences import kl, label_logprob
 from potstill.models import hidden_states, output_head
 
 ECE_BINS = 15
@@ -140,12 +140,12 @@ def _valid_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
 def _score_chunk(totals: _Totals, z_student: Tensor, labels: Tensor, z_teacher: Tensor | None) -> None:
     """One chunk: z_student (n, V) fp32, labels (n,), z_teacher (n, V) fp32 or None."""
     logq = F.log_softmax(z_student, -1)  # (n, V)
-    totals.add("student_ce", -logq.gather(-1, labels[:, None]).squeeze(-1))
+    totals.add("student_ce", -label_logprob(logq, labels))
     max_logq, predicted = logq.max(-1)  # (n,), (n,)
     totals.calibration.add(max_logq.exp(), predicted == labels)
     if z_teacher is not None:
         logp = F.log_softmax(z_teacher, -1)  # (n, V)
-        totals.add("teacher_ce", -logp.gather(-1, labels[:, None]).squeeze(-1))
+        totals.add("teacher_ce", -label_logprob(logp, labels))
         totals.add("kl_teacher_student", kl(logp, logq))  # KL(p‖q) at T = 1, -inf-safe
         totals.add("top1_agreement", predicted == logp.argmax(-1))
 

@@ -241,16 +241,6 @@ def test_dts_objective_uses_scheduled_temperature():
         parse_objective("fkl", temperature_schedule="dtss")
 
 
-@pytest.mark.parametrize("name", DIVERGENCES.names())
-def test_topk_target_with_k_equal_v_equals_dense(name):
-    hp = REFERENCES[name][0]
-    hidden, weight, teacher, labels = _data()
-    text = f"{name}({','.join(f'{k}={v}' for k, v in hp.items())})" if hp else name
-    dense = fused_loss(hidden, weight, None, labels, parse_objective(text, 1.5), DenseLogits(teacher), chunk_size=6)
-    topk = fused_loss(hidden, weight, None, labels, parse_objective(text, 1.5), TopKTail.from_logits(teacher, 17), chunk_size=6)
-    assert topk.total.item() == pytest.approx(dense.total.item(), rel=1e-5, abs=1e-6)
-
-
 def test_topk_tail_spreads_the_rest_evenly():
     logits = torch.tensor([[3.0, 1.0, 0.0, -1.0]])
     target = TopKTail.from_logits(logits, 2)

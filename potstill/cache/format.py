@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from potstill.losses.targets import tail_mass, top_k_with_tail
+
 FORMAT = "potstill-teacher-cache"
 FORMAT_VERSION = 2  # 2: sample mode draws from a float64 CDF with float64 uniforms and stores log(p/r) in fp32
 MANIFEST = "manifest.json"
@@ -141,9 +143,7 @@ def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None
     if spec.mode == "dense":
         return {"logprobs": logp.float().cpu()}
     if spec.mode == "topk":
-        top, ids = logp.topk(spec.k, dim=-1)  # (n, k) each, most likely first
-        tail = (1 - top.exp().sum(-1)).clamp_min(0)  # (n,): mass outside the top k
-        return {"ids": ids.cpu(), "logprobs": top.half().cpu(), "tail_mass": tail.half().cpu()}
+        return topk_tensors(*top_k_with_tail(logp, spec.k)[:2])
     draws = inverse_cdf(proposal_cdf(logits, spec), uniforms).sort(-1).values  # (n, K)
     out = {"draws": draws.cpu()}
     if spec.importance_weighted:
@@ -169,6 +169,14 @@ def log_ratio(logits: Tensor, spec: CacheSpec, ids: Tensor) -> Tensor:
     z = logits.double()
     normalisers = z.div(spec.temperature).logsumexp(-1, keepdim=True) - z.div(spec.proposal).logsumexp(-1, keepdim=True)
     return z.gather(-1, ids) * (1 / spec.temperature - 1 / spec.proposal) - normalisers
+
+
+def topk_tensors(ids: Tensor, logprobs: Tensor) -> dict[str, Tensor]:
+    """The stored top-k tensors from ids (n, k) and their fp32 log-probs (n, k), most likely first: fp16 log-probs
+    and the tail mass 1 − Σ p computed from the fp32 values (``losses.targets.tail_mass``), on the CPU. The HF
+    builder and the vLLM capture both store through here."""
+    tail = tail_mass(logprobs)
+    return {"ids": ids.cpu(), "logprobs": logprobs.half().cpu(), "tail_mass": tail.half().cpu()}
 
 
 def compact_samples(draws: Tensor, per_draw: dict[str, Tensor]) -> dict[str, Tensor]:

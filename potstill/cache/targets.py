@@ -1,8 +1,12 @@
 """Cached teacher signals → loss-path targets, looked up by example id (never by step), so shuffling, packing and
 gradient accumulation cannot misalign them. Rows are laid out like the student's predicted positions:
-(B, T−1) flattened, row b holding example ``batch["example_id"][b]``; padded positions get harmless filler
-(their labels are -100, so they carry no weight)."""
+(B, T−1) flattened, row b holding example ``batch["example_id"][b]``. Padded positions carry no weight (their
+labels are -100), but the loss still runs on them and differentiates through them, so their filler is a valid
+teacher distribution (top-k: k distinct ids and a tail, uniform over the k + 1 bins), never a row that would
+make a divergence or its gradient infinite (0 · ∞ = NaN survives a zero weight)."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -20,9 +24,18 @@ def sampled_weights(stored: dict[str, Tensor], spec: CacheSpec) -> Tensor:
     return weights
 
 
-def _pad_rows(rows: list[Tensor], width: int, fill: float) -> Tensor:
-    """Stack per-example (P_b, ...) tensors into (B, width, ...), padding positions with ``fill``."""
-    out = torch.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=rows[0].dtype)
+def topk_padding(k: int) -> tuple[Tensor, float, float]:
+    """The filler of a padded top-k position: ids 0..k−1 (distinct) with log-prob log 1/(k+1) each and tail mass
+    1/(k+1) — the uniform distribution over the k + 1 bins, a valid teacher for every divergence."""
+    uniform = 1.0 / (k + 1)
+    return torch.arange(k), math.log(uniform), uniform
+
+
+def _pad_rows(rows: list[Tensor], width: int, fill: float | Tensor) -> Tensor:
+    """Stack per-example (P_b, ...) tensors into (B, width, ...), padding positions with ``fill`` (a number, or
+    one row's worth of values)."""
+    fill = torch.as_tensor(fill, dtype=rows[0].dtype)
+    out = fill.expand(len(rows), width, *rows[0].shape[1:]).clone()
     for b, r in enumerate(rows):
         out[b, : r.shape[0]] = r
     return out
@@ -53,9 +66,10 @@ def batch_target(reader: CacheReader, batch: dict[str, Tensor], vocab: int) -> T
     if spec.mode == "dense":
         return DenseLogits(flat(_pad_rows([s["logprobs"] for s in stored], positions, 0.0)), spec.temperature)
     if spec.mode == "topk":
-        ids = flat(_pad_rows([s["ids"] for s in stored], positions, 0))
-        logprobs = flat(_pad_rows([s["logprobs"] for s in stored], positions, 0.0))
-        tail = flat(_pad_rows([s["tail_mass"] for s in stored], positions, 0.0))
+        pad_ids, pad_logprob, pad_tail = topk_padding(spec.k)
+        ids = flat(_pad_rows([s["ids"] for s in stored], positions, pad_ids))
+        logprobs = flat(_pad_rows([s["logprobs"] for s in stored], positions, pad_logprob))
+        tail = flat(_pad_rows([s["tail_mass"] for s in stored], positions, pad_tail))
         return TopKTail(ids, logprobs, tail, vocab, spec.temperature)
     width = max(s["ids"].shape[-1] for s in stored)
     ids = flat(_pad_rows([_pad_columns(s["ids"], width) for s in stored], positions, 0))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from potstill.data.encode import Example
 from potstill.cache.store import build_cache_from
-from potstill.cache.format import CacheError, CacheSpec, finish_example, tensor_key
+from potstill.cache.format import CacheError, CacheSpec, finish_example, tensor_key, topk_tensors
 
 
 def _as_float(value) -> float:
@@ -42,8 +42,7 @@ def topk_from_prompt_logprobs(prompt_logprobs: list, k: int) -> dict[str, Tensor
         best = sorted(((_as_float(v), int(tok)) for tok, v in row.items()), reverse=True)[:k]
         logprobs[t] = torch.tensor([lp for lp, _ in best])
         ids[t] = torch.tensor([tok for _, tok in best])
-    tail = (1 - logprobs.exp().sum(-1)).clamp_min(0)
-    return {"ids": ids, "logprobs": logprobs.half(), "tail_mass": tail.half()}
+    return topk_tensors(ids, logprobs)
 
 
 def encode_from_prompt_logprobs(examples: list[Example], prompt_logprobs: list[list], spec: CacheSpec) -> dict[str, Tensor]:

@@ -21,7 +21,9 @@ from torch import Tensor
 from potstill.labels import IGNORE_INDEX
 from potstill.losses.objective import Objective
 from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
-from potstill.losses.targets import SparseChunk, Target, is_sparse, logits_divisor, teacher_chunk
+from potstill.losses.divergences import label_logprob
+from potstill.losses.targets import (MIN_TEACHER_LOGP, SparseChunk, Target, TopKChunk, TopKTail, dense_teacher_chunk,
+                                     is_sparse, logits_divisor, teacher_chunk)
 
 
 @dataclass
@@ -98,7 +100,7 @@ def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels
     vocab = weight.shape[0]
     if is_sparse(target) or logits_divisor(target, 1.0) != 1.0:
         raise ValueError("token selection and temperature schedules need the teacher's full distribution at T = 1")
-    logits = lambda t, sl: None if t is None else teacher_chunk(t, sl, vocab).float()  # noqa: E731
+    logits = lambda t, sl: None if t is None else dense_teacher_chunk(t, sl, vocab).float()  # noqa: E731
     parts = [compute_token_stats(z, logits(target, sl), labels[sl], logits(reference, sl))
              for sl, z in project_chunks(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size)]
     return concat_stats(parts)
@@ -110,12 +112,20 @@ def label_logp(labels: Tensor, vocab: int) -> Tensor:
     return out.scatter_(-1, labels.clamp_min(0)[:, None], 0.0)
 
 
-def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor | SparseChunk | None,
+def teacher_logprobs(teacher: Tensor, divisor: float) -> Tensor:
+    """Dense teacher logits (n, V) → log-probs at the objective's temperature, floored at MIN_TEACHER_LOGP so that
+    a teacher's -inf entries cannot make reverse-KL-type terms (or their gradients) infinite."""
+    return F.log_softmax(teacher.float() / divisor, -1).clamp_min(MIN_TEACHER_LOGP)
+
+
+def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor | SparseChunk | TopKChunk | None,
                     objective: Objective, divisor: float = 1.0) -> Tensor:
     """Per-term weighted sums over one chunk. z: student logits (n, V) fp32; labels (n,); weights (n,);
-    teacher: (n, V) logits (divided by ``divisor``: the temperature, or 1 for pre-tempered log-probs) or sparse."""
+    teacher: (n, V) logits (divided by ``divisor``: the temperature, or 1 for pre-tempered log-probs), sparse
+    samples, or top-k: terms with a sparse form (fkl) take the top-k ids plus the data label as their sample
+    (``TopKChunk.with_label``), every other term sees student and teacher collapsed to k + 1 bins."""
     valid = weights != 0
-    logq_t = logp_t = logq_1 = None
+    logq_t = logp_t = logq_1 = logq_bins = None
     sums = []
     for term in objective.terms:
         if term.uses_labels:  # label terms always at T = 1: they are the data likelihood
@@ -125,8 +135,13 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor 
             logq_t = F.log_softmax(z / objective.tau, -1) if logq_t is None else logq_t
             if isinstance(teacher, SparseChunk):
                 per_token = term.sparse(logq_t, teacher.ids, teacher.weights) * objective.teacher_scale
+            elif isinstance(teacher, TopKChunk) and term.sparse is not None:  # fkl: top-k + the label for the tail
+                per_token = term.sparse(logq_t, *teacher.with_label(labels)) * objective.teacher_scale
+            elif isinstance(teacher, TopKChunk):
+                logq_bins = teacher.student(logq_t) if logq_bins is None else logq_bins
+                per_token = term(logq_bins, teacher.teacher_logp) * objective.teacher_scale
             else:
-                logp_t = F.log_softmax(teacher.float() / divisor, -1) if logp_t is None else logp_t
+                logp_t = teacher_logprobs(teacher, divisor) if logp_t is None else logp_t
                 per_token = term(logq_t, logp_t) * objective.teacher_scale
         sums.append((torch.where(valid, per_token, torch.zeros_like(per_token)) * weights).sum())
     return torch.stack(sums)
@@ -135,8 +150,8 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor 
 @torch.no_grad()
 def label_nll_sums(z: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
     """(2,): Σ −log q(y) and Σ −log p(y) at T = 1 over the chunk's labelled positions."""
-    valid, safe = labels != IGNORE_INDEX, labels.clamp_min(0)[:, None]
-    nll = lambda logits: -(F.log_softmax(logits.float(), -1).gather(-1, safe).squeeze(-1) * valid).sum()  # noqa: E731
+    valid = labels != IGNORE_INDEX
+    nll = lambda logits: -(label_logprob(F.log_softmax(logits.float(), -1), labels) * valid).sum()  # noqa: E731
     return torch.stack([nll(z), nll(teacher_logits)])
 
 
@@ -170,7 +185,8 @@ def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, c
                 (dz,) = torch.autograd.grad((sums_c * term_weights).sum(), z)
         term_sums += sums_c.detach()
         if objective.tracks_nll:
-            nll_sums += label_nll_sums(z.detach(), t_c, labels[sl])
+            t_dense = dense_teacher_chunk(target, sl, vocab) if isinstance(target, TopKTail) else t_c
+            nll_sums += label_nll_sums(z.detach(), t_dense, labels[sl])
         if grad_h is not None:
             grad_h[sl] = dz.to(weight.dtype) @ weight.detach()
         if grad_w is not None:

@@ -83,24 +83,51 @@ def list_divergences() -> list[dict]:
 
 
 def kl(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(p‖q) = Σ p·(log p − log q) over the last axis; entries with p = 0 contribute 0 (even where q = 0)."""
+    """KL(p‖q) = Σ p·(log p − log q) over the last axis; entries with p = 0 contribute 0 (even where q = 0).
+
+    Double-where: the unselected branch of ``torch.where`` still receives a gradient of 0 · (its local
+    derivative), which is NaN where that branch is ±inf. So the inputs are made finite *before* the product
+    on the entries that do not count, and both the value and the gradient stay finite."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+    support = p > 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    diff = torch.where(support, logp, zero) - torch.where(support, logq, zero)
+    return torch.where(support, p * diff, zero).sum(-1)
 
 
 def cross_entropy(logp: Tensor, logq: Tensor) -> Tensor:
-    """H(p, q) = −Σ p·log q over the last axis, with 0·log 0 = 0."""
+    """H(p, q) = −Σ p·log q over the last axis, with 0·log 0 = 0 (double-where as in ``kl``)."""
     p = logp.exp()
-    return -torch.where(p > 0, p * logq, 0.0).sum(-1)
+    support = p > 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    return -torch.where(support, p * torch.where(support, logq, zero), zero).sum(-1)
+
+
+def entropy(logp: Tensor) -> Tensor:
+    """H(p) = −Σ p·log p over the last axis, with 0·log 0 = 0."""
+    return cross_entropy(logp, logp)
+
+
+def label_logprob(logp: Tensor, labels: Tensor) -> Tensor:
+    """log p(y) (n,) of log-probs (n, V) at the data labels (n,); unlabelled rows (-100) read id 0, the caller
+    masks them. The one place label NLL (training, selection statistics, evaluation) is read."""
+    return logp.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
 
 
 def log_mix(logp: Tensor, logq: Tensor, weight_p: float) -> Tensor:
-    """log(w·p + (1−w)·q), computed in log space so that tiny probabilities do not underflow."""
+    """log(w·p + (1−w)·q), computed in log space so that tiny probabilities do not underflow.
+
+    Where both are -inf (a vocabulary entry masked on both sides) the result is -inf with a zero gradient:
+    ``logaddexp``'s backward would be exp(-inf − (-inf)) = NaN there, so those inputs are replaced first."""
     if weight_p <= 0.0:
         return logq
     if weight_p >= 1.0:
         return logp
-    return torch.logaddexp(logp + math.log(weight_p), logq + math.log1p(-weight_p))
+    neither = torch.isneginf(logp) & torch.isneginf(logq)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    mixed = torch.logaddexp(torch.where(neither, zero, logp) + math.log(weight_p),
+                            torch.where(neither, zero, logq) + math.log1p(-weight_p))
+    return torch.where(neither, torch.full_like(mixed, float("-inf")), mixed)
 
 
 # ---- the registered objectives (formulas: docs/objectives.md) ----------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from potstill.losses.divergences import kl
+from potstill.losses.divergences import entropy, kl, label_logprob
 from potstill.losses.hparams import HParam, resolve
 from potstill.registry import Registry
 
@@ -61,16 +61,15 @@ def compute_token_stats(student_logits: Tensor, teacher_logits: Tensor, labels: 
     """Statistics of one chunk: logits (n, V) fp32, labels (n,) with -100 = unlabelled."""
     logq, logp = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
     reference_kl = None if reference_logits is None else kl(logp, F.log_softmax(reference_logits, -1))
-    safe = labels.clamp_min(0)[:, None]
-    entropy = lambda logx: -torch.where(logx.exp() > 0, logx.exp() * logx, 0.0).sum(-1)  # noqa: E731
+    student_label_logp, teacher_label_logp = label_logprob(logq, labels), label_logprob(logp, labels)
     return TokenStats(
         valid=labels != -100,
         student_entropy=entropy(logq),
         teacher_entropy=entropy(logp),
         kl_teacher_student=kl(logp, logq),
-        student_label_prob=logq.gather(-1, safe).squeeze(-1).exp(),
-        teacher_label_prob=logp.gather(-1, safe).squeeze(-1).exp(),
-        student_nll=-logq.gather(-1, safe).squeeze(-1),
+        student_label_prob=student_label_logp.exp(),
+        teacher_label_prob=teacher_label_logp.exp(),
+        student_nll=-student_label_logp,
         reference_kl=reference_kl,
     )
 
