@@ -48,6 +48,9 @@ class NonFiniteError(RuntimeError):
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
+    """LR multiplier at ``step`` (0-based, counting optimizer updates). After warm-up this is exactly transformers'
+    get_{cosine,linear,constant}_schedule_with_warmup; in warm-up it is one step ahead ((s+1)/w, not s/w), so the
+    first update is not taken at lr 0 and the shipped teacher's recipe and the quickstart stay reproducible."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
