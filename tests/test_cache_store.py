@@ -301,7 +301,7 @@ def test_garbled_manifest_and_sidecars_are_reported(tmp_path, teacher, examples)
     for garbled, why in ((b'{"format": "potstill-teacher-cache", "shards": [', "is not valid JSON"),
                          (b"\xff\xfe\x00garbage", "is not valid JSON"),
                          (json.dumps({k: v for k, v in record.items() if k != "shards"}).encode(), r"is damaged \(no shards\)"),
-                         (json.dumps(without_sha).encode(), r"is damaged \(KeyError: 'sha256'\)")):
+                         (json.dumps(without_sha).encode(), r"is damaged \(KeyError: 'shard record 1 lacks file, bytes or sha256'\)")):
         manifest.write_bytes(garbled)
         with pytest.raises(CacheError, match=rf"manifest\.json {why}.*delete it and re-run `potstill cache`"):
             CacheReader(out)

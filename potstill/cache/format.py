@@ -152,8 +152,9 @@ def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None
 
 
 def proposal_cdf(logits: Tensor, spec: CacheSpec) -> Tensor:
-    """(n, V) float64 cumulative sums of r = softmax(z / T_proposal). In float64 an id's interval is off by at most
-    ~2^-53 absolute, so every id with r ≳ 1e-15 is reachable; fp32 (ulp 6e-8 near 1) would drop the long tail."""
+    """(n, V) float64 cumulative sums of r = softmax(z / T_proposal). In float64 an id's interval is its r to a few
+    ulps of 1 (~1e-16), so every id with r ≳ 1e-15 is reachable; in fp32 (ulp 6e-8 above 1/2) an id of r = 1e-8
+    would get an interval of 0 or 6e-8, and one of 1e-6 one off by up to 3 %. docs/cache-format.md: precision."""
     return F.softmax(logits.double() / spec.proposal, dim=-1).cumsum(-1)
 
 

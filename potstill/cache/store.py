@@ -303,10 +303,11 @@ class CacheReader:
             self._length_of: dict[int, int] = {}
             self._digest_of: dict[int, str] = {}
             for index, shard in enumerate(self.manifest["shards"]):
+                if not {"file", "bytes", "sha256"} <= shard.keys():  # needed when the shard is opened
+                    raise KeyError(f"shard record {index} lacks file, bytes or sha256")
                 for example_id, length, digest in zip(shard["example_ids"], shard["lengths"], shard["digests"], strict=True):
                     self._shard_of[example_id], self._length_of[example_id] = index, length
                     self._digest_of[example_id] = digest
-                shard["file"], shard["bytes"], shard["sha256"]  # noqa: B018  (present: checked when the shard opens)
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheError(f"{path} is damaged ({type(exc).__name__}: {exc}): {RESUME_HINT}") from None
         self._check_expectations(expect or {})
