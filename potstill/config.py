@@ -83,9 +83,9 @@ class LossConfig:
 
 @dataclass
 class CacheConfig:
-    mode: str = "topk"
-    """What `potstill cache` stores per position: dense (full log-probs), topk (k ids + log-probs + tail mass) or sample (RS-KD draws)."""
-    k: int = 64
+    mode: str = "sample"
+    """What `potstill cache` stores per position: dense (full log-probs), topk (k ids + log-probs + tail mass; serves every objective) or sample (RS-KD draws; fkl and ce only, the best student per byte: benchmarks/RESULTS.md)."""
+    k: int = 8
     """topk: ids kept per position."""
     samples: int = 64
     """sample: draws per position (≤ 255)."""
