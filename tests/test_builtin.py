@@ -170,5 +170,5 @@ def test_arithmetic_answers_are_correct_and_extractable():
 
 def test_arithmetic_tokens_are_covered(tokenizer):
     for example in arithmetic_examples("validation", 50):
-        ids = tokenizer(example["prompt"] + " " + example["completion"])["input_ids"]
+        ids = tokenizer(example["prompt"] + example["completion"])["input_ids"]  # one text, as the data layer reads it
         assert tokenizer.unk_token_id not in ids

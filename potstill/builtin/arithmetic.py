@@ -5,7 +5,7 @@ numbers are written digit by digit, most significant first ("347" -> "3 4 7"); t
 column from the ones digit, always in the same shape, with a missing digit written as 0:
 
     prompt:     what is 3 4 7 + 8 5 ?
-    completion: 7 + 5 + 0 = 1 2 , write 2 carry 1 ; 4 + 8 + 1 = 1 3 , write 3 carry 1 ;
+    completion:  7 + 5 + 0 = 1 2 , write 2 carry 1 ; 4 + 8 + 1 = 1 3 , write 3 carry 1 ;
                 3 + 0 + 1 = 4 , write 4 carry 0 ; answer 4 3 2
     answer:     432        (plain digits, compare with `extract_answer(completion)`)
 
@@ -69,7 +69,9 @@ def arithmetic_examples(
         a, b = _random_number(rng, digits), _random_number(rng, digits)
         examples.append({
             "prompt": f"what is {spaced_digits(a)} + {spaced_digits(b)} ?",
-            "completion": addition_rationale(a, b),
+            # a leading space: prompt and completion are tokenised as one text, and the word-level tokenizer
+            # splits on whitespace only ("?7" would be one unknown word)
+            "completion": " " + addition_rationale(a, b),
             "answer": str(a + b),
         })
     return examples
