@@ -128,6 +128,18 @@ def test_contract_zero_nonnegative_finite(name):
 
 
 @pytest.mark.parametrize("name", DIVERGENCES.names())
+def test_a_nan_signal_is_never_silently_dropped(name):
+    """-inf (probability 0) contributes nothing, but NaN is a broken signal: it must reach the value so the loop's
+    non-finite guard stops the step (a divergence that read NaN as p = 0 would train on the rest silently)."""
+    fn = potstill.divergence(name, **REFERENCES[name][0])
+    logq = F.log_softmax(torch.randn(4, 9), -1)
+    logp = F.log_softmax(torch.randn(4, 9), -1)
+    logp[1, 2] = float("nan")
+    values = fn(logq, logp)
+    assert torch.isnan(values[1]) and torch.isfinite(values[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("name", DIVERGENCES.names())
 def test_fully_masked_gives_exact_zero_and_zero_grad(name):
     hidden, weight, teacher, labels = _data()
     h = hidden.clone().requires_grad_()

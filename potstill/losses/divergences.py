@@ -87,18 +87,20 @@ def kl(logp: Tensor, logq: Tensor) -> Tensor:
 
     Double-where: the unselected branch of ``torch.where`` still receives a gradient of 0 · (its local
     derivative), which is NaN where that branch is ±inf. So the inputs are made finite *before* the product
-    on the entries that do not count, and both the value and the gradient stay finite."""
+    on the entries that do not count, and both the value and the gradient stay finite. A NaN input is *not* an
+    entry that does not count: ``p != 0`` keeps it, so a broken signal shows as NaN (the loop's non-finite guard
+    stops on it) instead of being silently dropped from the sum."""
     p = logp.exp()
-    support = p > 0
+    support = p != 0
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     diff = torch.where(support, logp, zero) - torch.where(support, logq, zero)
     return torch.where(support, p * diff, zero).sum(-1)
 
 
 def cross_entropy(logp: Tensor, logq: Tensor) -> Tensor:
-    """H(p, q) = −Σ p·log q over the last axis, with 0·log 0 = 0 (double-where as in ``kl``)."""
+    """H(p, q) = −Σ p·log q over the last axis, with 0·log 0 = 0 (double-where and NaN as in ``kl``)."""
     p = logp.exp()
-    support = p > 0
+    support = p != 0
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     return -torch.where(support, p * torch.where(support, logq, zero), zero).sum(-1)
 
