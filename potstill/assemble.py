@@ -6,12 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from potstill import models
+from potstill.models import load_tokenizer, resolve_model_path
 from potstill.config import RunConfig
 from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, load_records, split_holdout
+from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
 
 log = logging.getLogger("potstill")
@@ -25,24 +27,6 @@ class Parts:
     vocab: int  # output rows both losses use (padded rows trimmed)
     reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
     cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
-
-
-def resolve_model_path(path: str) -> str:
-    if path == "builtin":
-        from potstill.builtin.teacher import builtin_teacher_dir
-
-        return str(builtin_teacher_dir())
-    return path
-
-
-def load_tokenizer(path: str):
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or files transformers cannot read
-        raise ValueError(f"{path}: no usable tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
-    if tok.pad_token_id is None:  # batching needs a pad id; padded positions never get a label
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -89,8 +73,6 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
 def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
     """With teacher.cache the cache supplies every teacher signal and the tokenizer saved with it stands in for the
     teacher's. The teacher's weights are read only for student.init_from_teacher_layers (on the CPU, then freed)."""
-    from potstill.cache.run import cached_tokenizer, open_cache
-
     tokenizer = cached_tokenizer(cfg.teacher.cache)
     torch.manual_seed(cfg.train.seed)
     student = build_student(cfg, _teacher_to_copy(cfg), tokenizer).to(device)

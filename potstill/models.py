@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,6 +25,24 @@ def torch_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def resolve_model_path(path: str) -> str:
+    if path == "builtin":
+        from potstill.builtin.teacher import builtin_teacher_dir
+
+        return str(builtin_teacher_dir())
+    return path
+
+
+def load_tokenizer(path: str):
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or files transformers cannot read
+        raise ValueError(f"{path}: no usable tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+    if tok.pad_token_id is None:  # batching needs a pad id; padded positions never get a label
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", key: str = "model") -> PreTrainedModel:

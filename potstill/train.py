@@ -29,7 +29,7 @@ from potstill.losses.targets import TeacherHidden
 from potstill.models import hidden_states, output_head
 from potstill.progress import TrainProgress
 from potstill.report import write_report
-from potstill.cache.run import check_examples_cached
+from potstill.cache.opening import check_examples_cached
 from potstill.cache.targets import batch_target
 
 

@@ -336,7 +336,7 @@ def test_an_encoder_producing_nan_writes_nothing(tmp_path, examples):
 def test_non_contiguous_example_ids_and_a_training_subset(tmp_path, teacher):
     """Example ids are record positions in their file: every 50th record held out for validation leaves gaps
     (…, 48, 50, …), and a run may train on a subset of what was cached. Lookups are by id, so both work."""
-    from potstill.cache.run import check_examples_cached
+    from potstill.cache.opening import check_examples_cached
     from potstill.cache.targets import batch_target, sampled_weights
     from potstill.data.batches import collate
 
