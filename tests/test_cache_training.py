@@ -150,3 +150,13 @@ def test_a_damaged_shard_stops_the_run_before_step_one(tmp_path, model_dirs, tex
     assert len(error) == 1 and error[0].startswith("error: shard ")  # one line
     assert f"shard-00002.safetensors {message}" in error[0] and "`potstill cache`" in error[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken
+
+
+def test_a_sampled_cache_for_an_objective_it_cannot_serve_is_refused_before_building(tmp_path, model_dirs, text_jsonl):
+    cache = tmp_path / "cache"
+    cfg = _cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=sample",
+               "loss.objective=0.5*ce + 0.5*rkl")
+    with pytest.raises(ValueError, match=r"cache.mode=sample only supports .*rkl need the full teacher distribution: "
+                                         r"build the cache in mode 'topk' or 'dense'"):
+        build_from_config(cfg, progress=False)
+    assert not cache.exists()  # refused before the teacher ran or anything was written

@@ -37,9 +37,11 @@ def build_from_config(cfg: RunConfig, progress: bool = True) -> dict:
     """Run the teacher over the run's training examples and store its signal in ``teacher.cache``."""
     if not cfg.teacher.path or not cfg.teacher.cache:
         raise ValueError("potstill cache needs teacher.path (the model to run) and teacher.cache (where to write)")
+    if cfg.cache.mode == "sample":  # refuse now, not after an hour of teacher passes, when `distill` opens the cache
+        cfg.objective().check_sparse_support("cache.mode=sample")
     rt = runtime.setup(cfg.device, multi_process=True)
     teacher_path = models.resolve_model_path(cfg.teacher.path)
-    teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype).to(rt.device).eval().requires_grad_(False)
+    teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype, "teacher.path").to(rt.device).eval().requires_grad_(False)
     tokenizer = models.load_tokenizer(teacher_path)
     vocab = len(tokenizer)
     examples, _ = load_examples(cfg, tokenizer)
