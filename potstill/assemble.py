@@ -147,3 +147,14 @@ def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[E
     held, stats = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train)
     log.info(stats.summary("held-out"))
     return train_examples, held
+
+
+def load_cacheable_examples(cfg: RunConfig, tokenizer) -> list[Example]:
+    """Every record of the training file (the first ``data.max_train_examples``), with no hold-out carved off: a
+    cache built over them serves a run that splits its validation off the file and one given ``data.validation``
+    alike (ids are file positions, so each run finds its own examples)."""
+    d = cfg.data
+    examples, stats = encode_all(tokenizer, load_records(d.train, "train", d.max_train_examples), d.max_length, d.train)
+    log.info(stats.summary("cached"))
+    return examples
+

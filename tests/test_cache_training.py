@@ -160,3 +160,20 @@ def test_a_sampled_cache_for_an_objective_it_cannot_serve_is_refused_before_buil
                                          r"build the cache in mode 'topk' or 'dense'"):
         build_from_config(cfg, progress=False)
     assert not cache.exists()  # refused before the teacher ran or anything was written
+
+
+def test_one_cache_serves_runs_with_and_without_a_validation_file(tmp_path, model_dirs, text_jsonl):
+    """The issue's scenario: `potstill cache --data train.jsonl` then `distill --cache DIR --data train.jsonl
+    --validation val.jsonl` used to disagree on which record was which. Ids are file positions and the cache holds
+    every training record, so both a run that carves its validation off the file and one given a file work."""
+    cache = tmp_path / "cache"
+    build_from_config(_cfg(tmp_path, model_dirs, text_jsonl, f"teacher.cache={cache}", "cache.mode=topk",
+                           "cache.k=4", "data.max_train_examples=120"), progress=False)
+    validation = tmp_path / "val.jsonl"
+    validation.write_text("".join(text_jsonl.read_text().splitlines(keepends=True)[200:210]))
+    for name, extra in (("with-val", [f"data.validation={validation}"]), ("carved", [])):
+        run = _cfg(tmp_path, model_dirs, text_jsonl, f"out_dir={tmp_path / name}", f"teacher.cache={cache}", "teacher.path=",
+                   "loss.objective=fkl", "train.max_steps=3", "data.max_train_examples=120", *extra)
+        potstill.distill(run, progress=False)
+        losses = _losses(tmp_path / name)
+        assert len(losses) == 3 and all(loss == loss for loss in losses)

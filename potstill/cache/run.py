@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from potstill import models, runtime
-from potstill.assemble import load_examples
+from potstill.assemble import load_cacheable_examples
 from potstill.cache.opening import TOKENIZER_DIR
 from potstill.config import RunConfig
 from potstill.cache.store import (CacheReader, build_cache, fingerprint_examples, fingerprint_model,
@@ -44,7 +44,7 @@ def build_from_config(cfg: RunConfig, progress: bool = True) -> dict:
     teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype, "teacher.path").to(rt.device).eval().requires_grad_(False)
     tokenizer = models.load_tokenizer(teacher_path)
     vocab = len(tokenizer)
-    examples, _ = load_examples(cfg, tokenizer)
+    examples = load_cacheable_examples(cfg, tokenizer)
     spec = cache_spec(cfg, vocab)
     fingerprints = {"teacher": fingerprint_model(teacher), "tokenizer": fingerprint_tokenizer(tokenizer),
                     "data": fingerprint_examples(examples)}
