@@ -22,6 +22,7 @@ from potstill.config import RunConfig
 from potstill.data.batches import Batcher, eval_batches
 from potstill.evaluate import evaluate, generate_sample
 from potstill.io import atomic_write_text
+from potstill.labels import IGNORE_INDEX
 from potstill.losses.chunked import LossOutput, fused_loss, should_compile
 from potstill.losses.objective import Objective
 from potstill.losses.reduce import count_valid_tokens, normalise
@@ -127,7 +128,7 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if objective.selection is not None:  # local kept fraction (per rank): what the selector did this step
-        stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != -100).sum()) for b in batches), 1)
+        stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != IGNORE_INDEX).sum()) for b in batches), 1)
         stats["select/weight_min"], stats["select/weight_max"] = low, high
     if objective.tracks_nll:
         stats["student_nll"], stats["teacher_nll"] = nll_means

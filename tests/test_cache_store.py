@@ -13,9 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import potstill.cache.store as cache_module
 from potstill.data.encode import Example
+from potstill.cache.reader import CacheReader
 from potstill.cache.store import (
-    CacheError, CacheReader, CacheSpec, build_cache, finalize_manifest, fingerprint_examples, fingerprint_model,
-    fingerprint_tokenizer,
+    CacheError, CacheSpec, build_cache, finalize_manifest, fingerprint_examples, fingerprint_model, fingerprint_tokenizer,
 )
 from potstill.cache.format import id_dtype, payload_bytes_per_position
 
@@ -123,7 +123,7 @@ def test_sample_with_a_tempered_proposal_stores_the_log_importance_ratio(tmp_pat
         assert set(got) == {"ids", "counts", "log_ratio"}
         used = got["counts"] > 0
         expected = (teacher_logp(teacher, e, 1.0) - teacher_logp(teacher, e, 2.0)).gather(-1, got["ids"])
-        torch.testing.assert_close(got["log_ratio"][used], expected[used], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["log_ratio"][used], expected[used], rtol=1e-5, atol=5e-6)  # absolute: the fp32 reference's log-normaliser error (~6e-7 seen) does not scale with the value
         assert bool((got["ids"][~used] == 0).all()) and bool((got["log_ratio"][~used] == 0).all())
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from potstill.data.encode import Example
-from potstill.cache.store import CacheReader, build_cache, build_cache_from
+from potstill.cache.reader import CacheReader
+from potstill.cache.store import build_cache, build_cache_from
 from potstill.cache.format import CacheError, CacheSpec
 from potstill.cache.vllm_capture import encode_from_prompt_logprobs, topk_from_prompt_logprobs
 

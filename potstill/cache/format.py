@@ -214,6 +214,25 @@ def decode(name: str, stored: Tensor) -> Tensor:
 
 # ---- integrity and records -------------------------------------------------------------------------------------
 
+def signal_problem(signal: dict[str, Tensor], spec: CacheSpec) -> str | None:
+    """What is wrong with one example's decoded tensors, or None: NaN or +inf anywhere, −inf outside log-probs
+    (log 0 is a legal log-prob), ids outside the vocabulary, sample counts that do not sum to K."""
+    for name, t in signal.items():
+        if t.is_floating_point():
+            bad = t.isnan() | (t == float("inf"))
+            if not name.endswith("logprobs"):
+                bad |= t == float("-inf")
+            if bool(bad.any()):
+                return f"its {name} holds NaN or inf"
+    ids = signal.get("ids")
+    if ids is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < spec.vocab):
+        return f"its ids lie outside the vocabulary [0, {spec.vocab})"
+    counts = signal.get("counts")
+    if counts is not None and bool((counts.sum(-1) != spec.samples).any()):
+        return f"its counts do not sum to K = {spec.samples}"
+    return None
+
+
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as fh:

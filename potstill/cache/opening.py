@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from potstill.cache.format import CacheError, example_digest
-from potstill.cache.store import CacheReader, fingerprint_tokenizer
+from potstill.cache.reader import CacheReader
+from potstill.cache.store import fingerprint_tokenizer
 from potstill.config import RunConfig
 from potstill.data.encode import Example
 from potstill.models import load_tokenizer

@@ -12,8 +12,8 @@ from potstill import models, runtime
 from potstill.assemble import load_cacheable_examples
 from potstill.cache.opening import TOKENIZER_DIR
 from potstill.config import RunConfig
-from potstill.cache.store import (CacheReader, build_cache, fingerprint_examples, fingerprint_model,
-                                    fingerprint_tokenizer)
+from potstill.cache.reader import CacheReader
+from potstill.cache.store import build_cache, fingerprint_examples, fingerprint_model, fingerprint_tokenizer
 from potstill.cache.format import CacheSpec
 
 

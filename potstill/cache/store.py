@@ -1,7 +1,7 @@
-"""The on-disk teacher-signal cache: build it once (resumable, shardable over ranks), read it lazily by example id.
+"""Building the on-disk teacher-signal cache: once, resumable, shardable over ranks (``reader.py`` reads it).
 
 Layout, tensor names and integrity rules: docs/cache-format.md. The format itself (spec, per-mode encoding,
-records) is ``format.py``; this module runs the teacher, writes shards atomically and reads them back.
+records, value checks) is ``format.py``; this module runs the teacher and writes shards atomically.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -24,17 +23,14 @@ from potstill.losses.chunked import project_chunks
 from potstill.models import hidden_states, output_head, output_size
 from potstill.cache.format import (
     FORMAT, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, build_key, decode, dumps, encode_chunk, example_digest,
-    example_uniforms, finish_example, manifest_record, read_json, sha256_file, shard_file, sidecar_file, tensor_key,
-    tensor_layout,
+    example_uniforms, finish_example, manifest_record, read_json, sha256_file, shard_file, sidecar_file, signal_problem,
+    tensor_key, tensor_layout,
 )
 
-__all__ = ["CacheError", "CacheReader", "CacheSpec", "build_cache", "build_cache_from", "finalize_manifest", "fingerprint_examples",
+__all__ = ["CacheError", "CacheSpec", "build_cache", "build_cache_from", "finalize_manifest", "fingerprint_examples",
            "fingerprint_model", "fingerprint_tokenizer"]
 
-REBUILD_HINT = "rebuild the cache with `potstill cache` (or point to a cache built for this run)"
-RESUME_HINT = "delete it and re-run `potstill cache` (it resumes and rebuilds only missing shards)"
 SIDECAR_KEYS = ("build_key", "file", "example_ids", "lengths", "digests", "positions", "tensor_bytes", "bytes", "sha256")
-MANIFEST_KEYS = ("format", "format_version", "spec", "fingerprints", "tensors", "shards", "bytes_per_position")
 
 
 # ---- fingerprints ----------------------------------------------------------------------------------------------
@@ -73,25 +69,6 @@ def fingerprint_examples(examples: list[Example]) -> str:
 
 
 # ---- building --------------------------------------------------------------------------------------------------
-
-def signal_problem(signal: dict[str, Tensor], spec: CacheSpec) -> str | None:
-    """What is wrong with one example's decoded tensors, or None: NaN or +inf anywhere, −inf outside log-probs
-    (log 0 is a legal log-prob), ids outside the vocabulary, sample counts that do not sum to K."""
-    for name, t in signal.items():
-        if t.is_floating_point():
-            bad = t.isnan() | (t == float("inf"))
-            if not name.endswith("logprobs"):
-                bad |= t == float("-inf")
-            if bool(bad.any()):
-                return f"its {name} holds NaN or inf"
-    ids = signal.get("ids")
-    if ids is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < spec.vocab):
-        return f"its ids lie outside the vocabulary [0, {spec.vocab})"
-    counts = signal.get("counts")
-    if counts is not None and bool((counts.sum(-1) != spec.samples).any()):
-        return f"its counts do not sum to K = {spec.samples}"
-    return None
-
 
 def _encode_example(hidden: Tensor, weight: Tensor, bias: Tensor | None, example_id: int, spec: CacheSpec) -> dict[str, Tensor]:
     """hidden (P, H): the teacher's last hidden states at the P = L − 1 predicted positions of one example.
@@ -274,141 +251,3 @@ def finalize_manifest(out_dir, spec: CacheSpec, fingerprints: dict[str, str], n_
         raise CacheError(f"{len(missing)} of {n_shards} shards are not built yet ({listed}): run build_cache for "
                          "the ranks that own them (shard i belongs to rank i % world_size), then finalize again")
     return atomic_write_text(out_dir / MANIFEST, dumps(manifest_record(spec, fingerprints, sidecars)))
-
-
-# ---- reading ---------------------------------------------------------------------------------------------------
-
-def _same(recorded, expected) -> bool:
-    if str(recorded) == str(expected):
-        return True
-    try:
-        return float(recorded) == float(expected)
-    except (TypeError, ValueError):
-        return False
-
-
-class CacheReader:
-    """Lazy, mmap'd reads of a finished cache by example id; shards are opened (and checksummed) on first use.
-    Every problem with the files (missing, truncated, corrupted, garbled manifest, NaN/inf written by a faulty
-    build) is a ``CacheError`` naming the file and what to do; ``check_shards`` finds them before training."""
-
-    def __init__(self, out_dir, *, expect: dict[str, str] | None = None, verify: bool = True):
-        self.dir = Path(out_dir)
-        self.verify = verify
-        self.manifest = self._load_manifest()
-        path = self.dir / MANIFEST
-        try:
-            self.spec = CacheSpec.from_dict(self.manifest["spec"])
-            self._shard_of: dict[int, int] = {}
-            self._length_of: dict[int, int] = {}
-            self._digest_of: dict[int, str] = {}
-            for index, shard in enumerate(self.manifest["shards"]):
-                if not {"file", "bytes", "sha256"} <= shard.keys():  # needed when the shard is opened
-                    raise KeyError(f"shard record {index} lacks file, bytes or sha256")
-                for example_id, length, digest in zip(shard["example_ids"], shard["lengths"], shard["digests"], strict=True):
-                    self._shard_of[example_id], self._length_of[example_id] = index, length
-                    self._digest_of[example_id] = digest
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CacheError(f"{path} is damaged ({type(exc).__name__}: {exc}): {RESUME_HINT}") from None
-        self._check_expectations(expect or {})
-        self._open: dict[int, object] = {}
-
-    def _load_manifest(self) -> dict:
-        path = self.dir / MANIFEST
-        if not path.exists():
-            raise CacheError(f"{self.dir} has no {MANIFEST}: the cache is not built or its build did not finish; "
-                             "re-run `potstill cache` (it resumes) or finalize_manifest once every rank is done")
-        manifest = read_json(path, MANIFEST_KEYS)
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')}; "
-                             f"this potstill reads {FORMAT!r} version {FORMAT_VERSION}: {REBUILD_HINT}")
-        return manifest
-
-    def _check_expectations(self, expect: dict[str, str]) -> None:
-        fingerprints, spec = self.manifest["fingerprints"], self.manifest["spec"]
-        for field, expected in expect.items():
-            if field in fingerprints:
-                if not _same(fingerprints[field], expected):
-                    raise CacheError(f"cache was built with {field} fingerprint {fingerprints[field]}, "
-                                     f"this run has {expected}: {REBUILD_HINT}")
-            elif field in spec:
-                if not _same(spec[field], expected):
-                    raise CacheError(f"cache was built with {field}={spec[field]}, this run has {expected}: {REBUILD_HINT}")
-            else:
-                raise CacheError(f"cache at {self.dir} records no {field!r} (fingerprints: "
-                                 f"{', '.join(fingerprints) or 'none'}; spec: {', '.join(spec)}): {REBUILD_HINT}")
-
-    @property
-    def example_ids(self) -> list[int]:
-        return list(self._shard_of)
-
-    def has(self, example_id: int) -> bool:
-        return int(example_id) in self._shard_of
-
-    def length(self, example_id: int) -> int:
-        """Tokens L of the example (the cache holds L − 1 predicted positions)."""
-        return self._length_of[self._shard_index(example_id)[1]]
-
-    def digest(self, example_id: int) -> str:
-        """The token-id digest of the example as it was cached (``format.example_digest``)."""
-        return self._digest_of[self._shard_index(example_id)[1]]
-
-    def bytes_per_position(self) -> float:
-        """Shard-file bytes (headers included) per predicted position, as measured at build time."""
-        return float(self.manifest["bytes_per_position"])
-
-    def _shard_index(self, example_id: int) -> tuple[int, int]:
-        example_id = int(example_id)
-        if example_id not in self._shard_of:
-            raise CacheError(f"example {example_id} is not in the cache (built over {len(self._shard_of)} examples) "
-                             f"at {self.dir}: the data differs from the cache's; {REBUILD_HINT}")
-        return self._shard_of[example_id], example_id
-
-    def check_shards(self, example_ids) -> None:
-        """Open (and with ``verify`` checksum and scan) every shard holding these examples — before training."""
-        for index in sorted({self._shard_index(e)[0] for e in example_ids}):
-            self._shard(index)
-
-    def _shard(self, index: int):
-        if index not in self._open:
-            record = self.manifest["shards"][index]
-            path = self.dir / record["file"]
-            self._check_shard_file(path, record)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise CacheError(f"shard {path} cannot be read ({exc}): {RESUME_HINT}") from None
-            if self.verify:  # the bytes are the ones written; are the values sane? (a faulty build could write NaN)
-                for example_id in record["example_ids"]:
-                    self._decoded(handle, path, example_id)
-            self._open[index] = handle
-        return self._open[index]
-
-    def _check_shard_file(self, path: Path, record: dict) -> None:
-        if not path.exists():
-            raise CacheError(f"shard {path} is missing: re-run `potstill cache` (it rebuilds only missing shards)")
-        size = path.stat().st_size
-        if size != record["bytes"]:
-            raise CacheError(f"shard {path} is truncated or was replaced ({size} bytes, the manifest says "
-                             f"{record['bytes']}): {RESUME_HINT}")
-        if self.verify and sha256_file(path) != record["sha256"]:
-            raise CacheError(f"shard {path} is corrupted (its sha256 differs from the manifest's): {RESUME_HINT}")
-
-    def _decoded(self, handle, path: Path, example_id: int) -> dict[str, Tensor]:
-        try:
-            signal = {name: decode(name, handle.get_tensor(tensor_key(example_id, name))) for name in self.manifest["tensors"]}
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CacheError(f"shard {path} cannot be read at example {example_id} ({exc}): {RESUME_HINT}") from None
-        problem = signal_problem(signal, self.spec)
-        if problem:
-            raise CacheError(f"shard {path} is damaged at example {example_id} ({problem}; written by a faulty "
-                             f"build): {RESUME_HINT}")
-        return signal
-
-    def read(self, example_id: int) -> dict[str, Tensor]:
-        """The example's stored tensors (P = L − 1 rows each), decoded: ids int64; log-probs, tail, counts float32."""
-        index, example_id = self._shard_index(example_id)
-        return self._decoded(self._shard(index), self.dir / self.manifest["shards"][index]["file"], example_id)
-
-    def close(self) -> None:
-        self._open.clear()

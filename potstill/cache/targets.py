@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from potstill.losses.targets import DenseLogits, Sampled, Target, TopKTail
-from potstill.cache.store import CacheReader
+from potstill.cache.reader import CacheReader
 from potstill.cache.format import CacheError, CacheSpec
 
 

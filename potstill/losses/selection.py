@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from potstill.labels import IGNORE_INDEX
 from potstill.losses.divergences import entropy, kl, label_logprob
 from potstill.losses.hparams import HParam, resolve
 from potstill.registry import Registry
@@ -63,7 +64,7 @@ def compute_token_stats(student_logits: Tensor, teacher_logits: Tensor, labels: 
     reference_kl = None if reference_logits is None else kl(logp, F.log_softmax(reference_logits, -1))
     student_label_logp, teacher_label_logp = label_logprob(logq, labels), label_logprob(logp, labels)
     return TokenStats(
-        valid=labels != -100,
+        valid=labels != IGNORE_INDEX,
         student_entropy=entropy(logq),
         teacher_entropy=entropy(logp),
         kl_teacher_student=kl(logp, logq),
