@@ -13,13 +13,16 @@ import torch
 from potstill.io import atomic_write_text, iter_jsonl
 
 STEP_PREFIX = "step-"
+WORLD_FILE = "world.json"  # {"world_size": N}: the rank count that wrote a checkpoint
 
 
-def save_model_dir(path: Path, model, tokenizer, extra: dict[str, object] | None = None) -> Path:
-    """Model + tokenizer (+ extra files under potstill/: str → text, else torch.save) written atomically."""
+def save_model_dir(path: Path, model, tokenizer, extra: dict[str, object] | None = None,
+                   state_dict: dict | None = None) -> Path:
+    """Model + tokenizer (+ extra files under potstill/: str → text, else torch.save) written atomically.
+    ``state_dict``: the model's full weights when the model itself holds only a shard of them (FSDP)."""
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "potstill").mkdir()
@@ -41,11 +44,15 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"{STEP_PREFIX}{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, config_yaml: str, state: dict, keep: int) -> Path:
-    """``state``: optimizer, scheduler, rng, data position, objective state — whatever resume needs."""
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, config_yaml: str, state: dict, keep: int,
+                    state_dict: dict | None = None) -> Path:
+    """``state``: optimizer, scheduler, rng, data position, objective state, world_size — whatever resume needs.
+    The world size is also written as a small text file, so that --resume can check it without loading state."""
     path = checkpoint_dir(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_model_dir(path, model, tokenizer, {"config.yaml": config_yaml, "trainer_state.pt": {"step": step, **state}})
+    world = json.dumps({"world_size": state.get("world_size", 1)})
+    save_model_dir(path, model, tokenizer, {"config.yaml": config_yaml, WORLD_FILE: world,
+                                            "trainer_state.pt": {"step": step, **state}}, state_dict)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return path
@@ -76,3 +83,9 @@ def truncate_metrics(metrics_path: Path, step: int) -> None:
         return
     kept = [row for _, row in iter_jsonl(metrics_path) if row["step"] <= step]
     atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def saved_world_size(path: Path) -> int:
+    """The number of ranks that trained up to checkpoint ``path`` (1 for checkpoints written before it was stored)."""
+    world = path / "potstill" / WORLD_FILE
+    return int(json.loads(world.read_text())["world_size"]) if world.exists() else 1

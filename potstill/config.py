@@ -136,6 +136,14 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    strategy: str = "auto"
+    """Data parallelism under torchrun / accelerate launch (WORLD_SIZE > 1): auto (= ddp), ddp, or fsdp (FSDP2: student sharded per decoder block). No effect in a single process (docs/distributed.md)."""
+    teacher: str = "replicate"
+    """The frozen teacher (and loss.reference) on several ranks: replicate (a full copy per rank) or shard (FSDP2 per decoder block; needs teacher.path, not teacher.cache)."""
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 16
     """Examples per evaluation batch."""
@@ -154,6 +162,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
@@ -223,6 +232,16 @@ class RunConfig:
             raise ValueError(f"train.on_nonfinite={self.train.on_nonfinite!r}: use stop or skip")
         if self.train.warmup_steps is not None and self.train.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be ≥ 0 (or null = 5% of max_steps), got {self.train.warmup_steps}")
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        p = self.parallel
+        if p.strategy not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"parallel.strategy={p.strategy!r}: use auto, ddp or fsdp")
+        if p.teacher not in ("replicate", "shard"):
+            raise ValueError(f"parallel.teacher={p.teacher!r}: use replicate or shard")
+        if p.teacher == "shard" and (self.teacher.cache or not self.teacher.path):
+            raise ValueError("parallel.teacher=shard shards a live teacher: it needs teacher.path and no teacher.cache")
 
 
     def _validate_reference(self, obj: Objective) -> None:

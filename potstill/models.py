@@ -169,3 +169,20 @@ def truncated_copy(teacher: PreTrainedModel, n_layers: int) -> PreTrainedModel:
     if missing:
         raise RuntimeError(f"teacher-truncation init could not fill {missing[:5]}")
     return student
+
+
+class HiddenAndHead(nn.Module):
+    """The forward the fused loss needs: last hidden states (B, T, H) and the output head (V, H) + bias, trimmed to
+    ``vocab`` rows. Returned from ``forward`` so that a DDP or FSDP2 wrapper around this module sees the whole
+    student step as one forward: DDP prepares its gradient reducer, FSDP2 keeps the root parameters (embeddings,
+    final norm, a tied or untied head) unsharded while the loss uses the head. The head is always returned as a
+    view (``[:vocab]``), never as the parameter itself, so hooks a wrapper puts on outputs do not pile up on it."""
+
+    def __init__(self, model: PreTrainedModel, vocab: int):
+        super().__init__()
+        self.model = model
+        self.vocab = vocab
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        weight, bias = output_head(self.model, self.vocab)
+        return hidden_states(self.model, input_ids, attention_mask), weight, bias

@@ -22,7 +22,9 @@ BLOCKING = ("checkpoints", "final", "metrics.jsonl")
 # the training trajectory. Everything else is refused, except that train.max_steps may be raised (extending a run).
 MAY_CHANGE = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.on_nonfinite",
               "data.max_eval_examples", "out_dir", "device", "loss.chunk_size", "loss.compile")
-MAY_CHANGE_SECTIONS = ("eval.",)
+MAY_CHANGE_SECTIONS = ("eval.", "parallel.")
+# train.batch_size is per rank: a resumed run may change it, and the number of ranks, iff the global batch stays.
+GLOBAL_BATCH = "global batch (train.batch_size × ranks)"
 MISSING = "(unset)"
 
 
@@ -62,12 +64,17 @@ def resume_config(overrides: list[str]) -> RunConfig:
     return RunConfig.from_yaml(saved, overrides)
 
 
-def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
+def check_resume_config(run_dir: Path, cfg: RunConfig, world_size: int = 1) -> None:
     """A resumed run continues the trajectory its checkpoints belong to: refuse settings that would change it."""
     saved = run_dir / CONFIG_FILE
     if not saved.exists():
         raise RunDirError(f"--resume: {saved} is missing, so the settings of the run cannot be checked")
     old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(yaml.safe_load(cfg.to_yaml()))
+    old_world = checkpoint.saved_world_size(checkpoint.latest_checkpoint(run_dir))
+    if old_world != world_size:  # another rank count: what must stay is the global batch (same examples per step)
+        for flat, world in ((old, old_world), (new, world_size)):
+            if "train.batch_size" in flat:
+                flat[GLOBAL_BATCH] = flat.pop("train.batch_size") * world
     changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, MISSING) != new.get(k, MISSING)]
     refused = [k for k in changed if not _may_change(k, old.get(k, MISSING), new.get(k, MISSING))]
     if refused:

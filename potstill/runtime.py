@@ -1,17 +1,29 @@
-"""Device, seed, RNG state and rank: the only module that touches torch.distributed.
+"""Device, seed, RNG state, ranks and data parallelism: the only module that touches torch.distributed.
 
-The loop calls these functions unconditionally; in a single process they are no-ops, so train.py has no
-``if cuda`` / ``if rank`` branches. Under ``torchrun`` (WORLD_SIZE > 1) the process group is initialised here.
+The loop calls these functions unconditionally; in a single process they are no-ops (or plain calls), so
+train.py has no ``if cuda`` / ``if rank`` branches. Under ``torchrun`` or ``accelerate launch`` (WORLD_SIZE > 1)
+the process group is initialised here and ``parallelize`` wraps the student's forward seam
+(``models.HiddenAndHead``) in DDP or FSDP2 (docs/distributed.md).
+
+Normalisation: each rank's loss is its local sum ÷ the step's *global* valid-token count, so the step's gradient
+is the SUM of the ranks' gradients. DDP gets a comm hook that all-reduces without dividing; FSDP2 gets a gradient
+divide factor of 1 with sum-only collectives. The loss is never multiplied by the world size.
 """
 from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+TEACHER_MODES = ("replicate", "shard")
 
 
 @dataclass(frozen=True)
@@ -25,14 +37,24 @@ class Runtime:
         return self.rank == 0
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, on the CPU where ``x`` was (gloo and nccl both reduce a copy on the device)."""
         if self.world_size > 1:
-            x = x.to(self.device)
-            dist.all_reduce(x)
+            reduced = x.to(self.device)
+            dist.all_reduce(reduced)
+            return reduced.to(x.device)
         return x
 
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (picklable objects: RNG states)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,20 +66,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup(device: str = "auto", multi_process: bool = False) -> Runtime:
-    """``multi_process``: the caller shards its own work by rank (cache building). Training does not yet wrap the
-    student for data parallelism, so it refuses to run under torchrun rather than train N unsynchronised copies."""
+def setup(device: str = "auto") -> Runtime:
+    """One process per rank as torchrun / accelerate launch start them (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*):
+    gloo on the CPU, nccl on GPUs, each rank on GPU LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not multi_process:
-        raise RuntimeError(f"WORLD_SIZE={world}: multi-process training is not supported yet; run distill as a single "
-                           "process (building a cache under torchrun is supported: each rank writes its own shards)")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
     dev = resolve_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
     return Runtime(dev, rank, world)
 
 
@@ -80,3 +99,165 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_ranks(rt: Runtime, seed: int, step: int = 0) -> None:
+    """Distinct RNG streams per rank (dropout), from (seed, step, rank). Called once the models exist (they were
+    initialised identically on every rank) and on a resume with another rank count; a single process keeps the
+    stream ``seed_everything`` started."""
+    if rt.world_size > 1:
+        seed_everything(seed + 1_000_003 * step + 7919 * (rt.rank + 1))
+
+
+def rank_rng_states(rt: Runtime) -> list[dict]:
+    """Every rank's RNG state (rank order): checkpoints hold them all."""
+    return rt.gather_objects(rng_state())
+
+
+def restore_rank_rng(rt: Runtime, states: list[dict], seed: int, step: int) -> None:
+    """Each rank takes its own saved state; saved under another rank count, the ranks are re-seeded instead."""
+    if len(states) == rt.world_size:
+        set_rng_state(states[rt.rank])
+    else:
+        seed_ranks(rt, seed, step)
+
+
+# ---- data parallelism ----------------------------------------------------------------------------------------
+
+
+def resolve_strategy(strategy: str, world_size: int) -> str:
+    """'none' in a single process (nothing to wrap), else the configured engine ('auto' = ddp)."""
+    if world_size == 1:
+        return "none"
+    return "ddp" if strategy == "auto" else strategy
+
+
+def _sum_allreduce_hook(process_group, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP comm hook: all-reduce SUM without DDP's default division by the world size (see module docstring)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks (the classes transformers never splits across devices: LlamaDecoderLayer, GPT2Block...)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise NotImplementedError(f"{type(model).__name__} names no decoder block class (_no_split_modules), so FSDP "
+                                  "cannot shard it block by block; use parallel.strategy=ddp")
+    return blocks
+
+
+def _fully_shard(seam: nn.Module, model: nn.Module, mesh) -> None:
+    """FSDP2 per decoder block, then the seam as root (embeddings, final norm, head: unsharded in its forward)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(seam, mesh=mesh)
+    for module in seam.modules():
+        if isinstance(module, FSDPModule):  # reduce-scatter SUMS (gloo has no pre-multiplied sum; nccl needs none)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+@dataclass
+class Parallel:
+    """The forward seams the loop calls (student wrapped for DDP/FSDP2; teacher/reference sharded or replicated)
+    and what the loop needs of the wrapping: micro-batch gradient sync, global clipping, gathered parameters for
+    evaluation, full state dicts for checkpoints."""
+
+    rt: Runtime
+    strategy: str  # none | ddp | fsdp
+    student: nn.Module
+    teacher: nn.Module | None = None
+    reference: nn.Module | None = None
+    frozen_sharded: bool = False
+
+    def micro_batch(self, last: bool):
+        """Context for one micro-batch's forward + backward: gradients are reduced over ranks only on the last."""
+        if self.strategy == "ddp" and not last:
+            return self.student.no_sync()
+        if self.strategy == "fsdp":
+            self.student.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip to ``max_norm`` by the global gradient norm (FSDP2's DTensor shard norms are reduced over ranks)."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm.item()
+
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """The root FSDP parameters unsharded, so the HF models may be called directly (evaluation, generation;
+        every rank must take part). Decoder blocks unshard themselves in their own forward."""
+        roots = [self.student] if self.strategy == "fsdp" else []
+        roots += [m for m in (self.teacher, self.reference) if m is not None and self.frozen_sharded]
+        for root in roots:
+            root.unshard()
+        try:
+            yield
+        finally:
+            for root in roots:
+                root.reshard()
+
+    def model_state(self) -> dict | None:
+        """The student's full HF state dict on rank 0 when FSDP shards it (a collective: every rank calls it);
+        None when the model on rank 0 holds every weight and saves itself."""
+        if self.strategy != "fsdp":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("model."): v for k, v in full.items()}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's full state keyed by parameter name (rank 0; a collective), loadable on any rank count."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.student, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load(self, model_state: dict, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:
+        """Full (unsharded) states, read by every rank, into the wrapped student and its optimizer."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.student, {f"model.{k}": v for k, v in model_state.items()}, options=options)
+        set_optimizer_state_dict(self.student, optimizer, optimizer_state, options=options)
+
+
+def parallelize(rt: Runtime, student: nn.Module, frozen: tuple[nn.Module | None, nn.Module | None], vocab: int,
+                strategy: str = "auto", teacher_mode: str = "replicate") -> Parallel:
+    """Seams (``models.HiddenAndHead``) over the student and the frozen (teacher, reference) models, wrapped for
+    this world size. Build the optimizer AFTER this: FSDP2 replaces the student's parameters by DTensor shards."""
+    from potstill.models import HiddenAndHead
+
+    chosen = resolve_strategy(strategy, rt.world_size)
+    seam = HiddenAndHead(student, vocab)
+    frozen_seams = [None if m is None else HiddenAndHead(m, vocab) for m in frozen]
+    shard_frozen = rt.world_size > 1 and teacher_mode == "shard"
+    mesh = None
+    if chosen == "fsdp" or shard_frozen:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    if chosen == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        seam = DistributedDataParallel(seam, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        seam.register_comm_hook(None, _sum_allreduce_hook)
+    elif chosen == "fsdp":
+        _fully_shard(seam, student, mesh)
+    if shard_frozen:
+        for frozen_seam in frozen_seams:
+            if frozen_seam is not None:
+                _fully_shard(frozen_seam, frozen_seam.model, mesh)
+    return Parallel(rt, chosen, seam, *frozen_seams, frozen_sharded=shard_frozen)

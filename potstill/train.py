@@ -27,7 +27,6 @@ from potstill.losses.chunked import LossOutput, fused_loss, should_compile
 from potstill.losses.objective import Objective
 from potstill.losses.reduce import count_valid_tokens, normalise
 from potstill.losses.targets import TeacherHidden
-from potstill.models import hidden_states, output_head
 from potstill.progress import TrainProgress
 from potstill.report import write_report
 from potstill.cache.opening import check_examples_cached
@@ -71,50 +70,56 @@ def shifted(batch: dict) -> torch.Tensor:
     return batch["labels"][:, 1:]
 
 
-def frozen_signal(model, batch: dict, vocab: int) -> TeacherHidden:
-    """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions."""
+def frozen_signal(seam, batch: dict) -> TeacherHidden:
+    """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions, through its
+    forward seam (``models.HiddenAndHead``, FSDP-sharded under parallel.teacher=shard)."""
     with torch.no_grad():
-        h = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    weight, bias = output_head(model, vocab)
+        h, weight, bias = seam(batch["input_ids"], batch["attention_mask"])
+    h = h[:, :-1]
     return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias)
 
 
-def teacher_target(parts: Parts, batch: dict, objective: Objective):
+def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: Objective):
     """The teacher signal for this batch: looked up in the cache by example id, or the live teacher's states."""
     if not objective.needs_teacher:
         return None
     if parts.cache is not None:
         return batch_target(parts.cache, batch, parts.vocab)
-    return frozen_signal(parts.teacher, batch, parts.vocab)
+    return frozen_signal(par.teacher, batch)
 
 
-def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int, compiled: bool = False) -> LossOutput:
-    h = hidden_states(parts.student, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    weight, bias = output_head(parts.student, parts.vocab)
-    target = teacher_target(parts, batch, objective)
-    reference = frozen_signal(parts.reference, batch, parts.vocab) if parts.reference is not None else None
+def batch_loss(parts: Parts, par: runtime.Parallel, batch: dict, objective: Objective, chunk_size: int,
+               compiled: bool = False) -> LossOutput:
+    """The student's forward goes through ``par.student`` (the seam, wrapped in DDP/FSDP2 on several ranks); the
+    head's gradient flows back through the fused loss's autograd Function."""
+    h, weight, bias = par.student(batch["input_ids"], batch["attention_mask"])
+    h = h[:, :-1]
+    target = teacher_target(parts, par, batch, objective)
+    reference = frozen_signal(par.reference, batch) if par.reference is not None else None
     return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference,
                       compiled=compiled)
 
 
-def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float], tuple]:
-    """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count."""
+def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float], tuple]:
+    """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count; gradients
+    are summed over ranks on the last micro-batch only (``par.micro_batch``)."""
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
     term_sums, nll_sums = torch.zeros(len(objective.terms)), torch.zeros(2)
     loss, kept, low, high = 0.0, 0, float("inf"), float("-inf")
     compiled = should_compile(cfg.loss.compile, objective, rt.device, parts.vocab)
-    for batch in batches:
-        out = batch_loss(parts, batch, objective, cfg.loss.chunk_size, compiled)
-        step_loss = normalise(out.total, count)
-        step_loss.backward()
+    for i, batch in enumerate(batches):
+        with par.micro_batch(last=i == len(batches) - 1):
+            out = batch_loss(parts, par, batch, objective, cfg.loss.chunk_size, compiled)
+            step_loss = normalise(out.total, count)
+            step_loss.backward()
         loss += step_loss.item()
         term_sums += out.term_sums.cpu()
         nll_sums += 0 if out.nll_sums is None else out.nll_sums.cpu()
         kept += out.n_kept
         low, high = min(low, out.weight_range[0]), max(high, out.weight_range[1])
-    params = [p for p in parts.student.parameters() if p.grad is not None]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    grad_norm = par.clip_grad_norm(max_norm)
+    loss = rt.all_reduce_sum(torch.tensor(loss, dtype=torch.float64)).item()  # each rank's part of the global mean
     # Schedules (TAID's t, DTS) read these: reduced over ranks so that every rank follows the same trajectory.
     term_means = [v / max(count, 1) for v in rt.all_reduce_sum(term_sums).tolist()]
     nll_means = tuple(v / max(count, 1) for v in rt.all_reduce_sum(nll_sums).tolist())
@@ -193,28 +198,41 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     run_dir = Path(cfg.out_dir)
     check_run_dir(run_dir, resume, overwrite)
     if resume:
-        check_resume_config(run_dir, cfg)
+        check_resume_config(run_dir, cfg, rt.world_size)
     runtime.seed_everything(cfg.train.seed)
     parts = load_parts(cfg, rt.device)
+    par = runtime.parallelize(rt, parts.student, (parts.teacher, parts.reference), parts.vocab, cfg.parallel.strategy,
+                              cfg.parallel.teacher)
+    runtime.seed_ranks(rt, cfg.train.seed)
     train_examples, held_examples = load_examples(cfg, parts.tokenizer)
     if parts.cache is not None:
         check_examples_cached(parts.cache, train_examples)
     pad = parts.tokenizer.pad_token_id
-    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad)
+    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad, rank=rt.rank, world_size=rt.world_size)
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
-    optimizer, scheduler = make_optimizer(cfg, parts.student)
-    claim_run_dir(run_dir, resume, overwrite)
+    optimizer, scheduler = make_optimizer(cfg, parts.student)  # after parallelize: FSDP2 made the params DTensors
     config_yaml = cfg.to_yaml()
-    atomic_write_text(run_dir / "config.yaml", config_yaml)
-    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml)
+    rt.barrier()  # every rank has checked the directory and loaded everything before rank 0 claims it
+    if rt.is_main:
+        claim_run_dir(run_dir, resume, overwrite)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
+    rt.barrier()
+    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par)
     if resume:
         loop.restore()
     last_eval = loop.run(held, progress and rt.is_main)
-    final = checkpoint.save_model_dir(run_dir / "final", parts.student, parts.tokenizer, {"config.yaml": config_yaml})
+    final = run_dir / "final"
+    student_state = par.model_state()
+    if rt.is_main:
+        checkpoint.save_model_dir(final, parts.student, parts.tokenizer, {"config.yaml": config_yaml}, student_state)
     if not last_eval:  # resumed at max_steps: keep the metrics the run already has
-        last_eval = run_eval(parts, held, cfg, loop.step)
-        append_metrics(run_dir, last_eval)
-    write_report(run_dir)
+        with par.gathered():  # every rank evaluates (FSDP needs all ranks in each forward); rank 0 writes
+            last_eval = run_eval(parts, held, cfg, loop.step)
+        if rt.is_main:
+            append_metrics(run_dir, last_eval)
+    if rt.is_main:
+        write_report(run_dir)
+    rt.barrier()
     return RunResult(run_dir, final, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
 
 
@@ -235,6 +253,7 @@ class Loop:
     batcher: Batcher
     run_dir: Path
     config_yaml: str
+    par: runtime.Parallel
     step: int = 0
     skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
     consecutive: int = 0  # ... in a row, up to now
@@ -255,8 +274,10 @@ class Loop:
                 if "nonfinite" in stats:
                     bar.note(f"step {self.step}: skipped ({', '.join(stats['nonfinite'])})")
                 if _due(self.step, cfg.train.eval_every, cfg.train.max_steps):
-                    last_eval = run_eval(parts, held, cfg, self.step)
-                    append_metrics(self.run_dir, last_eval)
+                    with self.par.gathered():  # every rank evaluates (FSDP: all ranks in each forward)
+                        last_eval = run_eval(parts, held, cfg, self.step)
+                    if self.rt.is_main:
+                        append_metrics(self.run_dir, last_eval)
                     bar.note(f"step {self.step}: held-out CE {last_eval['student_ce']:.4f}")
                 if _due(self.step, cfg.train.save_every, cfg.train.max_steps):
                     self.save()
@@ -266,7 +287,7 @@ class Loop:
         cfg = self.cfg
         started = time.perf_counter()
         micro = [to_device(self.batcher.next_batch(), self.rt.device) for _ in range(cfg.train.grad_accum)]
-        stats, term_means, nll_means = train_step(self.parts, micro, self.objective, cfg, self.rt, self.optimizer, self.scheduler)
+        stats, term_means, nll_means = train_step(self.parts, self.par, micro, self.objective, cfg, self.rt, self.optimizer, self.scheduler)
         self.step += 1
         stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
         if "nonfinite" in stats:
@@ -289,11 +310,16 @@ class Loop:
                                           "skipped": self.skipped})
 
     def save(self) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": runtime.rng_state(), "data": self.batcher.state(), "objective": self.objective.state_dict(),
-                 "skipped": self.skipped, "consecutive": self.consecutive}
-        checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer, self.config_yaml,
-                                   state, self.cfg.train.keep_checkpoints)
+        """Full (unsharded) model and optimizer states and every rank's RNG state, written by rank 0 only."""
+        optimizer_state, model_state = self.par.optimizer_state(self.optimizer), self.par.model_state()
+        state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                 "rng": runtime.rank_rng_states(self.rt), "data": self.batcher.state(),
+                 "objective": self.objective.state_dict(), "skipped": self.skipped, "consecutive": self.consecutive,
+                 "world_size": self.rt.world_size}
+        if self.rt.is_main:
+            checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer,
+                                       self.config_yaml, state, self.cfg.train.keep_checkpoints, model_state)
+        self.rt.barrier()
 
     def restore(self) -> None:
         """Load the newest complete checkpoint into the freshly built run and continue from its step."""
@@ -301,11 +327,12 @@ class Loop:
         state = checkpoint.load_trainer_state(path)
         student = self.parts.student
         saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(student.parameters()).dtype)
-        student.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.par.load(saved.state_dict(), self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batcher.load_state(state["data"])
         self.objective.load_state_dict(state["objective"])
-        runtime.set_rng_state(state["rng"])
-        checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        runtime.restore_rank_rng(self.rt, state["rng"], self.cfg.train.seed, int(state["step"]))
+        if self.rt.is_main:
+            checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        self.rt.barrier()
         self.step, self.skipped, self.consecutive = int(state["step"]), state.get("skipped", 0), state.get("consecutive", 0)

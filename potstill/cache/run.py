@@ -39,7 +39,7 @@ def build_from_config(cfg: RunConfig, progress: bool = True) -> dict:
         raise ValueError("potstill cache needs teacher.path (the model to run) and teacher.cache (where to write)")
     if cfg.cache.mode == "sample":  # refuse now, not after an hour of teacher passes, when `distill` opens the cache
         cfg.objective().check_sparse_support("cache.mode=sample")
-    rt = runtime.setup(cfg.device, multi_process=True)
+    rt = runtime.setup(cfg.device)
     teacher_path = models.resolve_model_path(cfg.teacher.path)
     teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype, "teacher.path").to(rt.device).eval().requires_grad_(False)
     tokenizer = models.load_tokenizer(teacher_path)

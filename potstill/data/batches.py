@@ -1,7 +1,10 @@
 """Deterministic, resumable batching: a seeded permutation per epoch and a position inside it.
 
 The whole data position is two integers (epoch, index), saved in every checkpoint, so a resumed run sees
-exactly the batches an uninterrupted run would have seen.
+exactly the batches an uninterrupted run would have seen. With several data-parallel ranks the permutation and the
+position are global: each micro-batch takes ``batch_size × world_size`` consecutive examples of the permutation and
+rank r keeps its slice of ``batch_size``, so the position means the same on any rank count (a run resumes on
+another number of ranks with the same global batch and sees the same examples).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ class Batcher:
     batch_size: int
     seed: int
     pad_id: int
+    rank: int = 0
+    world_size: int = 1
     epoch: int = 0
     index: int = 0
 
@@ -42,14 +47,17 @@ class Batcher:
         return torch.randperm(len(self.examples), generator=gen).tolist()
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch; an epoch's short tail is skipped so every batch has ``batch_size`` examples."""
-        if self.batch_size > len(self.examples):
-            raise ValueError(f"batch_size {self.batch_size} exceeds the {len(self.examples)} training examples")
-        if self.index + self.batch_size > len(self.examples):
+        """This rank's part of the next global micro-batch; an epoch's short tail is skipped so every rank's batch
+        has ``batch_size`` examples."""
+        global_size = self.batch_size * self.world_size
+        if global_size > len(self.examples):
+            ranks = f" × {self.world_size} ranks" if self.world_size > 1 else ""
+            raise ValueError(f"train.batch_size {self.batch_size}{ranks} exceeds the {len(self.examples)} training examples")
+        if self.index + global_size > len(self.examples):
             self.epoch, self.index = self.epoch + 1, 0
-        order = self._order()
-        chosen = [self.examples[i] for i in order[self.index : self.index + self.batch_size]]
-        self.index += self.batch_size
+        start = self.index + self.rank * self.batch_size
+        chosen = [self.examples[i] for i in self._order()[start : start + self.batch_size]]
+        self.index += global_size
         return collate(chosen, self.pad_id)
 
     def state(self) -> dict:
