@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -132,8 +133,8 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     return "ddp" if strategy == "auto" else strategy
 
 
-def _sum_allreduce_hook(process_group, bucket: dist.GradBucket) -> torch.futures.Future:
-    """DDP comm hook: all-reduce SUM without DDP's default division by the world size (see module docstring)."""
+def _sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them, and they are strings here
+    """DDP comm hook: all-reduce SUM of a dist.GradBucket without DDP's default division by the world size."""
     group = process_group if process_group is not None else dist.group.WORLD
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
@@ -153,6 +154,9 @@ def _fully_shard(seam: nn.Module, model: nn.Module, mesh) -> None:
     """FSDP2 per decoder block, then the seam as root (embeddings, final norm, head: unsharded in its forward)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    # The seam returns views (the head trimmed to [:vocab], the hidden states); FSDP2 warns that an in-place op on
+    # such a view would skip its pre-backward hook. The loss path never writes into them.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(seam, mesh=mesh)

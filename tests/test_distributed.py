@@ -1,0 +1,150 @@
+"""Data parallelism with real processes: `torchrun` and `accelerate launch` start 2 CPU ranks (gloo) running
+`python -m potstill distill`; their loss trajectories must equal a single process's with the same global batch.
+
+Every run here trains the same tiny tied-embedding Llama student for 4 steps on the same 4 examples per step
+(global batch = train.batch_size × grad_accum × ranks = 4), so one in-process reference serves every comparison.
+Tolerance: rel 1e-5 — fp32 sums over ranks in another order (seen: ≤ 4e-6 on the losses after 4 AdamW steps)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import potstill
+from potstill.builtin import builtin_texts
+from potstill.config import RunConfig
+from potstill.rundir import RunDirError
+
+from conftest import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+CHECKPOINTS = ("train.save_every=2", "train.keep_checkpoints=3")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer) -> dict:
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts("train", 40)))
+    return {"root": root, "data": data,
+            "teacher": save_tiny_model(root / "teacher", "llama", tokenizer, layers=2, hidden=32, seed=1),
+            "student": save_tiny_model(root / "student", "llama", tokenizer, layers=2, hidden=32, seed=2,
+                                       tie_word_embeddings=True)}
+
+
+def overrides(s: dict, out: Path, *extra: str) -> list[str]:
+    args = [f"teacher.path={s['teacher']}", f"student.path={s['student']}", f"data.train={s['data']}",
+            f"out_dir={out}", "data.max_length=32", "data.max_eval_examples=4", "eval.batch_size=4",
+            "eval.max_new_tokens=2", f"train.max_steps={STEPS}", "train.log_every=1", "train.lr=0.01",
+            "train.warmup_steps=0", "train.eval_every=0", "device=cpu"]
+    return args + list(extra)
+
+
+def in_process(s: dict, out: Path, *extra: str, resume: bool = False) -> Path:
+    return potstill.distill(RunConfig.from_yaml(None, overrides(s, out, *extra)), resume=resume, progress=False).run_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(launcher: list[str], s: dict, out: Path, *extra: str) -> Path:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HOME": str(out.parent / "hf-home")}
+    cmd = [*launcher, "-m", "potstill", "distill", *overrides(s, out, *extra)]
+    done = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def torchrun(s: dict, out: Path, *extra: str) -> Path:
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], s, out, *extra)
+
+
+def accelerate(s: dict, out: Path, *extra: str) -> Path:
+    # --multi_gpu selects accelerate's torchrun launcher (N processes); on a CPU machine they run gloo. With --cpu
+    # accelerate starts ONE process (or needs mpirun), so it is not used here.
+    return launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port())], s, out, *extra)
+
+
+def rows(run_dir: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def assert_same_trajectory(run: Path, reference: Path, steps=range(1, STEPS + 1)) -> None:
+    got, want = rows(run), rows(reference)
+    assert [r["step"] for r in got] == list(steps)  # exactly one line per step: only rank 0 appended
+    want = {r["step"]: r for r in want}
+    for r in got:
+        for key in ("loss", "grad_norm"):
+            assert r[key] == pytest.approx(want[r["step"]][key], rel=1e-5), (r["step"], key)
+        assert r["tokens"] == want[r["step"]]["tokens"]  # the same global batch
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> Path:
+    return in_process(setup, setup["root"] / "one-rank", "train.batch_size=4")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(setup) -> Path:
+    return torchrun(setup, setup["root"] / "ddp", "train.batch_size=2", *CHECKPOINTS)
+
+
+def test_ddp_torchrun_equals_one_process(ddp_run, reference):
+    assert_same_trajectory(ddp_run, reference)
+    assert len(rows(ddp_run, "eval")) == 1 and (ddp_run / "report.md").exists()
+    assert not [p for p in ddp_run.rglob(".tmp-*")]
+    ckpt = ddp_run / "checkpoints" / "step-0000002"
+    assert json.loads((ckpt / "potstill" / "world.json").read_text()) == {"world_size": 2}
+    assert len(torch.load(ckpt / "potstill" / "trainer_state.pt", weights_only=False)["rng"]) == 2  # per rank
+    AutoModelForCausalLM.from_pretrained(ckpt)
+
+
+def test_fsdp_student_and_teacher_sharded_equals_one_process(setup, reference, ddp_run):
+    """FSDP2 over the tied-embedding student (root: embeddings = head) and the frozen teacher; the final model,
+    gathered from the shards by rank 0, loads with from_pretrained, keeps its tie and equals the DDP run's."""
+    run = torchrun(setup, setup["root"] / "fsdp", "train.batch_size=2", "parallel.strategy=fsdp",
+                   "parallel.teacher=shard")
+    assert_same_trajectory(run, reference)
+    assert rows(run, "eval")[0]["student_ce"] == pytest.approx(rows(ddp_run, "eval")[0]["student_ce"], rel=1e-5)
+    fsdp = AutoModelForCausalLM.from_pretrained(run / "final")
+    ddp = AutoModelForCausalLM.from_pretrained(ddp_run / "final")
+    assert fsdp.lm_head.weight is fsdp.model.embed_tokens.weight or \
+        fsdp.lm_head.weight.data_ptr() == fsdp.model.embed_tokens.weight.data_ptr()
+    for name, weight in ddp.state_dict().items():
+        torch.testing.assert_close(fsdp.state_dict()[name], weight, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_accum_under_ddp_via_accelerate_equals_one_process_grad_accum(setup, reference):
+    one = in_process(setup, setup["root"] / "one-rank-accum", "train.batch_size=2", "train.grad_accum=2")
+    assert_same_trajectory(one, reference)
+    run = accelerate(setup, setup["root"] / "accelerate", "train.batch_size=1", "train.grad_accum=2")
+    assert_same_trajectory(run, one)
+
+
+def test_resume_on_one_rank_from_a_two_rank_checkpoint(setup, ddp_run):
+    """Checkpoints hold full states and the data position is global: the 2-rank run (batch 2 per rank) continues
+    on 1 rank with train.batch_size=4 (the same global batch) along the same trajectory."""
+    run = setup["root"] / "ddp-resumed"
+    shutil.copytree(ddp_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-0000004")  # as if killed after step 3
+    shutil.rmtree(run / "final")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= 3))
+    with pytest.raises(RunDirError, match=r"global batch \(train.batch_size × ranks\): 4 → 2"):
+        in_process(setup, run, "train.batch_size=2", *CHECKPOINTS, resume=True)
+    in_process(setup, run, "train.batch_size=4", *CHECKPOINTS, resume=True)
+    assert_same_trajectory(run, ddp_run)
