@@ -104,7 +104,7 @@ class TrainConfig:
     max_steps: int = 200
     """Optimiser steps."""
     batch_size: int = 8
-    """Examples per micro-batch."""
+    """Examples per micro-batch on each rank: one optimiser step sees batch_size × grad_accum × ranks examples (docs/distributed.md)."""
     grad_accum: int = 1
     """Micro-batches per optimiser step (the loss is normalised by the step's total token count, so this is exact)."""
     lr: float = 1e-4

@@ -166,6 +166,16 @@ def _fully_shard(seam: nn.Module, model: nn.Module, mesh) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
+def _repeated_names(module: nn.Module) -> set[str]:
+    """Names under which an already-listed parameter is registered again (a tied head: 'model.lm_head.weight')."""
+    seen, repeated = set(), set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            repeated.add(name)
+        seen.add(id(param))
+    return repeated
+
+
 @dataclass
 class Parallel:
     """The forward seams the loop calls (student wrapped for DDP/FSDP2; teacher/reference sharded or replicated)
@@ -220,7 +230,10 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in full.items()}
+        # A tied head is one parameter under two names; the full state dict holds two copies, and saving both would
+        # store it twice. Keep its first name, as save_pretrained does for an unwrapped model.
+        repeated = _repeated_names(self.student)
+        return {k.removeprefix("model."): v for k, v in full.items() if k not in repeated}
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer's full state keyed by parameter name (rank 0; a collective), loadable on any rank count."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import potstill
@@ -79,6 +80,11 @@ def accelerate(s: dict, out: Path, *extra: str) -> Path:
                    "--main_process_port", str(_free_port())], s, out, *extra)
 
 
+def saved_names(model_dir: Path) -> set[str]:
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        return set(f.keys())
+
+
 def rows(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
@@ -113,17 +119,23 @@ def test_ddp_torchrun_equals_one_process(ddp_run, reference):
     AutoModelForCausalLM.from_pretrained(ckpt)
 
 
-def test_fsdp_student_and_teacher_sharded_equals_one_process(setup, reference, ddp_run):
+@pytest.fixture(scope="module")
+def fsdp_run(setup) -> Path:
+    return torchrun(setup, setup["root"] / "fsdp", "train.batch_size=2", "parallel.strategy=fsdp",
+                    "parallel.teacher=shard", *CHECKPOINTS)
+
+
+def test_fsdp_student_and_teacher_sharded_equals_one_process(fsdp_run, reference, ddp_run):
     """FSDP2 over the tied-embedding student (root: embeddings = head) and the frozen teacher; the final model,
     gathered from the shards by rank 0, loads with from_pretrained, keeps its tie and equals the DDP run's."""
-    run = torchrun(setup, setup["root"] / "fsdp", "train.batch_size=2", "parallel.strategy=fsdp",
-                   "parallel.teacher=shard")
+    run = fsdp_run
     assert_same_trajectory(run, reference)
     assert rows(run, "eval")[0]["student_ce"] == pytest.approx(rows(ddp_run, "eval")[0]["student_ce"], rel=1e-5)
     fsdp = AutoModelForCausalLM.from_pretrained(run / "final")
     ddp = AutoModelForCausalLM.from_pretrained(ddp_run / "final")
     assert fsdp.lm_head.weight is fsdp.model.embed_tokens.weight or \
         fsdp.lm_head.weight.data_ptr() == fsdp.model.embed_tokens.weight.data_ptr()
+    assert saved_names(run / "final") == saved_names(ddp_run / "final")  # the tied head stored once
     for name, weight in ddp.state_dict().items():
         torch.testing.assert_close(fsdp.state_dict()[name], weight, rtol=1e-5, atol=1e-7)
 
@@ -135,11 +147,13 @@ def test_grad_accum_under_ddp_via_accelerate_equals_one_process_grad_accum(setup
     assert_same_trajectory(run, one)
 
 
-def test_resume_on_one_rank_from_a_two_rank_checkpoint(setup, ddp_run):
+@pytest.mark.parametrize("two_ranks", ["ddp_run", "fsdp_run"])
+def test_resume_on_one_rank_from_a_two_rank_checkpoint(setup, two_ranks, request):
     """Checkpoints hold full states and the data position is global: the 2-rank run (batch 2 per rank) continues
     on 1 rank with train.batch_size=4 (the same global batch) along the same trajectory."""
-    run = setup["root"] / "ddp-resumed"
-    shutil.copytree(ddp_run, run)
+    two_rank_run = request.getfixturevalue(two_ranks)
+    run = setup["root"] / f"{two_ranks}-resumed"
+    shutil.copytree(two_rank_run, run)
     shutil.rmtree(run / "checkpoints" / "step-0000004")  # as if killed after step 3
     shutil.rmtree(run / "final")
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -147,4 +161,31 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(setup, ddp_run):
     with pytest.raises(RunDirError, match=r"global batch \(train.batch_size × ranks\): 4 → 2"):
         in_process(setup, run, "train.batch_size=2", *CHECKPOINTS, resume=True)
     in_process(setup, run, "train.batch_size=4", *CHECKPOINTS, resume=True)
-    assert_same_trajectory(run, ddp_run)
+    assert_same_trajectory(run, two_rank_run)
+
+
+def test_rank_slices_make_up_the_one_process_batch(tokenizer):
+    """Each micro-batch takes batch_size × ranks examples of the global permutation; rank r keeps its slice, so
+    the ranks together see exactly the one-process batch of batch_size × ranks, step after step, across epochs."""
+    from potstill.data.batches import Batcher
+    from potstill.data.encode import Example
+
+    examples = [Example(input_ids=[1, 2, 3], labels=[1, 2, 3], example_id=i) for i in range(10)]
+    single = Batcher(examples, 4, seed=3, pad_id=0)
+    ranks = [Batcher(examples, 2, seed=3, pad_id=0, rank=r, world_size=2) for r in range(2)]
+    for _ in range(6):  # 2 per epoch: the tail of 2 is skipped, as in one process
+        whole = single.next_batch()["example_id"].tolist()
+        assert sum((b.next_batch()["example_id"].tolist() for b in ranks), []) == whole
+        assert all(b.state() == single.state() for b in ranks)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.strategy=zero3", "parallel.strategy='zero3': use auto, ddp or fsdp"),
+    ("parallel.teacher=offload", "parallel.teacher='offload': use replicate or shard"),
+])
+def test_parallel_settings_are_checked_at_load(setup, override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        RunConfig.from_yaml(None, overrides(setup, setup["root"] / "unused", override))
+    cached = [f"student.path={setup['student']}", "teacher.cache=/some/cache", "parallel.teacher=shard"]
+    with pytest.raises(ValueError, match="parallel.teacher=shard shards a live teacher"):
+        RunConfig.from_yaml(None, cached)
