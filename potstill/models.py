@@ -136,9 +136,12 @@ def _probe_forward(model: PreTrainedModel, head: nn.Module) -> dict:
     return {**seen, "logits": logits.reshape(-1, vocab), "body": body.reshape(-1, body.shape[-1])}
 
 
-def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Last hidden states (B, T, H) from the decoder body, without computing the (B, T, V) logits."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  position_ids: Tensor | None = None) -> Tensor:
+    """Last hidden states (B, T, H) from the decoder body, without computing the (B, T, V) logits. Packed rows
+    (data/packing.py) pass ``position_ids`` and no ``attention_mask``."""
+    packed = {} if position_ids is None else {"position_ids": position_ids}  # not every decoder takes the argument
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed)
     return out.last_hidden_state
 
 

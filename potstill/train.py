@@ -32,6 +32,8 @@ from potstill.progress import TrainProgress
 from potstill.report import write_report
 from potstill.cache.opening import check_examples_cached
 from potstill.cache.targets import batch_target
+from potstill.data.packing import padding_fraction
+from potstill.packing_check import check_parts_for_packing
 
 
 @dataclass
@@ -74,7 +76,7 @@ def shifted(batch: dict) -> torch.Tensor:
 def frozen_signal(model, batch: dict, vocab: int) -> TeacherHidden:
     """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions."""
     with torch.no_grad():
-        h = hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+        h = hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))[:, :-1]
     weight, bias = output_head(model, vocab)
     return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias)
 
@@ -89,7 +91,7 @@ def teacher_target(parts: Parts, batch: dict, objective: Objective):
 
 
 def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int, compiled: bool = False) -> LossOutput:
-    h = hidden_states(parts.student, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    h = hidden_states(parts.student, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))[:, :-1]
     weight, bias = output_head(parts.student, parts.vocab)
     target = teacher_target(parts, batch, objective)
     reference = frozen_signal(parts.reference, batch, parts.vocab) if parts.reference is not None else None
@@ -119,6 +121,7 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
     term_means = [v / max(count, 1) for v in rt.all_reduce_sum(term_sums).tolist()]
     nll_means = tuple(v / max(count, 1) for v in rt.all_reduce_sum(nll_sums).tolist())
     stats = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": count,
+             "padding": padding_fraction(batches),
              **term_metrics(objective, term_means)}
     problems = nonfinite_problems(objective, loss, term_means, grad_norm)
     if problems:  # never reaches the optimizer; the loop decides (train.on_nonfinite) whether the run goes on
@@ -200,7 +203,9 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     if parts.cache is not None:
         check_examples_cached(parts.cache, train_examples)
     pad = parts.tokenizer.pad_token_id
-    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad)
+    if cfg.data.packing:
+        check_parts_for_packing(parts)
+    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad, cfg.data.max_length if cfg.data.packing else 0)
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
     optimizer, scheduler = make_optimizer(cfg, parts.student)
     claim_run_dir(run_dir, resume, overwrite)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from potstill.data.encode import Example
+from potstill.data.packing import packed_collate
 from potstill.labels import IGNORE_INDEX
 
 
@@ -34,6 +35,7 @@ class Batcher:
     batch_size: int
     seed: int
     pad_id: int
+    pack_length: int = 0  # > 0: each batch's examples are packed into rows of at most this many tokens (packing.py)
     epoch: int = 0
     index: int = 0
 
@@ -50,6 +52,8 @@ class Batcher:
         order = self._order()
         chosen = [self.examples[i] for i in order[self.index : self.index + self.batch_size]]
         self.index += self.batch_size
+        if self.pack_length:
+            return packed_collate(chosen, self.pad_id, self.pack_length)
         return collate(chosen, self.pad_id)
 
     def state(self) -> dict:
