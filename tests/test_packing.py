@@ -83,9 +83,9 @@ def _gap(actual, expected) -> float:
 def test_a_packed_document_computes_as_if_alone(arch, attention):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, 97), attn_implementation=attention).eval()
-    examples = [Example(i, ids, ids) for i, ids in enumerate([list(range(3, 20)), list(range(40, 47)), list(range(60, 70))])]
+    examples = [Example(i, ids, ids) for i, ids in enumerate([list(range(3, 20)), list(range(40, 47)), list(range(60, 69))])]
     batch = packed_collate(examples, PAD, 20)
-    assert batch["input_ids"].shape[0] == 2  # 17 | 10 + 7
+    assert batch["input_ids"].shape == (2, 17)  # 17 | 9 + 7 + one padding position
     with torch.no_grad():
         packed = hidden_states(model, batch["input_ids"], position_ids=batch["position_ids"])
         for e, (row, start, n) in zip(examples, batch["segments"].tolist()):
