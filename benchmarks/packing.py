@@ -5,7 +5,7 @@ rest short, so a padded batch is mostly padding; the built-in teacher distils in
 labelled tokens per second of step time (the loop's own `tokens_per_s`, summed over steps after a warm-up) and
 the padding fraction (positions computed that hold no token).
 
-    python benchmarks/packing.py --steps 30 [--max-length 256] [--batch-size 16]
+    python benchmarks/packing.py [--steps 30] [--max-length 256] [--batch-size 16] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -58,12 +58,14 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         data = mixed_jsonl(Path(tmp) / "mixed.jsonl", 2000)
-        for packing in (False, True):
-            print(json.dumps(run(data, Path(tmp) / f"run-{packing}", packing, args)))
+        for rep in range(args.repeats):  # alternated, so that a change in machine load hits both alike
+            for packing in (False, True):
+                print(json.dumps({"repeat": rep, **run(data, Path(tmp) / f"run-{packing}-{rep}", packing, args)}))
 
 
 if __name__ == "__main__":
