@@ -55,6 +55,8 @@ class DataConfig:
     """Held-out data in the same formats; default: `builtin` for builtin training data, else 2% of the training file."""
     max_length: int = 1024
     """Examples are truncated to this many tokens."""
+    packing: bool = False
+    """Pack each training batch's examples into shared rows of at most `max_length` tokens (no attention across documents, position ids restart per document): same loss, less padding computed. Evaluation batches stay padded."""
     max_train_examples: int | None = None
     """Use at most this many training examples (None = all)."""
     max_eval_examples: int = 256

@@ -136,9 +136,12 @@ def _probe_forward(model: PreTrainedModel, head: nn.Module) -> dict:
     return {**seen, "logits": logits.reshape(-1, vocab), "body": body.reshape(-1, body.shape[-1])}
 
 
-def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Last hidden states (B, T, H) from the decoder body, without computing the (B, T, V) logits."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  position_ids: Tensor | None = None) -> Tensor:
+    """Last hidden states (B, T, H) from the decoder body, without computing the (B, T, V) logits. Packed rows
+    (data/packing.py) pass ``position_ids`` and no ``attention_mask``."""
+    packed = {} if position_ids is None else {"position_ids": position_ids}  # not every decoder takes the argument
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed)
     return out.last_hidden_state
 
 
@@ -183,6 +186,7 @@ class HiddenAndHead(nn.Module):
         self.model = model
         self.vocab = vocab
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         weight, bias = output_head(self.model, self.vocab)
-        return hidden_states(self.model, input_ids, attention_mask), weight, bias
+        return hidden_states(self.model, input_ids, attention_mask, position_ids), weight, bias

@@ -31,6 +31,8 @@ from potstill.progress import TrainProgress
 from potstill.report import write_report
 from potstill.cache.opening import check_examples_cached
 from potstill.cache.targets import batch_target
+from potstill.data.packing import padding_fraction
+from potstill.packing_check import check_parts_for_packing
 
 
 @dataclass
@@ -74,7 +76,7 @@ def frozen_signal(seam, batch: dict) -> TeacherHidden:
     """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions, through its
     forward seam (``models.HiddenAndHead``, FSDP-sharded under parallel.teacher=shard)."""
     with torch.no_grad():
-        h, weight, bias = seam(batch["input_ids"], batch["attention_mask"])
+        h, weight, bias = seam(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     h = h[:, :-1]
     return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias)
 
@@ -92,7 +94,7 @@ def batch_loss(parts: Parts, par: runtime.Parallel, batch: dict, objective: Obje
                compiled: bool = False) -> LossOutput:
     """The student's forward goes through ``par.student`` (the seam, wrapped in DDP/FSDP2 on several ranks); the
     head's gradient flows back through the fused loss's autograd Function."""
-    h, weight, bias = par.student(batch["input_ids"], batch["attention_mask"])
+    h, weight, bias = par.student(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     h = h[:, :-1]
     target = teacher_target(parts, par, batch, objective)
     reference = frozen_signal(par.reference, batch) if par.reference is not None else None
@@ -124,6 +126,7 @@ def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler) ->
     term_means = [v / max(count, 1) for v in rt.all_reduce_sum(term_sums).tolist()]
     nll_means = tuple(v / max(count, 1) for v in rt.all_reduce_sum(nll_sums).tolist())
     stats = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": count,
+             "padding": padding_fraction(batches),
              **term_metrics(objective, term_means)}
     problems = nonfinite_problems(objective, loss, term_means, grad_norm)
     if problems:  # never reaches the optimizer; the loop decides (train.on_nonfinite) whether the run goes on
@@ -208,7 +211,10 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     if parts.cache is not None:
         check_examples_cached(parts.cache, train_examples)
     pad = parts.tokenizer.pad_token_id
-    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad, rank=rt.rank, world_size=rt.world_size)
+    if cfg.data.packing:
+        check_parts_for_packing(parts)
+    batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad, cfg.data.max_length if cfg.data.packing else 0,
+                      rank=rt.rank, world_size=rt.world_size)
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
     optimizer, scheduler = make_optimizer(cfg, parts.student)  # after parallelize: FSDP2 made the params DTensors
     config_yaml = cfg.to_yaml()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from potstill.data.encode import Example
+from potstill.data.packing import packed_collate
 from potstill.labels import IGNORE_INDEX
 
 
@@ -37,6 +38,7 @@ class Batcher:
     batch_size: int
     seed: int
     pad_id: int
+    pack_length: int = 0  # > 0: each batch's examples are packed into rows of at most this many tokens (packing.py)
     rank: int = 0
     world_size: int = 1
     epoch: int = 0
@@ -58,6 +60,8 @@ class Batcher:
         start = self.index + self.rank * self.batch_size
         chosen = [self.examples[i] for i in self._order()[start : start + self.batch_size]]
         self.index += global_size
+        if self.pack_length:
+            return packed_collate(chosen, self.pad_id, self.pack_length)
         return collate(chosen, self.pad_id)
 
     def state(self) -> dict:
