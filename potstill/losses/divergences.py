@@ -165,9 +165,11 @@ def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float) -> 
     return beta * kl(teacher_logp, logm) + (1.0 - beta) * kl(student_logp, logm)
 
 
-@register("ce", is_divergence=False, uses_labels=True)
+@register("ce", is_divergence=False, uses_labels=True, sparse=sampled_cross_entropy)
 def soft_cross_entropy(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     """Cross-entropy H(p, q) against the data labels (p is one-hot): plain next-token training."""
+    # Its sparse form is the same cross-entropy with the one-hot label as a one-sample target (weight 1): the
+    # loss path uses it, so no (n, V) one-hot tensor is built; this dense form is the definition the tests check.
     return cross_entropy(teacher_logp, student_logp)
 
 
