@@ -62,11 +62,16 @@ def _floor(objective, hidden, weight, t_hidden, t_weight, labels, chunk):
     return total.requires_grad_()
 
 
-def _fused(objective, hidden, weight, t_hidden, t_weight, labels, chunk):
+def _fused(objective, hidden, weight, t_hidden, t_weight, labels, chunk, compiled=False):
     from potstill.losses.chunked import fused_loss
     from potstill.losses.targets import TeacherHidden
 
-    return fused_loss(hidden, weight, None, labels, objective, TeacherHidden(t_hidden, t_weight), chunk_size=chunk).total
+    return fused_loss(hidden, weight, None, labels, objective, TeacherHidden(t_hidden, t_weight), chunk_size=chunk,
+                      compiled=compiled).total
+
+
+def _fused_compiled(objective, *inputs):
+    return _fused(objective, *inputs, compiled=True)
 
 
 def _measure(path, objective_text, n, v, h, chunk, reps, queue):
@@ -84,10 +89,11 @@ def _measure(path, objective_text, n, v, h, chunk, reps, queue):
         loss = PATHS[path](objective, *inputs, chunk)
         loss.backward()
         times.append(time.perf_counter() - start)
-    queue.put({"peak_mb": _rss_mb() - base, "seconds": min(times), "loss": loss.item()})
+    # min(times) is the steady state; for the compiled path times[0] - min(times) is the compile cost
+    queue.put({"peak_mb": _rss_mb() - base, "seconds": min(times), "first_s": times[0], "loss": loss.item()})
 
 
-PATHS = {"dense": _dense, "fused": _fused, "floor": _floor}
+PATHS = {"dense": _dense, "fused": _fused, "floor": _floor, "compiled": _fused_compiled}
 
 
 def cuda_forward_backward(fn, args, reps: int) -> dict:
@@ -146,6 +152,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     parser.add_argument("--device", default="cpu", help="cpu (peak RSS per subprocess) or cuda (allocator peak)")
     parser.add_argument("--dtype", default="float32", help="hidden/head dtype: float32 or bfloat16 (logits are fp32)")
+    parser.add_argument("--compile", action="store_true", help="also time the fused path with loss.compile=true "
+                        "(steady state = best rep; compile s = first rep − best, CPU only)")
     args = parser.parse_args()
     from potstill import list_divergences
     from potstill.losses.chunked import resolve_chunk_size
@@ -162,6 +170,10 @@ def main() -> None:
             assert abs(dense["loss"] - fused["loss"]) <= tol * max(1.0, abs(dense["loss"])), (name, dense, fused)
         rows.append({"objective": name, "dense_s": dense["seconds"], "fused_s": fused["seconds"], "floor_s": floor["seconds"],
                      "dense_mb": dense["peak_mb"], "fused_mb": fused["peak_mb"]})
+        if args.compile:
+            compiled = run("compiled", name)
+            assert abs(compiled["loss"] - fused["loss"]) <= tol * max(1.0, abs(fused["loss"])), (name, fused, compiled)
+            rows[-1].update(compiled_s=compiled["seconds"], compile_s=compiled.get("first_s", float("nan")) - compiled["seconds"])
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -175,6 +187,10 @@ def main() -> None:
         print(f"| {r['objective']} | {r['dense_s']:.3f} | {r['fused_s']:.3f} | {r['fused_s'] / r['dense_s']:.2f}x "
               f"| {r['fused_s'] / r['floor_s']:.2f}x "
               f"| {r['dense_mb']:.0f} | {r['fused_mb']:.0f} | {r['fused_mb'] / r['dense_mb']:.2f}x |".replace("nan", "OOM"))
+    if args.compile:
+        print("\n| objective | compiled s | compiled ÷ floor | compile s (first rep − best) |\n|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['objective']} | {r['compiled_s']:.3f} | {r['compiled_s'] / r['floor_s']:.2f}x | {r['compile_s']:.1f} |")
 
 
 if __name__ == "__main__":
