@@ -74,7 +74,9 @@ COMPILE_MIN_VOCAB = 16384  # below this the compile time (~10 s) outweighs what 
 def should_compile(setting: str, objective: Objective, device: torch.device | str, vocab: int) -> bool:
     """loss.compile: 'auto' = on accelerators, for vocabularies ≥ COMPILE_MIN_VOCAB and objectives without
     schedules (a schedule's changing python float would be baked into the compiled graph and force a recompile
-    every step); 'true'/'false' force it. Measured on an H100: quickstart (V = 479) 25 s compiled vs 10 s eager."""
+    every step); 'true'/'false' force it. Measured on an H100: quickstart (V = 479) 25 s compiled vs 10 s eager.
+    On CPU, auto stays off: compiled, gjsd's per-chunk elementwise work ran ~2x faster (V = 32k), but the compile
+    took 16-47 s on the shared 2-core machine, repaid only after tens of N = 4096 steps (benchmarks/RESULTS.md)."""
     if setting not in ("auto", "true", "false"):
         raise ValueError(f"loss.compile={setting!r}: use auto, true or false")
     if setting != "auto":
