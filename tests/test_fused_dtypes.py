@@ -28,7 +28,7 @@ def _loss_and_grads(text, hidden, weight, bias, t_hidden, t_weight, labels, dtyp
     teacher = TeacherHidden(t_hidden.to(dtype), t_weight.to(dtype))
     out = fused_loss(*params, labels, parse_objective(text, temperature=2.0), teacher, chunk_size=chunk_size)
     out.total.backward()
-    return out.total, [p.grad for p in params]
+    return out.total.detach(), [p.grad for p in params]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
