@@ -11,6 +11,7 @@ nowhere else. The result is a *sum* over valid tokens; the loop divides by the g
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from potstill.labels import IGNORE_INDEX
-from potstill.losses.objective import Objective
+from potstill.losses.objective import Objective, Term
 from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
 from potstill.losses.divergences import label_logprob
 from potstill.losses.targets import (MIN_TEACHER_LOGP, SparseChunk, Target, TopKChunk, TopKTail, dense_teacher_chunk,
@@ -73,7 +74,9 @@ COMPILE_MIN_VOCAB = 16384  # below this the compile time (~10 s) outweighs what 
 def should_compile(setting: str, objective: Objective, device: torch.device | str, vocab: int) -> bool:
     """loss.compile: 'auto' = on accelerators, for vocabularies ≥ COMPILE_MIN_VOCAB and objectives without
     schedules (a schedule's changing python float would be baked into the compiled graph and force a recompile
-    every step); 'true'/'false' force it. Measured on an H100: quickstart (V = 479) 25 s compiled vs 10 s eager."""
+    every step); 'true'/'false' force it. Measured on an H100: quickstart (V = 479) 25 s compiled vs 10 s eager.
+    On CPU, auto stays off: compiled, gjsd's per-chunk elementwise work ran ~2x faster (V = 32k), but the compile
+    took 16-47 s on the shared 2-core machine, repaid only after tens of N = 4096 steps (benchmarks/RESULTS.md)."""
     if setting not in ("auto", "true", "false"):
         raise ValueError(f"loss.compile={setting!r}: use auto, true or false")
     if setting != "auto":
@@ -112,10 +115,20 @@ def label_logp(labels: Tensor, vocab: int) -> Tensor:
     return out.scatter_(-1, labels.clamp_min(0)[:, None], 0.0)
 
 
+def label_term(term: Term, logq: Tensor, labels: Tensor) -> Tensor:
+    """A label term's per-token value: through its sparse form with the label as a one-sample target of weight 1
+    (the same value as against the one-hot distribution, without an (n, V) tensor), else the one-hot form."""
+    if term.sparse is None:
+        return term(logq, label_logp(labels, logq.shape[-1]))
+    ids = labels.clamp_min(0)[:, None]  # ignored rows read id 0; the caller masks them
+    return term.sparse(logq, ids, torch.ones(ids.shape, dtype=logq.dtype, device=logq.device))
+
+
 def teacher_logprobs(teacher: Tensor, divisor: float) -> Tensor:
     """Dense teacher logits (n, V) → log-probs at the objective's temperature, floored at MIN_TEACHER_LOGP so that
     a teacher's -inf entries cannot make reverse-KL-type terms (or their gradients) infinite."""
-    return F.log_softmax(teacher.float() / divisor, -1).clamp_min(MIN_TEACHER_LOGP)
+    teacher = teacher.float()
+    return F.log_softmax(teacher if divisor == 1.0 else teacher / divisor, -1).clamp_min(MIN_TEACHER_LOGP)
 
 
 def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor | SparseChunk | TopKChunk | None,
@@ -125,14 +138,16 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor 
     samples, or top-k: terms with a sparse form (fkl) take the top-k ids plus the data label as their sample
     (``TopKChunk.with_label``), every other term sees student and teacher collapsed to k + 1 bins."""
     valid = weights != 0
-    logq_t = logp_t = logq_1 = logq_bins = None
+    logp_t = logq_bins = None
+    tau = objective.tau
+    logq_1 = F.log_softmax(z, -1) if any(t.uses_labels for t in objective.terms) or tau == 1.0 else None
+    logq_t = logq_1 if tau == 1.0 else None  # at T = 1 label and teacher terms share one log-softmax
     sums = []
     for term in objective.terms:
         if term.uses_labels:  # label terms always at T = 1: they are the data likelihood
-            logq_1 = F.log_softmax(z, -1) if logq_1 is None else logq_1
-            per_token = term(logq_1, label_logp(labels, z.shape[-1]))
+            per_token = label_term(term, logq_1, labels)
         else:
-            logq_t = F.log_softmax(z / objective.tau, -1) if logq_t is None else logq_t
+            logq_t = F.log_softmax(z / tau, -1) if logq_t is None else logq_t
             if isinstance(teacher, SparseChunk):
                 per_token = term.sparse(logq_t, teacher.ids, teacher.weights) * objective.teacher_scale
             elif isinstance(teacher, TopKChunk) and term.sparse is not None:  # fkl: top-k + the label for the tail
@@ -159,9 +174,50 @@ def _term_weights(objective: Objective, device: torch.device) -> Tensor:
     return torch.tensor([t.weight for t in objective.terms], device=device)
 
 
+def labelled_chunks(weights: Tensor, chunk_size: int) -> list[bool]:
+    """Per chunk of ``weights`` (N,): does it hold a position with a non-zero weight? One host sync per call (the
+    loop skips padding-only chunks), instead of one per chunk, which would stall a GPU's queue every chunk."""
+    padded = F.pad(weights, (0, -weights.shape[0] % chunk_size))
+    return padded.view(-1, chunk_size).ne(0).any(1).tolist()
+
+
+def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the chunk matmuls run in: the ambient autocast dtype where autocast is on (fp32 master weights,
+    half-precision activations), else the inputs' common dtype. Made explicit because the loop runs with autocast
+    off: the log-softmax and divergences must stay fp32 whatever the caller's context."""
+    kind = hidden.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def add_weight_grad(grad_w: Tensor, dz: Tensor, h_c: Tensor) -> None:
+    """grad_w (V, H) fp32 += dzᵀ·h_c. Half-precision inputs on CUDA: a half-precision GEMM with an fp32 result
+    (``out_dtype``), so the accumulation stays fp32 without an fp32 GEMM; elsewhere fp32 operands."""
+    if h_c.dtype in (torch.bfloat16, torch.float16) and h_c.device.type == "cuda":
+        grad_w.add_(torch.mm(dz.to(h_c.dtype).t(), h_c, out_dtype=torch.float32))
+    else:
+        grad_w.addmm_(dz.t(), h_c.float())
+
+
+def autocast_off(device: torch.device):
+    """Autocast disabled on ``device`` (matmul dtypes are explicit in the loop, softmax and divergences fp32)."""
+    kind = device.type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
+
+
 def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads, compiled=False):
     """The shared chunk loop. Returns (sums, grad_hidden, grad_weight, grad_bias); sums (n_terms + 2,) holds the
     per-term sums, then the student's and teacher's label NLL sums (zeros unless the objective tracks them)."""
+    dtype = matmul_dtype(hidden, weight)  # read before autocast is switched off
+    with autocast_off(hidden.device):
+        return _chunk_loop(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads,
+                           compiled, dtype)
+
+
+def _chunk_loop(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads, compiled, dtype):
+    """``_run_chunks`` with autocast off: matmuls in ``dtype``, logits and everything after them in fp32, the
+    weight (and bias) gradient accumulated in fp32."""
     n, vocab = hidden.shape[0], weight.shape[0]
     weights = (labels != IGNORE_INDEX).float() * (1.0 if token_weight is None else token_weight.float())
     term_sums_fn = compiled_term_sums() if compiled else chunk_term_sums
@@ -172,15 +228,16 @@ def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, c
     grad_h = torch.zeros_like(hidden) if want_grads and hidden.requires_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads and weight.requires_grad else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_grads and bias is not None and bias.requires_grad else None
-    for sl in chunk_slices(n, chunk_size):
-        w_c = weights[sl]
-        if not bool((w_c != 0).any()):
+    h, w = hidden.detach().to(dtype), weight.detach().to(dtype)  # one cast per call, not per chunk
+    b = None if bias is None else bias.detach().to(dtype)
+    for sl, labelled in zip(chunk_slices(n, chunk_size), labelled_chunks(weights, chunk_size)):
+        if not labelled:
             continue  # padding-only chunk: contributes nothing, costs nothing
-        h_c = hidden[sl].detach()
+        h_c = h[sl]
         t_c = teacher_chunk(target, sl, vocab) if objective.needs_teacher else None
         with torch.enable_grad():
-            z = F.linear(h_c, weight.detach(), None if bias is None else bias.detach()).float().requires_grad_(want_grads)
-            sums_c = term_sums_fn(z, labels[sl], w_c, t_c, objective, divisor)
+            z = F.linear(h_c, w, b).float().requires_grad_(want_grads)
+            sums_c = term_sums_fn(z, labels[sl], weights[sl], t_c, objective, divisor)
             if want_grads:
                 (dz,) = torch.autograd.grad((sums_c * term_weights).sum(), z)
         term_sums += sums_c.detach()
@@ -188,9 +245,9 @@ def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, c
             t_dense = dense_teacher_chunk(target, sl, vocab) if isinstance(target, TopKTail) else t_c
             nll_sums += label_nll_sums(z.detach(), t_dense, labels[sl])
         if grad_h is not None:
-            grad_h[sl] = dz.to(weight.dtype) @ weight.detach()
+            grad_h[sl] = dz.to(dtype) @ w
         if grad_w is not None:
-            grad_w.addmm_(dz.t(), h_c.float())
+            add_weight_grad(grad_w, dz, h_c)
         if grad_b is not None:
             grad_b += dz.sum(0)
     return torch.cat([term_sums, nll_sums]), grad_h, grad_w, grad_b

@@ -42,7 +42,9 @@ class TeacherHidden:
 
     @torch.no_grad()
     def chunk_logits(self, sl: slice) -> Tensor:
-        return F.linear(self.hidden[sl], self.weight, self.bias)
+        # in the head's dtype: the loss path runs with autocast off, and hidden states that came out of an autocast
+        # forward may be narrower than the head
+        return F.linear(self.hidden[sl].to(self.weight.dtype), self.weight, self.bias)
 
 
 # The smallest tail mass the loss path uses. The cache stores the tail in fp16, which rounds anything below 2^-25
