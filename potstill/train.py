@@ -15,7 +15,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
-from potstill import checkpoint, runtime
+from potstill import checkpoint, precision, runtime
 from potstill.rundir import RunDirError, check_resume_config, check_run_dir, claim_run_dir  # noqa: F401 (re-export)
 from potstill.assemble import Parts, load_examples, load_parts
 from potstill.config import RunConfig
@@ -88,25 +88,29 @@ def teacher_target(parts: Parts, batch: dict, objective: Objective):
     return frozen_signal(parts.teacher, batch, parts.vocab)
 
 
-def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int, compiled: bool = False) -> LossOutput:
-    h = hidden_states(parts.student, batch["input_ids"], batch["attention_mask"])[:, :-1]
+def batch_loss(parts: Parts, batch: dict, objective: Objective, chunk_size: int, compiled: bool = False,
+               amp: precision.Amp = precision.FULL) -> LossOutput:
+    with amp.autocast():  # the student and its loss under autocast; frozen models run in their own dtype
+        h = hidden_states(parts.student, batch["input_ids"], batch["attention_mask"])[:, :-1]
     weight, bias = output_head(parts.student, parts.vocab)
     target = teacher_target(parts, batch, objective)
     reference = frozen_signal(parts.reference, batch, parts.vocab) if parts.reference is not None else None
-    return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference,
-                      compiled=compiled)
+    with amp.autocast():
+        return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size,
+                          reference=reference, compiled=compiled)
 
 
-def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float], tuple]:
+def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler,
+               amp: precision.Amp = precision.FULL) -> tuple[dict, list[float], tuple]:
     """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count."""
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
     term_sums, nll_sums = torch.zeros(len(objective.terms)), torch.zeros(2)
     loss, kept, low, high = 0.0, 0, float("inf"), float("-inf")
     compiled = should_compile(cfg.loss.compile, objective, rt.device, parts.vocab)
     for batch in batches:
-        out = batch_loss(parts, batch, objective, cfg.loss.chunk_size, compiled)
+        out = batch_loss(parts, batch, objective, cfg.loss.chunk_size, compiled, amp)
         step_loss = normalise(out.total, count)
-        step_loss.backward()
+        amp.backward(step_loss)
         loss += step_loss.item()
         term_sums += out.term_sums.cpu()
         nll_sums += 0 if out.nll_sums is None else out.nll_sums.cpu()
@@ -114,19 +118,22 @@ def train_step(parts, batches, objective, cfg, rt, optimizer, scheduler) -> tupl
         low, high = min(low, out.weight_range[0]), max(high, out.weight_range[1])
     params = [p for p in parts.student.parameters() if p.grad is not None]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    amp.unscale(optimizer)  # fp16: clip true gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     # Schedules (TAID's t, DTS) read these: reduced over ranks so that every rank follows the same trajectory.
     term_means = [v / max(count, 1) for v in rt.all_reduce_sum(term_sums).tolist()]
     nll_means = tuple(v / max(count, 1) for v in rt.all_reduce_sum(nll_sums).tolist())
     stats = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": count,
              **term_metrics(objective, term_means)}
-    problems = nonfinite_problems(objective, loss, term_means, grad_norm)
+    problems = nonfinite_problems(objective, loss, term_means, amp.guarded_grad_norm(grad_norm))
     if problems:  # never reaches the optimizer; the loop decides (train.on_nonfinite) whether the run goes on
         optimizer.zero_grad(set_to_none=True)
+        amp.abandon()
         return {**stats, "nonfinite": problems}, term_means, nll_means
-    optimizer.step()
-    scheduler.step()
+    if amp.step(optimizer):  # False: the fp16 grad scaler skipped AdamW (inf/NaN gradient); the LR follows updates
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    stats.update(amp.stats())
     if objective.selection is not None:  # local kept fraction (per rank): what the selector did this step
         stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != IGNORE_INDEX).sum()) for b in batches), 1)
         stats["select/weight_min"], stats["select/weight_max"] = low, high
@@ -196,6 +203,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         check_resume_config(run_dir, cfg)
     runtime.seed_everything(cfg.train.seed)
     parts = load_parts(cfg, rt.device)
+    amp = precision.setup(cfg, rt.device, parts.student, checkpoint.latest_checkpoint(run_dir) if resume else None)
     train_examples, held_examples = load_examples(cfg, parts.tokenizer)
     if parts.cache is not None:
         check_examples_cached(parts.cache, train_examples)
@@ -206,7 +214,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     claim_run_dir(run_dir, resume, overwrite)
     config_yaml = cfg.to_yaml()
     atomic_write_text(run_dir / "config.yaml", config_yaml)
-    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml)
+    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, amp=amp)
     if resume:
         loop.restore()
     last_eval = loop.run(held, progress and rt.is_main)
@@ -235,6 +243,7 @@ class Loop:
     batcher: Batcher
     run_dir: Path
     config_yaml: str
+    amp: precision.Amp = precision.FULL  # autocast and fp16 grad scaler (precision.py)
     step: int = 0
     skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
     consecutive: int = 0  # ... in a row, up to now
@@ -266,7 +275,8 @@ class Loop:
         cfg = self.cfg
         started = time.perf_counter()
         micro = [to_device(self.batcher.next_batch(), self.rt.device) for _ in range(cfg.train.grad_accum)]
-        stats, term_means, nll_means = train_step(self.parts, micro, self.objective, cfg, self.rt, self.optimizer, self.scheduler)
+        stats, term_means, nll_means = train_step(self.parts, micro, self.objective, cfg, self.rt, self.optimizer,
+                                                  self.scheduler, self.amp)
         self.step += 1
         stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
         if "nonfinite" in stats:
@@ -291,7 +301,7 @@ class Loop:
     def save(self) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": runtime.rng_state(), "data": self.batcher.state(), "objective": self.objective.state_dict(),
-                 "skipped": self.skipped, "consecutive": self.consecutive}
+                 "skipped": self.skipped, "consecutive": self.consecutive, "amp": self.amp.state_dict()}
         checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer, self.config_yaml,
                                    state, self.cfg.train.keep_checkpoints)
 
@@ -306,6 +316,7 @@ class Loop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batcher.load_state(state["data"])
         self.objective.load_state_dict(state["objective"])
+        self.amp.load_state_dict(state.get("amp"))
         runtime.set_rng_state(state["rng"])
         checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         self.step, self.skipped, self.consecutive = int(state["step"]), state.get("skipped", 0), state.get("consecutive", 0)
