@@ -21,7 +21,8 @@ CONFIG_FILE = "config.yaml"
 BLOCKING = ("checkpoints", "final", "metrics.jsonl")
 # Settings a resumed run may change: cadence, evaluation, placement and memory knobs (gradient checkpointing), none
 # of which changes the training trajectory; train.precision and teacher.dtype may be rewritten (auto ↔ explicit) as
-# long as they resolve to the checkpoint's values on this device (precision.check_resume refuses anything else). Everything else is refused, except that train.max_steps may be raised (extending a run).
+# long as they resolve to the checkpoint's values on this device (precision.check_resume refuses anything else).
+# Everything else is refused, except that train.max_steps may be raised (extending a run).
 MAY_CHANGE = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.on_nonfinite",
               "data.max_eval_examples", "out_dir", "device", "loss.chunk_size", "loss.compile",
               "train.gradient_checkpointing", *RESOLVED_ON_RESUME)

@@ -11,14 +11,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import potstill
-from potstill import checkpoint, precision, train
-from potstill.assemble import load_parts
+from potstill import checkpoint, precision, runtime, train
+from potstill.assemble import load_examples, load_parts
 from potstill.config import RunConfig
 from potstill.data.batches import Batcher
-from potstill.assemble import load_examples
-from potstill.precision import Amp, resolve_model_dtype, resolve_precision
+from potstill.precision import resolve_model_dtype, resolve_precision
 from potstill.train import NonFiniteError, batch_loss, make_optimizer, train_step
-from potstill import runtime
 
 CPU = torch.device("cpu")
 
