@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from potstill import models
 from potstill.models import load_tokenizer, resolve_model_path
 from potstill.config import RunConfig
+from potstill.precision import resolve_model_dtype
 from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, load_records, split_holdout
 from potstill.cache.opening import cached_tokenizer, open_cache
@@ -50,9 +51,10 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     if cfg.teacher.cache:
         return _load_cached_parts(cfg, device)
     teacher = tokenizer = None
+    teacher_dtype = resolve_model_dtype(cfg.teacher.dtype, device)
     if cfg.teacher.path:
         teacher_path = resolve_model_path(cfg.teacher.path)
-        teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype, "teacher.path").to(device).eval().requires_grad_(False)
+        teacher = models.load_causal_lm(teacher_path, teacher_dtype, "teacher.path").to(device).eval().requires_grad_(False)
         tokenizer = load_tokenizer(teacher_path)
     student_tok_path = cfg.student.path if cfg.student.path else None
     torch.manual_seed(cfg.train.seed)  # the same seed gives the same fresh student, whatever the objective
@@ -64,7 +66,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
         vocab = check_student_only(student_tok, student)
     reference = None
     if cfg.loss.reference:
-        reference = models.load_causal_lm(cfg.loss.reference, cfg.teacher.dtype, "loss.reference").to(device).eval().requires_grad_(False)
+        reference = models.load_causal_lm(cfg.loss.reference, teacher_dtype, "loss.reference").to(device).eval().requires_grad_(False)
         check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
     # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
     return Parts(tokenizer if teacher is not None else student_tok, teacher, student, vocab, reference)
@@ -88,7 +90,8 @@ def _teacher_to_copy(cfg: RunConfig) -> PreTrainedModel | None:
     """The teacher on the CPU when the student is its first N layers (a cached run never runs it), else None."""
     if cfg.student.init_from_teacher_layers is None:
         return None
-    return models.load_causal_lm(resolve_model_path(cfg.teacher.path), cfg.teacher.dtype).eval()
+    cpu_dtype = resolve_model_dtype(cfg.teacher.dtype, torch.device("cpu"))
+    return models.load_causal_lm(resolve_model_path(cfg.teacher.path), cpu_dtype).eval()
 
 
 def probe_texts(cfg: RunConfig, n: int = 8) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from potstill.losses.objective import Objective, parse_objective
+from potstill.precision import check_settings as check_precision_settings
 from potstill.registry import did_you_mean
 
 
@@ -29,8 +30,8 @@ from potstill.registry import did_you_mean
 class TeacherConfig:
     path: str | None = None
     """Teacher model: a local Hugging Face directory or a hub id; `builtin` is the shipped default teacher."""
-    dtype: str = "float32"
-    """Teacher weights dtype (float32, bfloat16, float16); it runs without gradients."""
+    dtype: str = "auto"
+    """Teacher (and loss.reference) weights dtype: auto (bfloat16 on a CUDA GPU with native bf16, else float32), float32, bfloat16 or float16; it runs in this dtype without gradients or autocast."""
     cache: str | None = None
     """Teacher-signal cache directory: `potstill cache` writes it; `distill` then takes every teacher signal from it. With teacher.path set too, the cache still supplies the signal; the teacher is loaded (on the CPU) only to copy its layers for student.init_from_teacher_layers."""
 
@@ -44,7 +45,7 @@ class StudentConfig:
     init_from_teacher_layers: int | None = None
     """Initialise the student as the teacher's embeddings, first N blocks, final norm and head (teacher-truncation init)."""
     dtype: str = "float32"
-    """Student weights dtype (float32, bfloat16)."""
+    """Student weights dtype = master weights and AdamW state dtype (float32; bfloat16 = pure bf16 training, no master weights)."""
 
 
 @dataclass
@@ -131,6 +132,10 @@ class TrainConfig:
     """Keep the newest N step checkpoints (the final student is always kept)."""
     on_nonfinite: str = "stop"
     """A step whose loss, any term or gradient norm is NaN/inf never updates the model: `stop` ends the run (the last checkpoint stays), `skip` drops the step (at most 10 in a row)."""
+    precision: str = "auto"
+    """Mixed precision of the student's forward and the loss: auto (bf16 on a CUDA GPU with native bf16, else fp32), fp32, bf16 or fp16 (with a grad scaler); weights and AdamW state stay in student.dtype (docs/precision.md)."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's decoder layers in backward instead of storing their activations (less memory, ~1/3 more compute)."""
 
     def resolved_warmup(self) -> int:
         """Warm-up steps in effect: the explicit value, else 5% of max_steps rounded up."""
@@ -232,6 +237,7 @@ class RunConfig:
             raise ValueError(f"train.schedule={self.train.schedule!r}: use cosine, linear or constant")
         if self.train.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite={self.train.on_nonfinite!r}: use stop or skip")
+        check_precision_settings(self.train.precision, self.student.dtype, self.teacher.dtype)
         if self.train.warmup_steps is not None and self.train.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be ≥ 0 (or null = 5% of max_steps), got {self.train.warmup_steps}")
         self._validate_parallel()

@@ -13,15 +13,19 @@ import yaml
 
 from potstill import checkpoint
 from potstill.config import RunConfig, apply_override
+from potstill.precision import RESOLVED_ON_RESUME
 
 CONFIG_FILE = "config.yaml"
 # What makes a directory "hold a run": anything a training step writes. A directory with none of these (empty, or
 # only the config.yaml of a run that died before its first step) is reused as is.
 BLOCKING = ("checkpoints", "final", "metrics.jsonl")
-# Settings a resumed run may change: cadence, evaluation, placement and loss-memory knobs, none of which changes
-# the training trajectory. Everything else is refused, except that train.max_steps may be raised (extending a run).
+# Settings a resumed run may change: cadence, evaluation, placement and memory knobs (gradient checkpointing), none
+# of which changes the training trajectory; train.precision and teacher.dtype may be rewritten (auto ↔ explicit) as
+# long as they resolve to the checkpoint's values on this device (precision.check_resume refuses anything else).
+# Everything else is refused, except that train.max_steps may be raised (extending a run).
 MAY_CHANGE = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.on_nonfinite",
-              "data.max_eval_examples", "out_dir", "device", "loss.chunk_size", "loss.compile")
+               "data.max_eval_examples", "out_dir", "device", "loss.chunk_size", "loss.compile",
+               "train.gradient_checkpointing", *RESOLVED_ON_RESUME)
 MAY_CHANGE_SECTIONS = ("eval.", "parallel.")
 # train.batch_size is per rank: a resumed run may change it, and the number of ranks, iff the global batch stays.
 GLOBAL_BATCH = "global batch (train.batch_size × ranks)"

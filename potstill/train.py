@@ -15,7 +15,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM
 
-from potstill import checkpoint, runtime
+from potstill import checkpoint, precision, runtime
 from potstill.rundir import RunDirError, check_resume_config, check_run_dir, claim_run_dir  # noqa: F401 (re-export)
 from potstill.assemble import Parts, load_examples, load_parts
 from potstill.config import RunConfig
@@ -91,18 +91,22 @@ def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: 
 
 
 def batch_loss(parts: Parts, par: runtime.Parallel, batch: dict, objective: Objective, chunk_size: int,
-               compiled: bool = False) -> LossOutput:
+               compiled: bool = False, amp: precision.Amp = precision.FULL) -> LossOutput:
     """The student's forward goes through ``par.student`` (the seam, wrapped in DDP/FSDP2 on several ranks); the
-    head's gradient flows back through the fused loss's autograd Function."""
-    h, weight, bias = par.student(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    head's gradient flows back through the fused loss's autograd Function. The student and its loss run under
+    autocast; frozen models run in their own dtype."""
+    with amp.autocast():
+        h, weight, bias = par.student(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     h = h[:, :-1]
     target = teacher_target(parts, par, batch, objective)
     reference = frozen_signal(par.reference, batch) if par.reference is not None else None
-    return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size, reference=reference,
-                      compiled=compiled)
+    with amp.autocast():
+        return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size,
+                          reference=reference, compiled=compiled)
 
 
-def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler) -> tuple[dict, list[float], tuple]:
+def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler,
+               amp: precision.Amp = precision.FULL) -> tuple[dict, list[float], tuple]:
     """One optimiser step over ``grad_accum`` micro-batches, normalised by the step's global token count; gradients
     are summed over ranks on the last micro-batch only (``par.micro_batch``)."""
     count = count_valid_tokens([shifted(b) for b in batches], rt.all_reduce_sum)
@@ -111,15 +115,16 @@ def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler) ->
     compiled = should_compile(cfg.loss.compile, objective, rt.device, parts.vocab)
     for i, batch in enumerate(batches):
         with par.micro_batch(last=i == len(batches) - 1):
-            out = batch_loss(parts, par, batch, objective, cfg.loss.chunk_size, compiled)
+            out = batch_loss(parts, par, batch, objective, cfg.loss.chunk_size, compiled, amp)
             step_loss = normalise(out.total, count)
-            step_loss.backward()
+            amp.backward(step_loss)
         loss += step_loss.item()
         term_sums += out.term_sums.cpu()
         nll_sums += 0 if out.nll_sums is None else out.nll_sums.cpu()
         kept += out.n_kept
         low, high = min(low, out.weight_range[0]), max(high, out.weight_range[1])
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    amp.unscale(optimizer)  # fp16: clip true gradients
     grad_norm = par.clip_grad_norm(max_norm)
     loss = rt.all_reduce_sum(torch.tensor(loss, dtype=torch.float64)).item()  # each rank's part of the global mean
     # Schedules (TAID's t, DTS) read these: reduced over ranks so that every rank follows the same trajectory.
@@ -128,13 +133,15 @@ def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler) ->
     stats = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": count,
              "padding": padding_fraction(batches),
              **term_metrics(objective, term_means)}
-    problems = nonfinite_problems(objective, loss, term_means, grad_norm)
+    problems = nonfinite_problems(objective, loss, term_means, amp.guarded_grad_norm(grad_norm))
     if problems:  # never reaches the optimizer; the loop decides (train.on_nonfinite) whether the run goes on
         optimizer.zero_grad(set_to_none=True)
+        amp.abandon()
         return {**stats, "nonfinite": problems}, term_means, nll_means
-    optimizer.step()
-    scheduler.step()
+    if amp.step(optimizer):  # False: the fp16 grad scaler skipped AdamW (inf/NaN gradient); the LR follows updates
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    stats.update(amp.stats())
     if objective.selection is not None:  # local kept fraction (per rank): what the selector did this step
         stats["select/kept_fraction"] = kept / max(sum(int((shifted(b) != IGNORE_INDEX).sum()) for b in batches), 1)
         stats["select/weight_min"], stats["select/weight_max"] = low, high
@@ -204,6 +211,8 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         check_resume_config(run_dir, cfg, rt.world_size)
     runtime.seed_everything(cfg.train.seed)
     parts = load_parts(cfg, rt.device)
+    # before parallelize: gradient checkpointing is set on the HF model, which FSDP2 then wraps
+    amp = precision.setup(cfg, rt.device, parts.student, checkpoint.latest_checkpoint(run_dir) if resume else None)
     par = runtime.parallelize(rt, parts.student, (parts.teacher, parts.reference), parts.vocab, cfg.parallel.strategy,
                               cfg.parallel.teacher)
     runtime.seed_ranks(rt, cfg.train.seed)
@@ -223,7 +232,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         claim_run_dir(run_dir, resume, overwrite)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     rt.barrier()
-    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par)
+    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par, amp)
     if resume:
         loop.restore()
     last_eval = loop.run(held, progress and rt.is_main)
@@ -260,6 +269,7 @@ class Loop:
     run_dir: Path
     config_yaml: str
     par: runtime.Parallel
+    amp: precision.Amp = precision.FULL  # autocast and fp16 grad scaler (precision.py)
     step: int = 0
     skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
     consecutive: int = 0  # ... in a row, up to now
@@ -293,7 +303,8 @@ class Loop:
         cfg = self.cfg
         started = time.perf_counter()
         micro = [to_device(self.batcher.next_batch(), self.rt.device) for _ in range(cfg.train.grad_accum)]
-        stats, term_means, nll_means = train_step(self.parts, self.par, micro, self.objective, cfg, self.rt, self.optimizer, self.scheduler)
+        stats, term_means, nll_means = train_step(self.parts, self.par, micro, self.objective, cfg, self.rt,
+                                                  self.optimizer, self.scheduler, self.amp)
         self.step += 1
         stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
         if "nonfinite" in stats:
@@ -321,7 +332,7 @@ class Loop:
         state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "rng": runtime.rank_rng_states(self.rt), "data": self.batcher.state(),
                  "objective": self.objective.state_dict(), "skipped": self.skipped, "consecutive": self.consecutive,
-                 "world_size": self.rt.world_size}
+                 "world_size": self.rt.world_size, "amp": self.amp.state_dict()}
         if self.rt.is_main:
             checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer,
                                        self.config_yaml, state, self.cfg.train.keep_checkpoints, model_state)
@@ -337,6 +348,7 @@ class Loop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batcher.load_state(state["data"])
         self.objective.load_state_dict(state["objective"])
+        self.amp.load_state_dict(state.get("amp"))
         runtime.restore_rank_rng(self.rt, state["rng"], self.cfg.train.seed, int(state["step"]))
         if self.rt.is_main:
             checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])

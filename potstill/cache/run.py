@@ -15,6 +15,7 @@ from potstill.config import RunConfig
 from potstill.cache.reader import CacheReader
 from potstill.cache.store import build_cache, fingerprint_examples, fingerprint_model, fingerprint_tokenizer
 from potstill.cache.format import CacheSpec
+from potstill.precision import resolve_model_dtype
 
 
 def cache_spec(cfg: RunConfig, vocab: int) -> CacheSpec:
@@ -41,7 +42,7 @@ def build_from_config(cfg: RunConfig, progress: bool = True) -> dict:
         cfg.objective().check_sparse_support("cache.mode=sample")
     rt = runtime.setup(cfg.device)
     teacher_path = models.resolve_model_path(cfg.teacher.path)
-    teacher = models.load_causal_lm(teacher_path, cfg.teacher.dtype, "teacher.path").to(rt.device).eval().requires_grad_(False)
+    teacher = models.load_causal_lm(teacher_path, resolve_model_dtype(cfg.teacher.dtype, rt.device), "teacher.path").to(rt.device).eval().requires_grad_(False)
     tokenizer = models.load_tokenizer(teacher_path)
     vocab = len(tokenizer)
     examples = load_cacheable_examples(cfg, tokenizer)
