@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from potstill import lora
 from potstill.io import atomic_write_text, iter_jsonl
 
 STEP_PREFIX = "step-"
@@ -63,6 +65,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def load_student_weights(path: Path, student) -> None:
+    """Put a checkpoint's weights into the freshly built student: the adapters of a LoRA student (its base weights
+    were rebuilt from the config), else every weight."""
+    if lora.is_adapted(student):
+        return lora.load_adapters(path, student)
+    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(student.parameters()).dtype)
+    student.load_state_dict(saved.state_dict())
 
 
 def load_trainer_state(path: Path) -> dict:

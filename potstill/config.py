@@ -36,6 +36,24 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank (through peft); 0 = train every weight of the student. With r > 0 the student's weights stay frozen and only the adapters (and student.lora.modules_to_save) train."""
+    alpha: float | None = None
+    """LoRA scaling numerator: the update is (alpha / r)·B·A (alpha / √r with rslora); None = r (scaling 1)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' inputs (0 ≤ p < 1)."""
+    target_modules: str | list | None = "all-linear"
+    """Modules that get adapters: `all-linear` (every linear layer except the output head), or a list of module names such as [q_proj, v_proj] (lm_head allowed when the head is not tied to the embeddings)."""
+    modules_to_save: list | None = None
+    """Modules trained in full next to the adapters, e.g. [lm_head] (not with tied embeddings)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha/√r instead of alpha/r."""
+    save_adapter: bool = False
+    """final/ always holds the merged student (a plain HF model); true also writes the adapters to final/adapter/ (peft's format)."""
+
+
+@dataclass
 class StudentConfig:
     path: str | None = None
     """Start the student from this local HF directory or hub id (mutually exclusive with `config`)."""
@@ -45,6 +63,7 @@ class StudentConfig:
     """Initialise the student as the teacher's embeddings, first N blocks, final norm and head (teacher-truncation init)."""
     dtype: str = "float32"
     """Student weights dtype (float32, bfloat16)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -129,6 +148,8 @@ class TrainConfig:
     """Keep the newest N step checkpoints (the final student is always kept)."""
     on_nonfinite: str = "stop"
     """A step whose loss, any term or gradient norm is NaN/inf never updates the model: `stop` ends the run (the last checkpoint stays), `skip` drops the step (at most 10 in a row)."""
+    report_to: str | list = "tensorboard"
+    """Trackers that get every metrics.jsonl value: tensorboard (RUN/tensorboard/, no account or network), wandb, mlflow (extras: pip install 'potstill[wandb]'), none, or a list."""
 
     def resolved_warmup(self) -> int:
         """Warm-up steps in effect: the explicit value, else 5% of max_steps rounded up."""
@@ -223,6 +244,9 @@ class RunConfig:
             raise ValueError(f"train.on_nonfinite={self.train.on_nonfinite!r}: use stop or skip")
         if self.train.warmup_steps is not None and self.train.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be ≥ 0 (or null = 5% of max_steps), got {self.train.warmup_steps}")
+        from potstill import lora, trackers  # their checks name the config keys; imported here to keep loading light
+        lora.check_settings(self.student.lora)
+        trackers.tracker_names(self.train.report_to)
 
 
     def _validate_reference(self, obj: Objective) -> None:
@@ -303,6 +327,8 @@ def coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if opt is str and isinstance(value, (str, int, float)):
             return str(value)
         if opt is dict and isinstance(value, dict):
+            return value
+        if opt is list and isinstance(value, list):
             return value
     whole = " (a whole number)" if options == (int,) or options == (int, type(None)) else ""
     raise ValueError(f"{source}: config key {key!r} expects {_type_name(hint)}{whole}, got {given!r}")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import AutoModelForCausalLM
 
-from potstill import checkpoint, runtime
+from potstill import checkpoint, lora, runtime
 from potstill.rundir import RunDirError, check_resume_config, check_run_dir, claim_run_dir  # noqa: F401 (re-export)
 from potstill.assemble import Parts, load_examples, load_parts
 from potstill.config import RunConfig
@@ -30,6 +29,7 @@ from potstill.losses.targets import TeacherHidden
 from potstill.models import hidden_states, output_head
 from potstill.progress import TrainProgress
 from potstill.report import write_report
+from potstill.trackers import Trackers
 from potstill.cache.opening import check_examples_cached
 from potstill.cache.targets import batch_target
 
@@ -209,11 +209,16 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml)
     if resume:
         loop.restore()
-    last_eval = loop.run(held, progress and rt.is_main)
-    final = checkpoint.save_model_dir(run_dir / "final", parts.student, parts.tokenizer, {"config.yaml": config_yaml})
-    if not last_eval:  # resumed at max_steps: keep the metrics the run already has
-        last_eval = run_eval(parts, held, cfg, loop.step)
-        append_metrics(run_dir, last_eval)
+    loop.trackers = Trackers.start(cfg.train.report_to, run_dir, cfg.to_dict(), loop.step if resume else None, rt.is_main)
+    try:
+        last_eval = loop.run(held, progress and rt.is_main)
+        final = checkpoint.save_model_dir(run_dir / "final", lora.final_form(parts.student, cfg.student.lora),
+                                          parts.tokenizer, {"config.yaml": config_yaml})
+        if not last_eval:  # resumed at max_steps: keep the metrics the run already has
+            last_eval = run_eval(parts, held, cfg, loop.step)
+            loop.record(last_eval)
+    finally:
+        loop.trackers.finish()
     write_report(run_dir)
     return RunResult(run_dir, final, {k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
 
@@ -238,6 +243,12 @@ class Loop:
     step: int = 0
     skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
     consecutive: int = 0  # ... in a row, up to now
+    trackers: Trackers = field(default_factory=Trackers)  # train.report_to
+
+    def record(self, row: dict) -> None:
+        """One metrics row: to metrics.jsonl and to the trackers."""
+        append_metrics(self.run_dir, row)
+        self.trackers.log(row)
 
     def run(self, held: list[dict], progress: bool) -> dict:
         """Train up to max_steps; returns the last evaluation's record ({} when no step was left to take)."""
@@ -256,7 +267,7 @@ class Loop:
                     bar.note(f"step {self.step}: skipped ({', '.join(stats['nonfinite'])})")
                 if _due(self.step, cfg.train.eval_every, cfg.train.max_steps):
                     last_eval = run_eval(parts, held, cfg, self.step)
-                    append_metrics(self.run_dir, last_eval)
+                    self.record(last_eval)
                     bar.note(f"step {self.step}: held-out CE {last_eval['student_ce']:.4f}")
                 if _due(self.step, cfg.train.save_every, cfg.train.max_steps):
                     self.save()
@@ -275,7 +286,7 @@ class Loop:
             self.consecutive = 0
             self.objective.after_step(term_means, self.step, cfg.train.max_steps, nll_means)
             if self.rt.is_main and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps):
-                append_metrics(self.run_dir, {"step": self.step, "kind": "train", **stats, "skipped": self.skipped})
+                self.record({"step": self.step, "kind": "train", **stats, "skipped": self.skipped})
         return stats
 
     def skip(self, stats: dict) -> None:
@@ -285,8 +296,8 @@ class Loop:
             raise nonfinite_error(self.run_dir, self.step, stats, self.consecutive)
         self.skipped += 1
         if self.rt.is_main:
-            append_metrics(self.run_dir, {"step": self.step, "kind": "skip", "reason": ", ".join(stats["nonfinite"]),
-                                          "skipped": self.skipped})
+            self.record({"step": self.step, "kind": "skip", "reason": ", ".join(stats["nonfinite"]),
+                         "skipped": self.skipped})
 
     def save(self) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -299,9 +310,7 @@ class Loop:
         """Load the newest complete checkpoint into the freshly built run and continue from its step."""
         path = checkpoint.latest_checkpoint(self.run_dir)
         state = checkpoint.load_trainer_state(path)
-        student = self.parts.student
-        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(student.parameters()).dtype)
-        student.load_state_dict(saved.state_dict())
+        checkpoint.load_student_weights(path, self.parts.student)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batcher.load_state(state["data"])
