@@ -21,7 +21,8 @@ BLOCKING = ("checkpoints", "final", "metrics.jsonl")
 # Settings a resumed run may change: cadence, evaluation, placement and loss-memory knobs, none of which changes
 # the training trajectory. Everything else is refused, except that train.max_steps may be raised (extending a run).
 MAY_CHANGE = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.on_nonfinite",
-              "data.max_eval_examples", "out_dir", "device", "loss.chunk_size", "loss.compile")
+              "data.max_eval_examples", "out_dir", "device", "loss.chunk_size", "loss.compile",
+              "train.report_to", "student.lora.save_adapter")  # where metrics and final/ also go, not what trains
 MAY_CHANGE_SECTIONS = ("eval.",)
 MISSING = "(unset)"
 

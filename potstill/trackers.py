@@ -91,8 +91,8 @@ def _make(name: str, run_dir: Path, resume_step: int | None, ids: dict):
     if name == "wandb":
         resumed = {"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {}
         return WandBTracker("potstill", name=run_dir.name, dir=str(run_dir), **resumed)
-    return MLflowTracker(experiment_name="potstill", logging_dir=str(run_dir / "mlruns"), run_id=ids.get("mlflow"),
-                         run_name=run_dir.name)
+    # the tracking server / store is MLflow's own setting (MLFLOW_TRACKING_URI; default ./mlruns)
+    return MLflowTracker(experiment_name="potstill", run_id=ids.get("mlflow"), run_name=run_dir.name)
 
 
 def _read_ids(run_dir: Path) -> dict:
