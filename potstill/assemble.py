@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from potstill import models
+from potstill import lora, models
 from potstill.models import load_tokenizer, resolve_model_path
 from potstill.config import RunConfig
 from potstill.precision import resolve_model_dtype
@@ -31,6 +31,11 @@ class Parts:
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
+    """The student as configured; with student.lora.r > 0, wrapped with LoRA adapters (its own weights frozen)."""
+    return lora.adapt(_base_student(cfg, teacher, tokenizer), cfg.student.lora)
+
+
+def _base_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
     s = cfg.student
     if s.path:
         return models.load_causal_lm(s.path, s.dtype, "student.path")

@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from potstill import lora
 from potstill.io import atomic_write_text, iter_jsonl
 
 STEP_PREFIX = "step-"
@@ -70,6 +72,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def saved_student_state(path: Path, student) -> dict | None:
+    """A checkpoint's student weights as a full HF state dict, for the (possibly wrapped) student to load; for a LoRA
+    student its adapters are loaded into it here (its base weights were rebuilt from the config) and None returned."""
+    if lora.is_adapted(student):
+        lora.load_adapters(path, student)
+        return None
+    return AutoModelForCausalLM.from_pretrained(path, dtype=next(student.parameters()).dtype).state_dict()
 
 
 def load_trainer_state(path: Path) -> dict:

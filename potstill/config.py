@@ -37,6 +37,24 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank (through peft); 0 = train every weight of the student. With r > 0 the student's weights stay frozen and only the adapters (and student.lora.modules_to_save) train."""
+    alpha: float | None = None
+    """LoRA scaling numerator: the update is (alpha / r)·B·A (alpha / √r with rslora); None = r (scaling 1)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' inputs (0 ≤ p < 1)."""
+    target_modules: str | list | None = "all-linear"
+    """Modules that get adapters: `all-linear` (every linear layer except the output head), or a list of module names such as [q_proj, v_proj] (lm_head allowed when the head is not tied to the embeddings)."""
+    modules_to_save: list | None = None
+    """Modules trained in full next to the adapters, e.g. [lm_head] (not with tied embeddings)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha/√r instead of alpha/r."""
+    save_adapter: bool = False
+    """final/ always holds the merged student (a plain HF model); true also writes the adapters to final/adapter/ (peft's format)."""
+
+
+@dataclass
 class StudentConfig:
     path: str | None = None
     """Start the student from this local HF directory or hub id (mutually exclusive with `config`)."""
@@ -46,6 +64,7 @@ class StudentConfig:
     """Initialise the student as the teacher's embeddings, first N blocks, final norm and head (teacher-truncation init)."""
     dtype: str = "float32"
     """Student weights dtype = master weights and AdamW state dtype (float32; bfloat16 = pure bf16 training, no master weights)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -136,6 +155,8 @@ class TrainConfig:
     """Mixed precision of the student's forward and the loss: auto (bf16 on a CUDA GPU with native bf16, else fp32), fp32, bf16 or fp16 (with a grad scaler); weights and AdamW state stay in student.dtype (docs/precision.md)."""
     gradient_checkpointing: bool = False
     """Recompute the student's decoder layers in backward instead of storing their activations (less memory, ~1/3 more compute)."""
+    report_to: str | list = "tensorboard"
+    """Trackers that get every metrics.jsonl value: tensorboard (RUN/tensorboard/, no account or network), wandb, mlflow (extras: pip install 'potstill[wandb]'), none, or a list."""
 
     def resolved_warmup(self) -> int:
         """Warm-up steps in effect: the explicit value, else 5% of max_steps rounded up."""
@@ -240,6 +261,9 @@ class RunConfig:
         check_precision_settings(self.train.precision, self.student.dtype, self.teacher.dtype)
         if self.train.warmup_steps is not None and self.train.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be ≥ 0 (or null = 5% of max_steps), got {self.train.warmup_steps}")
+        from potstill import lora, trackers  # their checks name the config keys; imported here to keep loading light
+        lora.check_settings(self.student.lora)
+        trackers.tracker_names(self.train.report_to)
         self._validate_parallel()
 
     def _validate_parallel(self) -> None:
@@ -248,6 +272,9 @@ class RunConfig:
             raise ValueError(f"parallel.strategy={p.strategy!r}: use auto, ddp or fsdp")
         if p.teacher not in ("replicate", "shard"):
             raise ValueError(f"parallel.teacher={p.teacher!r}: use replicate or shard")
+        if p.strategy == "fsdp" and self.student.lora.r > 0:
+            raise ValueError("parallel.strategy=fsdp with student.lora: LoRA students train with parallel.strategy=ddp "
+                             "(their trainable weights are small; FSDP2 over a PEFT model is not supported yet)")
         if p.teacher == "shard" and (self.teacher.cache or not self.teacher.path):
             raise ValueError("parallel.teacher=shard shards a live teacher: it needs teacher.path and no teacher.cache")
 
@@ -330,6 +357,8 @@ def coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if opt is str and isinstance(value, (str, int, float)):
             return str(value)
         if opt is dict and isinstance(value, dict):
+            return value
+        if opt is list and isinstance(value, list):
             return value
     whole = " (a whole number)" if options == (int,) or options == (int, type(None)) else ""
     raise ValueError(f"{source}: config key {key!r} expects {_type_name(hint)}{whole}, got {given!r}")

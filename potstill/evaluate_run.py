@@ -22,7 +22,8 @@ def _run_config(path: Path, teacher: str | None, data: str | None) -> tuple[RunC
             raise ValueError(f"{path} is a model directory, not a run: pass --data with held-out data")
     else:
         raise FileNotFoundError(f"{path} is neither a potstill run directory (config.yaml + final/) nor a model directory")
-    overrides += [f"student.path={model_dir}", "student.config=", "student.init_from_teacher_layers="]
+    # final/ of a LoRA run holds the merged student: evaluate it as a plain model
+    overrides += [f"student.path={model_dir}", "student.config=", "student.init_from_teacher_layers=", "student.lora.r=0"]
     if teacher:
         overrides.append(f"teacher.path={teacher}")
     if data:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from potstill.lora import effective_head
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # How far the model's own logits may differ from s·(h·Wᵀ + b), relative to the largest logit: fp32 reassociation
@@ -89,13 +91,14 @@ def check_plain_head(model: PreTrainedModel) -> None:
     PROBE_LOGIT (random tiny models have logits ≈ 0.1, where a soft-cap is invisible)."""
     head = model.get_output_embeddings()
     probe = _probe_forward(model, head)
-    tolerance = _HEAD_TOLERANCE.get(head.weight.dtype, _HEAD_TOLERANCE_HALF)
+    weight, bias = output_head(model)  # what the fused loss projects with (a LoRA head's effective weight)
+    tolerance = _HEAD_TOLERANCE.get(weight.dtype, _HEAD_TOLERANCE_HALF)
     body_gap = _relative_gap(probe["body"], probe["head_input"])
     if body_gap > tolerance:
         raise NotImplementedError(
             f"{type(model).__name__} transforms its last hidden states before the output head (relative difference "
             f"{body_gap:.2g}); the fused loss path would train on different logits. This architecture is not supported yet")
-    expected = probe["scale"] * F.linear(probe["head_input"], head.weight, head.bias).float()
+    expected = probe["scale"] * F.linear(probe["head_input"], weight, bias).float()
     logit_gap = _relative_gap(probe["logits"], expected)
     if logit_gap > tolerance:
         raise NotImplementedError(
@@ -146,9 +149,9 @@ def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Ten
 
 
 def output_head(model: PreTrainedModel, vocab: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """The output projection's weight (V, H) and bias, trimmed to the first ``vocab`` rows (padded vocabularies)."""
-    head: nn.Linear = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
+    """The output projection's weight (V, H) and bias, trimmed to the first ``vocab`` rows (padded vocabularies);
+    for a LoRA-adapted head the effective weight, base + scaling·B·A (``lora.effective_head``)."""
+    weight, bias = effective_head(model.get_output_embeddings())
     if vocab is not None:
         weight = weight[:vocab]
         bias = None if bias is None else bias[:vocab]

@@ -242,12 +242,14 @@ class Parallel:
         return get_optimizer_state_dict(self.student, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def load(self, model_state: dict, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:
-        """Full (unsharded) states, read by every rank, into the wrapped student and its optimizer."""
+    def load(self, model_state: dict | None, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:
+        """Full (unsharded) states, read by every rank, into the wrapped student and its optimizer (``model_state``
+        None: the weights are in place already, e.g. a LoRA student's adapters)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.student, {f"model.{k}": v for k, v in model_state.items()}, options=options)
+        if model_state is not None:
+            set_model_state_dict(self.student, {f"model.{k}": v for k, v in model_state.items()}, options=options)
         set_optimizer_state_dict(self.student, optimizer, optimizer_state, options=options)
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import AutoModelForCausalLM
 
-from potstill import checkpoint, precision, runtime
+from potstill import checkpoint, lora, precision, runtime
 from potstill.rundir import RunDirError, check_resume_config, check_run_dir, claim_run_dir  # noqa: F401 (re-export)
 from potstill.assemble import Parts, load_examples, load_parts
 from potstill.config import RunConfig
@@ -29,6 +28,7 @@ from potstill.losses.reduce import count_valid_tokens, normalise
 from potstill.losses.targets import TeacherHidden
 from potstill.progress import TrainProgress
 from potstill.report import write_report
+from potstill.trackers import Trackers
 from potstill.cache.opening import check_examples_cached
 from potstill.cache.targets import batch_target
 from potstill.data.packing import padding_fraction
@@ -235,16 +235,21 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par, amp)
     if resume:
         loop.restore()
-    last_eval = loop.run(held, progress and rt.is_main)
-    final = run_dir / "final"
-    student_state = par.model_state()
-    if rt.is_main:
-        checkpoint.save_model_dir(final, parts.student, parts.tokenizer, {"config.yaml": config_yaml}, student_state)
-    if not last_eval:  # resumed at max_steps: keep the metrics the run already has
-        with par.gathered():  # every rank evaluates (FSDP needs all ranks in each forward); rank 0 writes
-            last_eval = run_eval(parts, held, cfg, loop.step)
+    loop.trackers = Trackers.start(cfg.train.report_to, run_dir, cfg.to_dict(), loop.step if resume else None, rt.is_main)
+    try:
+        last_eval = loop.run(held, progress and rt.is_main)
+        final = run_dir / "final"
+        student_state = par.model_state()
         if rt.is_main:
-            append_metrics(run_dir, last_eval)
+            checkpoint.save_model_dir(final, lora.final_form(parts.student, cfg.student.lora), parts.tokenizer,
+                                      {"config.yaml": config_yaml}, student_state)
+        if not last_eval:  # resumed at max_steps: keep the metrics the run already has
+            with par.gathered():  # every rank evaluates (FSDP needs all ranks in each forward); rank 0 writes
+                last_eval = run_eval(parts, held, cfg, loop.step)
+            if rt.is_main:
+                loop.record(last_eval)
+    finally:
+        loop.trackers.finish()
     if rt.is_main:
         write_report(run_dir)
     rt.barrier()
@@ -273,6 +278,12 @@ class Loop:
     step: int = 0
     skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
     consecutive: int = 0  # ... in a row, up to now
+    trackers: Trackers = field(default_factory=Trackers)  # train.report_to
+
+    def record(self, row: dict) -> None:
+        """One metrics row: to metrics.jsonl and to the trackers."""
+        append_metrics(self.run_dir, row)
+        self.trackers.log(row)
 
     def run(self, held: list[dict], progress: bool) -> dict:
         """Train up to max_steps; returns the last evaluation's record ({} when no step was left to take)."""
@@ -293,7 +304,7 @@ class Loop:
                     with self.par.gathered():  # every rank evaluates (FSDP: all ranks in each forward)
                         last_eval = run_eval(parts, held, cfg, self.step)
                     if self.rt.is_main:
-                        append_metrics(self.run_dir, last_eval)
+                        self.record(last_eval)
                     bar.note(f"step {self.step}: held-out CE {last_eval['student_ce']:.4f}")
                 if _due(self.step, cfg.train.save_every, cfg.train.max_steps):
                     self.save()
@@ -313,7 +324,7 @@ class Loop:
             self.consecutive = 0
             self.objective.after_step(term_means, self.step, cfg.train.max_steps, nll_means)
             if self.rt.is_main and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps):
-                append_metrics(self.run_dir, {"step": self.step, "kind": "train", **stats, "skipped": self.skipped})
+                self.record({"step": self.step, "kind": "train", **stats, "skipped": self.skipped})
         return stats
 
     def skip(self, stats: dict) -> None:
@@ -323,8 +334,8 @@ class Loop:
             raise nonfinite_error(self.run_dir, self.step, stats, self.consecutive)
         self.skipped += 1
         if self.rt.is_main:
-            append_metrics(self.run_dir, {"step": self.step, "kind": "skip", "reason": ", ".join(stats["nonfinite"]),
-                                          "skipped": self.skipped})
+            self.record({"step": self.step, "kind": "skip", "reason": ", ".join(stats["nonfinite"]),
+                         "skipped": self.skipped})
 
     def save(self) -> None:
         """Full (unsharded) model and optimizer states and every rank's RNG state, written by rank 0 only."""
@@ -342,9 +353,7 @@ class Loop:
         """Load the newest complete checkpoint into the freshly built run and continue from its step."""
         path = checkpoint.latest_checkpoint(self.run_dir)
         state = checkpoint.load_trainer_state(path)
-        student = self.parts.student
-        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(student.parameters()).dtype)
-        self.par.load(saved.state_dict(), self.optimizer, state["optimizer"])
+        self.par.load(checkpoint.saved_student_state(path, self.parts.student), self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batcher.load_state(state["data"])
         self.objective.load_state_dict(state["objective"])
