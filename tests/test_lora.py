@@ -52,8 +52,9 @@ def test_adapters_train_and_base_weights_stay_bit_identical(tmp_path, model_dirs
     assert {n.split(".")[-4] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     optimizer, scheduler = make_optimizer(cfg, parts.student)
     batcher = Batcher(train, 4, 0, parts.tokenizer.pad_token_id)
+    par = runtime.parallelize(rt, parts.student, (parts.teacher, parts.reference), parts.vocab)
     for _ in range(3):
-        train_step(parts, [batcher.next_batch()], cfg.objective(), cfg, rt, optimizer, scheduler)
+        train_step(parts, par, [batcher.next_batch()], cfg.objective(), cfg, rt, optimizer, scheduler)
     after = lora_params(parts.student)
     assert all(not torch.equal(before[n], after[n]) for n in before), "every adapter matrix (A and B) trains"
     assert all(torch.equal(p, base[n]) for n, p in parts.student.named_parameters() if "lora_" not in n)

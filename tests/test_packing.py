@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, OPTConfig
 from transformers.masking_utils import find_packed_sequence_indices
 
 import potstill
+from potstill import runtime
 from potstill.assemble import load_examples, load_parts
 from potstill.cache.run import build_from_config
 from potstill.config import RunConfig
@@ -153,9 +154,10 @@ def test_packed_batch_gives_the_padded_batchs_loss_count_and_gradients(model_dir
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
     assert padding_fraction([packed]) < padding_fraction([padded])
     results = []
+    par = runtime.parallelize(runtime.Runtime(torch.device("cpu")), parts.student, (parts.teacher, parts.reference), parts.vocab)
     for batch in (padded, packed):
         parts.student.zero_grad(set_to_none=True)
-        out = batch_loss(parts, batch, objective, chunk_size=50)
+        out = batch_loss(parts, par, batch, objective, chunk_size=50)
         out.total.backward()
         results.append((out, count_valid_tokens([shifted(batch)]), _grads(parts.student)))
     (a, count_a, grads_a), (b, count_b, grads_b) = results

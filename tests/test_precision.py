@@ -46,9 +46,14 @@ def setup_step(cfg):
     return parts, batch, optimizer, scheduler, precision.setup(cfg, CPU, parts.student)
 
 
+def seams(parts):
+    """The single-process forward seams the loop calls (runtime.parallelize with one rank wraps nothing)."""
+    return runtime.parallelize(runtime.Runtime(CPU), parts.student, (parts.teacher, parts.reference), parts.vocab)
+
+
 def loss_and_grads(parts, batch, objective, amp):
     parts.student.zero_grad(set_to_none=True)
-    out = batch_loss(parts, batch, objective, 50, amp=amp)
+    out = batch_loss(parts, seams(parts), batch, objective, 50, amp=amp)
     out.total.backward()
     return out.total.item(), {n: p.grad.clone() for n, p in parts.student.named_parameters()}
 
@@ -132,18 +137,19 @@ def test_fp16_scaler_skips_an_inf_gradient_step_without_the_nonfinite_guard(tmp_
     parts, batch, optimizer, scheduler, amp = setup_step(cfg)
     inf_gradient_at(parts.student, {2})
     rt, objective = runtime.Runtime(CPU), cfg.objective()
+    par = seams(parts)
     weights = lambda: [p.detach().clone() for p in parts.student.parameters()]  # noqa: E731
     scale, before = amp.scaler.get_scale(), weights()
-    stats, _, _ = train_step(parts, [batch], objective, cfg, rt, optimizer, scheduler, amp)
+    stats, _, _ = train_step(parts, par, [batch], objective, cfg, rt, optimizer, scheduler, amp)
     assert stats["grad_scale"] == scale and scheduler.last_epoch == 1  # a normal fp16 step updates ...
     assert all(not torch.equal(a, b) for a, b in zip(weights(), before))  # ... every weight
     before = weights()
-    stats, _, _ = train_step(parts, [batch], objective, cfg, rt, optimizer, scheduler, amp)
+    stats, _, _ = train_step(parts, par, [batch], objective, cfg, rt, optimizer, scheduler, amp)
     assert "nonfinite" not in stats and math.isinf(stats["grad_norm"]) and math.isfinite(stats["loss"])
     assert stats["grad_scale"] == scale / 2 and scheduler.last_epoch == 1  # skipped by the scaler, LR not advanced
     assert all(torch.equal(a, b) for a, b in zip(weights(), before))
     assert all(int(s["step"]) == 1 for s in optimizer.state.values())
-    stats, _, _ = train_step(parts, [batch], objective, cfg, rt, optimizer, scheduler, amp)  # and training goes on
+    stats, _, _ = train_step(parts, par, [batch], objective, cfg, rt, optimizer, scheduler, amp)  # and training goes on
     assert stats["grad_scale"] == scale / 2 and scheduler.last_epoch == 2
     assert all(not torch.equal(a, b) for a, b in zip(weights(), before))
 
@@ -244,7 +250,7 @@ def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(t
     parts.student.eval()
     calls.clear()
     with torch.no_grad():
-        batch_loss(parts, batch, cfg.objective(), 50)
+        batch_loss(parts, seams(parts), batch, cfg.objective(), 50)
     assert len(calls) == 1  # evaluation (eval mode, no grad) does not checkpoint
 
 
