@@ -189,3 +189,18 @@ def test_parallel_settings_are_checked_at_load(setup, override, message):
     cached = [f"student.path={setup['student']}", "teacher.cache=/some/cache", "parallel.teacher=shard"]
     with pytest.raises(ValueError, match="parallel.teacher=shard shards a live teacher"):
         RunConfig.from_yaml(None, cached)
+
+
+def test_ddp_composes_with_lora_packing_checkpointing_and_trackers(setup):
+    """The features of one run together under DDP: a LoRA student (adapters synchronised, merged final/), packed
+    rows, gradient checkpointing and the TensorBoard tracker — same trajectory as one process, events from rank 0 only."""
+    extra = ("student.lora.r=4", "data.packing=true", "train.gradient_checkpointing=true", "train.report_to=tensorboard")
+    one = in_process(setup, setup["root"] / "one-rank-combined", "train.batch_size=4", *extra)
+    run = torchrun(setup, setup["root"] / "ddp-combined", "train.batch_size=2", *extra)
+    assert_same_trajectory(run, one)
+    writers = {p.name.split(".")[-2] for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(writers) == 1  # one process (rank 0) wrote every event file (scalars, and hparams in a subfolder)
+    assert not any("lora_" in name for name in saved_names(run / "final"))  # merged into a plain model
+    merged, reference = AutoModelForCausalLM.from_pretrained(run / "final"), AutoModelForCausalLM.from_pretrained(one / "final")
+    for name, weight in reference.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], weight, rtol=1e-4, atol=1e-6)
