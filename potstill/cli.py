@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from potstill import runtime
 from potstill.config import RunConfig, describe_fields
 from potstill.registry import UnknownName
 
@@ -47,7 +48,8 @@ def _show_potstill_logs() -> None:
     log = logging.getLogger("potstill")
     if not any(isinstance(h, _ConsoleLogHandler) for h in log.handlers):
         log.addHandler(_ConsoleLogHandler())
-    log.setLevel(logging.INFO)
+    # Under torchrun every rank runs this CLI; one copy of the INFO lines (data counts, guardrail notes) is enough.
+    log.setLevel(logging.INFO if runtime.launched_rank() == 0 else logging.WARNING)
 
 
 _debug = {"on": False}  # set by the app callback on every invocation (--debug / POTSTILL_DEBUG)
@@ -138,7 +140,8 @@ def distill(
     # --resume without --config: the run's own config.yaml, with any given options on top
     cfg = resume_config(given) if resume and config is None else RunConfig.from_yaml(config, given)
     result = run(cfg, resume=resume, overwrite=overwrite)
-    _print_metrics(result.metrics, f"{result.run_dir}: final student in {result.final_dir}")
+    if runtime.launched_rank() == 0:
+        _print_metrics(result.metrics, f"{result.run_dir}: final student in {result.final_dir}")
 
 
 @verb("cache", epilog="Config keys (set in the YAML file or as section.key=value):\n\n" + _OPTIONS_HELP)

@@ -81,6 +81,12 @@ def setup(device: str = "auto") -> Runtime:
     return Runtime(dev, rank, world)
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (RANK; 0 when not launched by torchrun/accelerate), readable
+    before the process group exists: the CLI prints its console output on rank 0 only."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
