@@ -13,6 +13,7 @@ import yaml
 
 from potstill import checkpoint
 from potstill.config import RunConfig, apply_override
+from potstill.nested import flatten
 from potstill.precision import RESOLVED_ON_RESUME
 
 CONFIG_FILE = "config.yaml"
@@ -73,7 +74,7 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, world_size: int = 1) -> N
     saved = run_dir / CONFIG_FILE
     if not saved.exists():
         raise RunDirError(f"--resume: {saved} is missing, so the settings of the run cannot be checked")
-    old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(yaml.safe_load(cfg.to_yaml()))
+    old, new = flatten(yaml.safe_load(saved.read_text()) or {}), flatten(yaml.safe_load(cfg.to_yaml()))
     old_world = checkpoint.saved_world_size(checkpoint.latest_checkpoint(run_dir))
     if old_world != world_size:  # another rank count: what must stay is the global batch (same examples per step)
         for flat, world in ((old, old_world), (new, world_size)):
@@ -93,14 +94,3 @@ def _may_change(key: str, old: object, new: object) -> bool:
     if key == "train.max_steps":
         return isinstance(old, int) and isinstance(new, int) and new > old
     return key in MAY_CHANGE or key.startswith(MAY_CHANGE_SECTIONS)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{'train': {'lr': 0.1}} → {'train.lr': 0.1}; nested dict values (student.config) are flattened too."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -15,6 +15,7 @@ import math
 import shutil
 from pathlib import Path
 
+from potstill.nested import flatten
 from potstill.registry import did_you_mean
 
 # tracker name → the package it needs (tensorboard is a core dependency)
@@ -111,12 +112,6 @@ def _write_ids(run_dir: Path, trackers: list) -> None:
         (Path(run_dir) / IDS_FILE).write_text(json.dumps(ids))
 
 
-def flat_config(tree: dict, prefix: str = "") -> dict:
-    """{'train': {'lr': 0.1}} → {'train.lr': 0.1}; lists become JSON text (hyperparameters are scalars)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else value
-    return out
+def flat_config(config: dict) -> dict:
+    """The config as flat ``section.key`` hyperparameters; lists become JSON text (hyperparameters are scalars)."""
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(config).items()}

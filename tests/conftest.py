@@ -70,3 +70,17 @@ def dropout_student(tmp_path_factory, tokenizer) -> Path:
     """A Llama student with attention dropout 0.5: its training losses depend on the torch RNG stream."""
     return save_tiny_model(tmp_path_factory.mktemp("models") / "llama_dropout", "llama", tokenizer, seed=5,
                            attention_dropout=0.5)
+
+
+def after_load(monkeypatch, hook):
+    """Run ``hook(parts)`` on the real loaded parts inside distill (to attach forward hooks to the real models)."""
+    from potstill import train
+
+    real = train.load_parts
+
+    def load(cfg, device):
+        parts = real(cfg, device)
+        hook(parts)
+        return parts
+
+    monkeypatch.setattr(train, "load_parts", load)

@@ -19,6 +19,8 @@ from potstill.config import RunConfig
 from potstill.guardrails import TokenizerMismatch
 from potstill.progress import TrainProgress
 from potstill.train import NonFiniteError, RunDirError
+
+from conftest import after_load
 from tests.conftest import save_tiny_model
 
 
@@ -33,18 +35,6 @@ def config(tmp_path, model_dirs, data, *extra, student=None, out="run"):
 
 def metric_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def after_load(monkeypatch, hook):
-    """Run ``hook(parts)`` on the real loaded parts inside distill (to attach forward hooks to the real models)."""
-    real = train.load_parts
-
-    def load(cfg, device):
-        parts = real(cfg, device)
-        hook(parts)
-        return parts
-
-    monkeypatch.setattr(train, "load_parts", load)
 
 
 def nan_at(monkeypatch, bad_steps, model="student"):

@@ -18,6 +18,8 @@ from potstill.data.batches import Batcher
 from potstill.precision import resolve_model_dtype, resolve_precision
 from potstill.train import NonFiniteError, batch_loss, make_optimizer, train_step
 
+from conftest import after_load
+
 CPU = torch.device("cpu")
 
 
@@ -154,20 +156,9 @@ def test_fp16_scaler_skips_an_inf_gradient_step_without_the_nonfinite_guard(tmp_
     assert all(not torch.equal(a, b) for a, b in zip(weights(), before))
 
 
-def attach_after_load(monkeypatch, hook):
-    real = train.load_parts
-
-    def load(cfg, device):
-        parts = real(cfg, device)
-        hook(parts)
-        return parts
-
-    monkeypatch.setattr(train, "load_parts", load)
-
-
 def test_fp16_run_goes_on_through_an_inf_gradient_but_stops_on_a_nan_loss(tmp_path, model_dirs, text_jsonl,
                                                                          monkeypatch):
-    attach_after_load(monkeypatch, lambda parts: inf_gradient_at(parts.student, {2}))
+    after_load(monkeypatch, lambda parts: inf_gradient_at(parts.student, {2}))
     cfg = config(tmp_path, model_dirs, text_jsonl, "train.precision=fp16", "train.max_steps=4", "train.save_every=0")
     result = potstill.distill(cfg, progress=False)
     logged = rows(result.run_dir)
@@ -186,7 +177,7 @@ def test_fp16_run_goes_on_through_an_inf_gradient_but_stops_on_a_nan_loss(tmp_pa
 
         parts.student.get_decoder().norm.register_forward_hook(poison)
 
-    attach_after_load(monkeypatch, nan_hidden)
+    after_load(monkeypatch, nan_hidden)
     cfg = config(tmp_path / "nan", model_dirs, text_jsonl, "train.precision=fp16", "train.max_steps=4")
     with pytest.raises(NonFiniteError, match=r"^step 2: term 'ce' is nan, term 'fkl' is nan \(loss nan"):
         potstill.distill(cfg, progress=False)
@@ -204,7 +195,7 @@ def crash_after(run_dir, step: int) -> None:
 
 def test_fp16_resume_restores_the_grad_scaler(tmp_path, model_dirs, text_jsonl, monkeypatch):
     with monkeypatch.context() as patch:  # only the first run sees the inf gradient (scale 65536 → 32768 at step 2)
-        attach_after_load(patch, lambda parts: inf_gradient_at(parts.student, {2}))
+        after_load(patch, lambda parts: inf_gradient_at(parts.student, {2}))
         cfg = config(tmp_path, model_dirs, text_jsonl, "train.precision=fp16", "train.max_steps=6", "train.save_every=2",
                      "train.keep_checkpoints=3")
         full = rows(potstill.distill(cfg, progress=False).run_dir)
