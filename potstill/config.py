@@ -261,23 +261,10 @@ class RunConfig:
         check_precision_settings(self.train.precision, self.student.dtype, self.teacher.dtype)
         if self.train.warmup_steps is not None and self.train.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be ≥ 0 (or null = 5% of max_steps), got {self.train.warmup_steps}")
-        from potstill import lora, trackers  # their checks name the config keys; imported here to keep loading light
+        from potstill import lora, runtime, trackers  # their checks name the config keys; imported here to keep loading light
         lora.check_settings(self.student.lora)
         trackers.tracker_names(self.train.report_to)
-        self._validate_parallel()
-
-    def _validate_parallel(self) -> None:
-        p = self.parallel
-        if p.strategy not in ("auto", "ddp", "fsdp"):
-            raise ValueError(f"parallel.strategy={p.strategy!r}: use auto, ddp or fsdp")
-        if p.teacher not in ("replicate", "shard"):
-            raise ValueError(f"parallel.teacher={p.teacher!r}: use replicate or shard")
-        if p.strategy == "fsdp" and self.student.lora.r > 0:
-            raise ValueError("parallel.strategy=fsdp with student.lora: LoRA students train with parallel.strategy=ddp "
-                             "(their trainable weights are small; FSDP2 over a PEFT model is not supported yet)")
-        if p.teacher == "shard" and (self.teacher.cache or not self.teacher.path):
-            raise ValueError("parallel.teacher=shard shards a live teacher: it needs teacher.path and no teacher.cache")
-
+        runtime.check_settings(self)
 
     def _validate_reference(self, obj: Objective) -> None:
         from potstill.losses.selection import SELECTORS

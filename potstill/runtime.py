@@ -132,6 +132,23 @@ def restore_rank_rng(rt: Runtime, states: list[dict], seed: int, step: int) -> N
 # ---- data parallelism ----------------------------------------------------------------------------------------
 
 
+def check_settings(cfg) -> None:
+    """The run config's `parallel` section and the combinations FSDP2 cannot serve, checked at config load."""
+    p = cfg.parallel
+    if p.strategy not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"parallel.strategy={p.strategy!r}: use auto, ddp or fsdp")
+    if p.teacher not in ("replicate", "shard"):
+        raise ValueError(f"parallel.teacher={p.teacher!r}: use replicate or shard")
+    if p.strategy == "fsdp" and cfg.train.precision == "fp16":
+        raise ValueError("train.precision=fp16 with parallel.strategy=fsdp: the grad scaler would see only this "
+                         "rank's gradient shard (ranks could disagree on skipping a step); use train.precision=bf16")
+    if p.strategy == "fsdp" and cfg.student.lora.r > 0:
+        raise ValueError("parallel.strategy=fsdp with student.lora: LoRA students train with parallel.strategy=ddp "
+                         "(their trainable weights are small; FSDP2 over a PEFT model is not supported yet)")
+    if p.teacher == "shard" and (cfg.teacher.cache or not cfg.teacher.path):
+        raise ValueError("parallel.teacher=shard shards a live teacher: it needs teacher.path and no teacher.cache")
+
+
 def resolve_strategy(strategy: str, world_size: int) -> str:
     """'none' in a single process (nothing to wrap), else the configured engine ('auto' = ddp)."""
     if world_size == 1:

@@ -184,6 +184,7 @@ def test_rank_slices_make_up_the_one_process_batch(tokenizer):
     ("parallel.teacher=offload", "parallel.teacher='offload': use replicate or shard"),
 ])
 def test_parallel_settings_are_checked_at_load(setup, override, message):
+    """One line at config load for each setting, and for combinations FSDP2 cannot serve."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         RunConfig.from_yaml(None, overrides(setup, setup["root"] / "unused", override))
     cached = [f"student.path={setup['student']}", "teacher.cache=/some/cache", "parallel.teacher=shard"]
@@ -204,3 +205,12 @@ def test_ddp_composes_with_lora_packing_checkpointing_and_trackers(setup):
     merged, reference = AutoModelForCausalLM.from_pretrained(run / "final"), AutoModelForCausalLM.from_pretrained(one / "final")
     for name, weight in reference.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("train.precision=fp16", "train.precision=fp16 with parallel.strategy=fsdp"),
+    ("student.lora.r=4", "parallel.strategy=fsdp with student.lora"),
+])
+def test_fsdp_refuses_combinations_it_cannot_serve(setup, extra, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_yaml(None, overrides(setup, setup["root"] / "unused", "parallel.strategy=fsdp", extra))
