@@ -60,16 +60,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(launcher: list[str], s: dict, out: Path, *extra: str) -> Path:
+def launch(launcher: list[str], s: dict, out: Path, *extra: str, verb: str = "distill") -> Path:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HOME": str(out.parent / "hf-home")}
-    cmd = [*launcher, "-m", "potstill", "distill", *overrides(s, out, *extra)]
+    cmd = [*launcher, "-m", "potstill", verb, *overrides(s, out, *extra)]
     done = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
 
-def torchrun(s: dict, out: Path, *extra: str) -> Path:
-    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], s, out, *extra)
+def torchrun(s: dict, out: Path, *extra: str, verb: str = "distill") -> Path:
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], s, out,
+                  *extra, verb=verb)
 
 
 def accelerate(s: dict, out: Path, *extra: str) -> Path:
@@ -214,3 +215,20 @@ def test_ddp_composes_with_lora_packing_checkpointing_and_trackers(setup):
 def test_fsdp_refuses_combinations_it_cannot_serve(setup, extra, message):
     with pytest.raises(ValueError, match=message):
         RunConfig.from_yaml(None, overrides(setup, setup["root"] / "unused", "parallel.strategy=fsdp", extra))
+
+
+def test_cache_built_by_two_ranks_trains_like_one_built_by_one_process(setup):
+    """`potstill cache` under torchrun: each rank writes the shards it owns (shard i on rank i % 2), rank-strided,
+    and the finished cache serves a run exactly as a cache built by one process does."""
+    cache_args = ("cache.mode=topk", "cache.k=4", "cache.shard_size=8", "cache.batch_size=4")
+    two = setup["root"] / "cache-two-ranks"
+    torchrun(setup, setup["root"] / "cache-unused-run", f"teacher.cache={two}", *cache_args, verb="cache")
+    one = setup["root"] / "cache-one-process"
+    from potstill.cache.run import build_from_config
+    build_from_config(RunConfig.from_yaml(None, overrides(setup, setup["root"] / "unused", f"teacher.cache={one}",
+                                                          *cache_args), check_run=False), progress=False)
+    shards = sorted(p.name for p in two.glob("shard-*.safetensors"))
+    assert len(shards) == 5 and shards == sorted(p.name for p in one.glob("shard-*.safetensors"))  # 40 examples / 8
+    runs = [in_process(setup, setup["root"] / f"from-{cache.name}", f"teacher.cache={cache}", "train.batch_size=4",
+                       "loss.objective=rkl") for cache in (two, one)]
+    assert [r["loss"] for r in rows(runs[0])] == [r["loss"] for r in rows(runs[1])]
