@@ -191,10 +191,26 @@ def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+_HALF_GEMM_FP32_OUT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def half_gemm_with_fp32_out(h_c: Tensor) -> bool:
+    """Whether this CUDA build runs ``torch.mm(..., out_dtype=float32)`` on half-precision inputs (checked once per
+    device type and dtype with a tiny GEMM; builds without the kernel fall back to fp32 operands)."""
+    key = (h_c.device.type, h_c.dtype)
+    if key not in _HALF_GEMM_FP32_OUT:
+        probe = torch.ones(2, 2, device=h_c.device, dtype=h_c.dtype)
+        try:
+            _HALF_GEMM_FP32_OUT[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError):
+            _HALF_GEMM_FP32_OUT[key] = False
+    return _HALF_GEMM_FP32_OUT[key]
+
+
 def add_weight_grad(grad_w: Tensor, dz: Tensor, h_c: Tensor) -> None:
     """grad_w (V, H) fp32 += dzᵀ·h_c. Half-precision inputs on CUDA: a half-precision GEMM with an fp32 result
     (``out_dtype``), so the accumulation stays fp32 without an fp32 GEMM; elsewhere fp32 operands."""
-    if h_c.dtype in (torch.bfloat16, torch.float16) and h_c.device.type == "cuda":
+    if h_c.dtype in (torch.bfloat16, torch.float16) and h_c.device.type == "cuda" and half_gemm_with_fp32_out(h_c):
         grad_w.add_(torch.mm(dz.to(h_c.dtype).t(), h_c, out_dtype=torch.float32))
     else:
         grad_w.addmm_(dz.t(), h_c.float())
