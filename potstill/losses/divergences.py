@@ -193,18 +193,82 @@ def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
 
 
+# The AKL head without sorting the vocabulary (a full sort per row costs several times the rest of the loss).
+# Peaked rows are decided from the top _AKL_TOPK probabilities; flatter rows from a per-row histogram of p over
+# _AKL_BUCKETS buckets keyed by p's fp32 exponent and top 7 mantissa bits (monotone in p ≥ 0, ~0.8 % wide), plus
+# an exact sort of the one bucket where the cumulative mass crosses mu.
+_AKL_TOPK = 32
+_AKL_BUCKETS = 4096
+
+
+def _head_size(p_desc: Tensor, mu: float, mass_before: Tensor | float = 0.0) -> Tensor:
+    """How many of the descending values p_desc (n, k) keep the cumulative mass (mass_before included) ≤ mu. The
+    sum is taken in fp64 and compared after rounding to fp32, as the fp32 ``cumsum`` of the definition does; it is
+    nondecreasing (p ≥ 0), so the passing ranks form a prefix and counting them gives its length."""
+    cum = (p_desc.double().cumsum(-1) + mass_before).float()
+    return (cum <= mu).sum(-1)
+
+
+def _boundary_by_histogram(p: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Head size (n,), boundary value (n, 1) (the size-th largest p) and the next value (n, 1) (the one after the
+    boundary, or one known to differ from it) of each row, exactly, in a few passes over p (n, V)."""
+    key = p.view(torch.int32) >> 16  # sign 0, exponent, 7 mantissa bits: nondecreasing in p ≥ 0
+    bucket = (key.amax(-1, keepdim=True) - key).clamp_max_(_AKL_BUCKETS - 1).long()  # 0 = the top token's bucket
+    mass = p.new_zeros(p.shape[0], _AKL_BUCKETS, dtype=torch.float64).scatter_add_(1, bucket, p.double())
+    counts = torch.zeros_like(mass, dtype=torch.int64).scatter_add_(1, bucket, bucket.new_ones(()).expand_as(bucket))
+    crossing = (mass.cumsum(-1).float() <= mu).sum(-1, keepdim=True).clamp_max_(_AKL_BUCKETS - 1)  # (n, 1)
+    mass_before = mass.cumsum(-1).gather(-1, crossing) - mass.gather(-1, crossing)  # buckets above the crossing
+    count_in = counts.gather(-1, crossing)
+    count_above = (counts.cumsum(-1).gather(-1, crossing) - count_in).squeeze(-1)
+    width = min(int(count_in.max()) + 1, p.shape[-1])  # + 1: the value after the head's last one
+    values = torch.where(bucket == crossing, p, _zero(p)).topk(width, -1).values  # descending, 0-padded
+    size_in = torch.minimum(_head_size(values, mu, mass_before), count_in.squeeze(-1))  # padding never counts
+    size_in = torch.where(count_above == 0, size_in.clamp_min(1), size_in)  # the top token is always in the head
+    boundary = values.gather(-1, (size_in - 1).clamp_min(0)[:, None])
+    following = values.gather(-1, size_in[:, None])
+    ends_above = (size_in == 0).nonzero().squeeze(-1)  # the head is exactly the buckets above the crossing
+    if ends_above.numel():
+        p_e = p[ends_above]
+        boundary[ends_above] = torch.where(bucket[ends_above] < crossing[ends_above], p_e, float("inf")).amin(-1, True)
+        following[ends_above] = values[ends_above, :1]  # in a lower bucket, so smaller
+    return count_above + size_in, boundary, following
+
+
+def akl_head(p: Tensor, mu: float) -> Tensor:
+    """Bool mask (n, V) of the AKL head: the top token plus the longest teacher-sorted prefix whose cumulative mass
+    stays ≤ mu, as in ``adaptive_kl``. Among ids tied at the boundary probability the lowest join the head first
+    (the order of a stable sort, and of the definition in tests/test_losses.py::_akl_ref).
+
+    The head is p > b plus the first L − #(p > b) ids with p == b, where L is its size and b the L-th largest
+    probability (the boundary); L and b come from a top-k where it holds the head, else from a histogram."""
+    with torch.no_grad():
+        k = min(_AKL_TOPK + 1, p.shape[-1])  # + 1: the value after the head's last one
+        top = p.topk(k, -1).values  # (n, k) descending
+        size = _head_size(top, mu).clamp_(1, k - 1 if k < p.shape[-1] else k)
+        boundary = top.gather(-1, (size - 1)[:, None])  # (n, 1)
+        following = top.gather(-1, size.clamp_max(k - 1)[:, None])
+        flat = (size == k - 1).nonzero().squeeze(-1) if k < p.shape[-1] else size[:0]  # head may reach past top k
+        if flat.numel() == p.shape[0]:
+            size, boundary, following = _boundary_by_histogram(p, mu)
+        elif flat.numel():
+            size[flat], boundary[flat], following[flat] = _boundary_by_histogram(p[flat], mu)
+        head = p >= boundary
+        tied = ((following == boundary) & (size < p.shape[-1])[:, None]).nonzero()[:, 0]  # more ids at b than fit
+        if tied.numel():
+            p_t, b_t = p[tied], boundary[tied]
+            at_boundary = p_t == b_t
+            room = size[tied] - (p_t > b_t).sum(-1)  # head places left for boundary ids
+            head[tied] = (p_t > b_t) | (at_boundary & (at_boundary.cumsum(-1) <= room[:, None]))
+    return head
+
+
 @register("akl", mu=HParam(0.5, 0.0, 1.0, "teacher mass that defines the head (AKL: 0.5)"))
 def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float) -> Tensor:
     """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the teacher–student gap on the head vs the tail."""
     p, q = teacher_logp.exp(), student_logp.exp().detach()  # the weights carry no gradient (as in the authors' code)
-    p_sorted, order = p.sort(-1, descending=True)
-    gap = (p_sorted - q.gather(-1, order)).abs()
-    head = p_sorted.cumsum(-1) <= mu  # the teacher-sorted prefix holding mass ≤ mu, inclusive ...
-    head[..., 0] = True  # ... and always the teacher's top token
-    zero = _zero(gap)
-    g_head = torch.where(head, gap, zero).sum(-1)
-    g_tail = torch.where(head, zero, gap).sum(-1)
-    total = g_head + g_tail
+    gap = (p - q).abs()
+    g_head = torch.where(akl_head(p, mu), gap, _zero(gap)).sum(-1)
+    total = gap.sum(-1)  # head + tail
     w_head = torch.where(total > 0, g_head / total.clamp_min(1e-30), 0.5)  # identical rows: both terms are 0
     return w_head * kl(teacher_logp, student_logp) + (1 - w_head) * kl(student_logp, teacher_logp)
 
