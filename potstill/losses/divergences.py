@@ -87,7 +87,7 @@ def _zero(like: Tensor) -> Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
-def kl(logp: Tensor, logq: Tensor) -> Tensor:
+def kl(logp: Tensor, logq: Tensor, p: Tensor | None = None) -> Tensor:
     """KL(p‖q) = Σ p·(log p − log q) over the last axis; entries with p = 0 contribute 0 (even where q = 0).
 
     Where p = 0 the difference is replaced by 0 *before* the product: there log p − log q may be -inf − (-inf)
@@ -95,8 +95,9 @@ def kl(logp: Tensor, logq: Tensor) -> Tensor:
     local derivatives are ±1, so no 0·inf arises), so both the value and the gradient stay finite; the product
     p·0 is 0 with zero gradient. A NaN input is *not* an entry that does not count: ``p != 0`` keeps it, so a
     broken signal shows as NaN (the loop's non-finite guard stops on it) instead of being silently dropped from
-    the sum. (Few passes over the (n, V) chunk on purpose: this runs on every vocabulary entry of every token.)"""
-    p = logp.exp()
+    the sum. (Few passes over the (n, V) chunk on purpose: this runs on every vocabulary entry of every token.)
+    ``p``: logp.exp() where the caller already has it (saves a pass)."""
+    p = logp.exp() if p is None else p
     return (p * torch.where(p != 0, logp - logq, _zero(logp))).sum(-1)
 
 
@@ -229,7 +230,8 @@ def _boundary_by_histogram(p: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor
     ends_above = (size_in == 0).nonzero().squeeze(-1)  # the head is exactly the buckets above the crossing
     if ends_above.numel():
         p_e = p[ends_above]
-        boundary[ends_above] = torch.where(bucket[ends_above] < crossing[ends_above], p_e, float("inf")).amin(-1, True)
+        above = bucket[ends_above] < crossing[ends_above]
+        boundary[ends_above] = torch.where(above, p_e, float("inf")).amin(-1, keepdim=True)
         following[ends_above] = values[ends_above, :1]  # in a lower bucket, so smaller
     return count_above + size_in, boundary, following
 
@@ -265,12 +267,12 @@ def akl_head(p: Tensor, mu: float) -> Tensor:
 @register("akl", mu=HParam(0.5, 0.0, 1.0, "teacher mass that defines the head (AKL: 0.5)"))
 def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float) -> Tensor:
     """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the teacher–student gap on the head vs the tail."""
-    p, q = teacher_logp.exp(), student_logp.exp().detach()  # the weights carry no gradient (as in the authors' code)
-    gap = (p - q).abs()
+    p, q = teacher_logp.exp(), student_logp.exp()
+    gap = (p - q.detach()).abs()  # the weights carry no gradient through the student (as in the authors' code)
     g_head = torch.where(akl_head(p, mu), gap, _zero(gap)).sum(-1)
     total = gap.sum(-1)  # head + tail
     w_head = torch.where(total > 0, g_head / total.clamp_min(1e-30), 0.5)  # identical rows: both terms are 0
-    return w_head * kl(teacher_logp, student_logp) + (1 - w_head) * kl(student_logp, teacher_logp)
+    return w_head * kl(teacher_logp, student_logp, p) + (1 - w_head) * kl(student_logp, teacher_logp, q)
 
 
 @register("taid", schedule=TaidSchedule,
