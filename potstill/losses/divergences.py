@@ -210,15 +210,25 @@ def _head_size(p_desc: Tensor, mu: float, mass_before: Tensor | float = 0.0) -> 
     return (cum <= mu).sum(-1)
 
 
-def _boundary_by_histogram(p: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Head size (n,), boundary value (n, 1) (the size-th largest p) and the next value (n, 1) (the one after the
-    boundary, or one known to differ from it) of each row, exactly, in a few passes over p (n, V)."""
+def _boundary_by_topk(p: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Head size (n,), boundary value (n, 1) (the size-th largest p) and the value after it (n, 1) of each row from
+    its top _AKL_TOPK + 1 values; a row whose size comes out as k − 1 may have a longer head (the caller checks)."""
+    k = min(_AKL_TOPK + 1, p.shape[-1])  # + 1: the value after the head's last one
+    top = p.topk(k, -1).values  # (n, k) descending
+    size = _head_size(top, mu).clamp_(1, k - 1 if k < p.shape[-1] else k)
+    return size, top.gather(-1, (size - 1)[:, None]), top.gather(-1, size.clamp_max(k - 1)[:, None])
+
+
+def _boundary_by_histogram(p: Tensor, p_max: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
+    """As ``_boundary_by_topk`` for any row, exactly, in a few passes over p (n, V); p_max (n, 1): each row's max."""
     key = p.view(torch.int32) >> 16  # sign 0, exponent, 7 mantissa bits: nondecreasing in p ≥ 0
-    bucket = (key.amax(-1, keepdim=True) - key).clamp_max_(_AKL_BUCKETS - 1).long()  # 0 = the top token's bucket
+    top_key = (p_max.view(torch.int32) >> 16).long()
+    bucket = (top_key - key).clamp_max_(_AKL_BUCKETS - 1)  # int64 (n, V); 0 = the top token's bucket
     mass = p.new_zeros(p.shape[0], _AKL_BUCKETS, dtype=torch.float64).scatter_add_(1, bucket, p.double())
     counts = torch.zeros_like(mass, dtype=torch.int64).scatter_add_(1, bucket, bucket.new_ones(()).expand_as(bucket))
-    crossing = (mass.cumsum(-1).float() <= mu).sum(-1, keepdim=True).clamp_max_(_AKL_BUCKETS - 1)  # (n, 1)
-    mass_before = mass.cumsum(-1).gather(-1, crossing) - mass.gather(-1, crossing)  # buckets above the crossing
+    cum_mass = mass.cumsum(-1)
+    crossing = (cum_mass.float() <= mu).sum(-1, keepdim=True).clamp_max_(_AKL_BUCKETS - 1)  # (n, 1)
+    mass_before = cum_mass.gather(-1, crossing) - mass.gather(-1, crossing)  # the buckets above the crossing
     count_in = counts.gather(-1, crossing)
     count_above = (counts.cumsum(-1).gather(-1, crossing) - count_in).squeeze(-1)
     width = min(int(count_in.max()) + 1, p.shape[-1])  # + 1: the value after the head's last one
@@ -229,11 +239,15 @@ def _boundary_by_histogram(p: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor
     following = values.gather(-1, size_in[:, None])
     ends_above = (size_in == 0).nonzero().squeeze(-1)  # the head is exactly the buckets above the crossing
     if ends_above.numel():
-        p_e = p[ends_above]
         above = bucket[ends_above] < crossing[ends_above]
-        boundary[ends_above] = torch.where(above, p_e, float("inf")).amin(-1, keepdim=True)
+        boundary[ends_above] = torch.where(above, p[ends_above], float("inf")).amin(-1, keepdim=True)
         following[ends_above] = values[ends_above, :1]  # in a lower bucket, so smaller
     return count_above + size_in, boundary, following
+
+
+def _rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x[rows], without the copy when rows are all of them."""
+    return x if rows.numel() == x.shape[0] else x[rows]
 
 
 def akl_head(p: Tensor, mu: float) -> Tensor:
@@ -242,20 +256,24 @@ def akl_head(p: Tensor, mu: float) -> Tensor:
     (the order of a stable sort, and of the definition in tests/test_losses.py::_akl_ref).
 
     The head is p > b plus the first L − #(p > b) ids with p == b, where L is its size and b the L-th largest
-    probability (the boundary); L and b come from a top-k where it holds the head, else from a histogram."""
+    probability (the boundary). Both routes to L and b are exact, so which rows take which only matters for speed:
+    rows whose top _AKL_TOPK tokens cannot reach mu (k·max p ≤ mu) go straight to the histogram."""
     with torch.no_grad():
-        k = min(_AKL_TOPK + 1, p.shape[-1])  # + 1: the value after the head's last one
-        top = p.topk(k, -1).values  # (n, k) descending
-        size = _head_size(top, mu).clamp_(1, k - 1 if k < p.shape[-1] else k)
-        boundary = top.gather(-1, (size - 1)[:, None])  # (n, 1)
-        following = top.gather(-1, size.clamp_max(k - 1)[:, None])
-        flat = (size == k - 1).nonzero().squeeze(-1) if k < p.shape[-1] else size[:0]  # head may reach past top k
-        if flat.numel() == p.shape[0]:
-            size, boundary, following = _boundary_by_histogram(p, mu)
-        elif flat.numel():
-            size[flat], boundary[flat], following[flat] = _boundary_by_histogram(p[flat], mu)
+        n, vocab = p.shape
+        p_max = p.amax(-1, keepdim=True)
+        size = torch.empty(n, dtype=torch.int64, device=p.device)
+        boundary, following = p_max.clone(), p_max.clone()
+        by_topk = (~(_AKL_TOPK * p_max.squeeze(-1) <= mu)).nonzero().squeeze(-1)  # NaN rows too
+        by_histogram = torch.ones(n, dtype=torch.bool, device=p.device)
+        if by_topk.numel():
+            size[by_topk], boundary[by_topk], following[by_topk] = _boundary_by_topk(_rows(p, by_topk), mu)
+            by_histogram[by_topk] = size[by_topk] == _AKL_TOPK  # the head may reach past the top k
+        by_histogram &= vocab > _AKL_TOPK + 1  # else the top k holds the whole row
+        hist = by_histogram.nonzero().squeeze(-1)
+        if hist.numel():
+            size[hist], boundary[hist], following[hist] = _boundary_by_histogram(_rows(p, hist), p_max[hist], mu)
         head = p >= boundary
-        tied = ((following == boundary) & (size < p.shape[-1])[:, None]).nonzero()[:, 0]  # more ids at b than fit
+        tied = ((following == boundary) & (size < vocab)[:, None]).nonzero()[:, 0]  # more ids at b than fit
         if tied.numel():
             p_t, b_t = p[tied], boundary[tied]
             at_boundary = p_t == b_t
