@@ -222,8 +222,8 @@ def _boundary_by_topk(p: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
 def _boundary_by_histogram(p: Tensor, p_max: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
     """As ``_boundary_by_topk`` for any row, exactly, in a few passes over p (n, V); p_max (n, 1): each row's max."""
     key = p.view(torch.int32) >> 16  # sign 0, exponent, 7 mantissa bits: nondecreasing in p ≥ 0
-    top_key = (p_max.view(torch.int32) >> 16).long()
-    bucket = (top_key - key).clamp_max_(_AKL_BUCKETS - 1)  # int64 (n, V); 0 = the top token's bucket
+    top_key = p_max.view(torch.int32) >> 16
+    bucket = (top_key - key).clamp_max_(_AKL_BUCKETS - 1).long()  # (n, V); 0 = the top token's bucket
     mass = p.new_zeros(p.shape[0], _AKL_BUCKETS, dtype=torch.float64).scatter_add_(1, bucket, p.double())
     counts = torch.zeros_like(mass, dtype=torch.int64).scatter_add_(1, bucket, bucket.new_ones(()).expand_as(bucket))
     cum_mass = mass.cumsum(-1)
