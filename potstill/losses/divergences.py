@@ -87,7 +87,7 @@ def _zero(like: Tensor) -> Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
-def kl(logp: Tensor, logq: Tensor, p: Tensor | None = None) -> Tensor:
+def kl(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p‖q) = Σ p·(log p − log q) over the last axis; entries with p = 0 contribute 0 (even where q = 0).
 
     Where p = 0 the difference is replaced by 0 *before* the product: there log p − log q may be -inf − (-inf)
@@ -95,10 +95,14 @@ def kl(logp: Tensor, logq: Tensor, p: Tensor | None = None) -> Tensor:
     local derivatives are ±1, so no 0·inf arises), so both the value and the gradient stay finite; the product
     p·0 is 0 with zero gradient. A NaN input is *not* an entry that does not count: ``p != 0`` keeps it, so a
     broken signal shows as NaN (the loop's non-finite guard stops on it) instead of being silently dropped from
-    the sum. (Few passes over the (n, V) chunk on purpose: this runs on every vocabulary entry of every token.)
-    ``p``: logp.exp() where the caller already has it (saves a pass)."""
-    p = logp.exp() if p is None else p
-    return (p * torch.where(p != 0, logp - logq, _zero(logp))).sum(-1)
+    the sum. (Few passes over the (n, V) chunk on purpose: this runs on every vocabulary entry of every token.)"""
+    return _weighted_log_ratio(logp.exp(), logp - logq)
+
+
+def _weighted_log_ratio(p: Tensor, log_ratio: Tensor) -> Tensor:
+    """Σ p·log_ratio over the last axis with entries where p = 0 counted as 0: ``kl``'s sum, given the ratio (a
+    caller that needs KL both ways computes log p − log q once; −Σ q·(log p − log q) is KL(q‖p) exactly)."""
+    return (p * torch.where(p != 0, log_ratio, _zero(p))).sum(-1)
 
 
 def cross_entropy(logp: Tensor, logq: Tensor) -> Tensor:
@@ -290,7 +294,8 @@ def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float) -> Tensor
     g_head = torch.where(akl_head(p, mu), gap, _zero(gap)).sum(-1)
     total = gap.sum(-1)  # head + tail
     w_head = torch.where(total > 0, g_head / total.clamp_min(1e-30), 0.5)  # identical rows: both terms are 0
-    return w_head * kl(teacher_logp, student_logp, p) + (1 - w_head) * kl(student_logp, teacher_logp, q)
+    log_ratio = teacher_logp - student_logp  # shared by KL(p‖q) and KL(q‖p) = −Σ q·log_ratio
+    return w_head * _weighted_log_ratio(p, log_ratio) - (1 - w_head) * _weighted_log_ratio(q, log_ratio)
 
 
 @register("taid", schedule=TaidSchedule,
