@@ -291,3 +291,57 @@ def test_compile_decision():
     assert resolve_chunk_size(0, 32000, "cpu", compiled=True) == 256
     with pytest.raises(ValueError, match="use auto, true or false"):
         should_compile("yes", plain, "cpu", 479)
+
+
+# ---- AKL head without a vocabulary sort (divergences.akl_head): exact against the sorted-prefix definition ----
+
+
+def _akl_head_by_sort(p, mu):
+    """The definition: stable descending sort (tied ids lowest first), the top token plus every rank whose
+    cumulative mass is ≤ mu, scattered back to vocabulary order."""
+    p_sorted, order = p.sort(dim=-1, descending=True, stable=True)
+    head = p_sorted.cumsum(-1) <= mu
+    head[:, 0] = True
+    return torch.zeros_like(head).scatter_(-1, order, head)
+
+
+def _akl_teacher_logits(case, v=4000):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(16, v, generator=g)
+    if case == "flat":  # heads of hundreds to thousands of ids: the histogram path
+        return z
+    if case == "peaked_and_flat":  # rows decided by the top-k next to rows that are not
+        return z * torch.tensor([8.0, 1.0]).repeat(8)[:, None]
+    if case == "ties":  # few distinct probabilities: many ids tied at the boundary
+        return torch.randint(0, 3, (16, v), generator=g).float()
+    if case == "masked":  # most of the vocabulary at probability 0
+        return z.index_fill(1, torch.arange(50, v), float("-inf"))
+    if case == "uniform":
+        return torch.zeros(4, v)
+    return z[:, :20]  # "small_vocab": the top-k holds the whole row
+
+
+@pytest.mark.parametrize("case", ["flat", "peaked_and_flat", "ties", "masked", "uniform", "small_vocab"])
+@pytest.mark.parametrize("mu", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_akl_head_equals_the_sorted_prefix(case, mu):
+    from potstill.losses.divergences import _AKL_TOPK, akl_head
+
+    p = F.softmax(_akl_teacher_logits(case), -1)
+    expected = _akl_head_by_sort(p, mu)
+    assert torch.equal(akl_head(p, mu), expected)
+    if case == "flat" and mu == 0.5:
+        assert (expected.sum(-1) > 4 * _AKL_TOPK).all()  # the case reaches past the top-k shortcut
+
+
+def test_akl_on_a_flat_teacher_matches_the_reference_value_and_grad():
+    """Large vocabulary, flat teacher (head of ~1000 ids, found by the histogram): value and student gradient
+    equal the per-row Python definition ``_akl_ref``."""
+    g = torch.Generator().manual_seed(2)
+    z, t = torch.randn(3, 3000, generator=g), torch.randn(3, 3000, generator=g)
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    value = potstill.divergence("akl", mu=0.5)(F.log_softmax(z1, -1), F.log_softmax(t, -1))
+    ref = _akl_ref(F.softmax(z2, -1), F.softmax(t, -1), 0.5)
+    torch.testing.assert_close(value, ref, rtol=1e-5, atol=0)
+    value.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-5, atol=1e-9)

@@ -96,8 +96,13 @@ def kl(logp: Tensor, logq: Tensor) -> Tensor:
     p·0 is 0 with zero gradient. A NaN input is *not* an entry that does not count: ``p != 0`` keeps it, so a
     broken signal shows as NaN (the loop's non-finite guard stops on it) instead of being silently dropped from
     the sum. (Few passes over the (n, V) chunk on purpose: this runs on every vocabulary entry of every token.)"""
-    p = logp.exp()
-    return (p * torch.where(p != 0, logp - logq, _zero(logp))).sum(-1)
+    return _weighted_log_ratio(logp.exp(), logp - logq)
+
+
+def _weighted_log_ratio(p: Tensor, log_ratio: Tensor) -> Tensor:
+    """Σ p·log_ratio over the last axis with entries where p = 0 counted as 0: ``kl``'s sum, given the ratio (a
+    caller that needs KL both ways computes log p − log q once; −Σ q·(log p − log q) is KL(q‖p) exactly)."""
+    return (p * torch.where(p != 0, log_ratio, _zero(p))).sum(-1)
 
 
 def cross_entropy(logp: Tensor, logq: Tensor) -> Tensor:
@@ -193,20 +198,104 @@ def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
 
 
+# The AKL head without sorting the vocabulary (a full sort per row costs several times the rest of the loss).
+# Peaked rows are decided from the top _AKL_TOPK probabilities; flatter rows from a per-row histogram of p over
+# _AKL_BUCKETS buckets keyed by p's fp32 exponent and top 7 mantissa bits (monotone in p ≥ 0, ~0.8 % wide), plus
+# an exact sort of the one bucket where the cumulative mass crosses mu.
+_AKL_TOPK = 32
+_AKL_BUCKETS = 4096
+
+
+def _head_size(p_desc: Tensor, mu: float, mass_before: Tensor | float = 0.0) -> Tensor:
+    """How many of the descending values p_desc (n, k) keep the cumulative mass (mass_before included) ≤ mu. The
+    sum is taken in fp64 and compared after rounding to fp32, as the fp32 ``cumsum`` of the definition does; it is
+    nondecreasing (p ≥ 0), so the passing ranks form a prefix and counting them gives its length."""
+    cum = (p_desc.double().cumsum(-1) + mass_before).float()
+    return (cum <= mu).sum(-1)
+
+
+def _boundary_by_topk(p: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Head size (n,), boundary value (n, 1) (the size-th largest p) and the value after it (n, 1) of each row from
+    its top _AKL_TOPK + 1 values; a row whose size comes out as k − 1 may have a longer head (the caller checks)."""
+    k = min(_AKL_TOPK + 1, p.shape[-1])  # + 1: the value after the head's last one
+    top = p.topk(k, -1).values  # (n, k) descending
+    size = _head_size(top, mu).clamp_(1, k - 1 if k < p.shape[-1] else k)
+    return size, top.gather(-1, (size - 1)[:, None]), top.gather(-1, size.clamp_max(k - 1)[:, None])
+
+
+def _boundary_by_histogram(p: Tensor, p_max: Tensor, mu: float) -> tuple[Tensor, Tensor, Tensor]:
+    """As ``_boundary_by_topk`` for any row, exactly, in a few passes over p (n, V); p_max (n, 1): each row's max."""
+    key = p.view(torch.int32) >> 16  # sign 0, exponent, 7 mantissa bits: nondecreasing in p ≥ 0
+    top_key = p_max.view(torch.int32) >> 16
+    bucket = (top_key - key).clamp_max_(_AKL_BUCKETS - 1).long()  # (n, V); 0 = the top token's bucket
+    mass = p.new_zeros(p.shape[0], _AKL_BUCKETS, dtype=torch.float64).scatter_add_(1, bucket, p.double())
+    counts = torch.zeros_like(mass, dtype=torch.int64).scatter_add_(1, bucket, bucket.new_ones(()).expand_as(bucket))
+    cum_mass = mass.cumsum(-1)
+    crossing = (cum_mass.float() <= mu).sum(-1, keepdim=True).clamp_max_(_AKL_BUCKETS - 1)  # (n, 1)
+    mass_before = cum_mass.gather(-1, crossing) - mass.gather(-1, crossing)  # the buckets above the crossing
+    count_in = counts.gather(-1, crossing)
+    count_above = (counts.cumsum(-1).gather(-1, crossing) - count_in).squeeze(-1)
+    width = min(int(count_in.max()) + 1, p.shape[-1])  # + 1: the value after the head's last one
+    values = torch.where(bucket == crossing, p, _zero(p)).topk(width, -1).values  # descending, 0-padded
+    size_in = torch.minimum(_head_size(values, mu, mass_before), count_in.squeeze(-1))  # padding never counts
+    size_in = torch.where(count_above == 0, size_in.clamp_min(1), size_in)  # the top token is always in the head
+    boundary = values.gather(-1, (size_in - 1).clamp_min(0)[:, None])
+    following = values.gather(-1, size_in[:, None])
+    ends_above = (size_in == 0).nonzero().squeeze(-1)  # the head is exactly the buckets above the crossing
+    if ends_above.numel():
+        above = bucket[ends_above] < crossing[ends_above]
+        boundary[ends_above] = torch.where(above, p[ends_above], float("inf")).amin(-1, keepdim=True)
+        following[ends_above] = values[ends_above, :1]  # in a lower bucket, so smaller
+    return count_above + size_in, boundary, following
+
+
+def _rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x[rows], without the copy when rows are all of them."""
+    return x if rows.numel() == x.shape[0] else x[rows]
+
+
+def akl_head(p: Tensor, mu: float) -> Tensor:
+    """Bool mask (n, V) of the AKL head: the top token plus the longest teacher-sorted prefix whose cumulative mass
+    stays ≤ mu, as in ``adaptive_kl``. Among ids tied at the boundary probability the lowest join the head first
+    (the order of a stable sort, and of the definition in tests/test_losses.py::_akl_ref).
+
+    The head is p > b plus the first L − #(p > b) ids with p == b, where L is its size and b the L-th largest
+    probability (the boundary). Both routes to L and b are exact, so which rows take which only matters for speed:
+    rows whose top _AKL_TOPK tokens cannot reach mu (k·max p ≤ mu) go straight to the histogram."""
+    with torch.no_grad():
+        n, vocab = p.shape
+        p_max = p.amax(-1, keepdim=True)
+        size = torch.empty(n, dtype=torch.int64, device=p.device)
+        boundary, following = p_max.clone(), p_max.clone()
+        by_topk = (~(_AKL_TOPK * p_max.squeeze(-1) <= mu)).nonzero().squeeze(-1)  # NaN rows too
+        by_histogram = torch.ones(n, dtype=torch.bool, device=p.device)
+        if by_topk.numel():
+            size[by_topk], boundary[by_topk], following[by_topk] = _boundary_by_topk(_rows(p, by_topk), mu)
+            by_histogram[by_topk] = size[by_topk] == _AKL_TOPK  # the head may reach past the top k
+        by_histogram &= vocab > _AKL_TOPK + 1  # else the top k holds the whole row
+        hist = by_histogram.nonzero().squeeze(-1)
+        if hist.numel():
+            size[hist], boundary[hist], following[hist] = _boundary_by_histogram(_rows(p, hist), p_max[hist], mu)
+        head = p >= boundary
+        tied = ((following == boundary) & (size < vocab)[:, None]).nonzero()[:, 0]  # more ids at b than fit
+        if tied.numel():
+            p_t, b_t = p[tied], boundary[tied]
+            at_boundary = p_t == b_t
+            room = size[tied] - (p_t > b_t).sum(-1)  # head places left for boundary ids
+            head[tied] = (p_t > b_t) | (at_boundary & (at_boundary.cumsum(-1) <= room[:, None]))
+    return head
+
+
 @register("akl", mu=HParam(0.5, 0.0, 1.0, "teacher mass that defines the head (AKL: 0.5)"))
 def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float) -> Tensor:
     """Adaptive KL (Wu et al. 2024): FKL and RKL weighted by the teacher–student gap on the head vs the tail."""
-    p, q = teacher_logp.exp(), student_logp.exp().detach()  # the weights carry no gradient (as in the authors' code)
-    p_sorted, order = p.sort(-1, descending=True)
-    gap = (p_sorted - q.gather(-1, order)).abs()
-    head = p_sorted.cumsum(-1) <= mu  # the teacher-sorted prefix holding mass ≤ mu, inclusive ...
-    head[..., 0] = True  # ... and always the teacher's top token
-    zero = _zero(gap)
-    g_head = torch.where(head, gap, zero).sum(-1)
-    g_tail = torch.where(head, zero, gap).sum(-1)
-    total = g_head + g_tail
+    p, q = teacher_logp.exp(), student_logp.exp()
+    gap = (p - q.detach()).abs()  # the weights carry no gradient through the student (as in the authors' code)
+    g_head = torch.where(akl_head(p, mu), gap, _zero(gap)).sum(-1)
+    total = gap.sum(-1)  # head + tail
     w_head = torch.where(total > 0, g_head / total.clamp_min(1e-30), 0.5)  # identical rows: both terms are 0
-    return w_head * kl(teacher_logp, student_logp) + (1 - w_head) * kl(student_logp, teacher_logp)
+    log_ratio = teacher_logp - student_logp  # shared by KL(p‖q) and KL(q‖p) = −Σ q·log_ratio
+    return w_head * _weighted_log_ratio(p, log_ratio) - (1 - w_head) * _weighted_log_ratio(q, log_ratio)
 
 
 @register("taid", schedule=TaidSchedule,
