@@ -148,6 +148,18 @@ def test_grad_accum_under_ddp_via_accelerate_equals_one_process_grad_accum(setup
     assert_same_trajectory(run, one)
 
 
+def test_fsdp_run_resumed_at_max_steps_re_evaluates(setup, fsdp_run):
+    """Resumed with no step left, an FSDP2 run evaluates before any training forward (FSDP2's lazy set-up must not
+    depend on one); the re-evaluation equals the run's own last evaluation."""
+    run = setup["root"] / "fsdp-at-max-steps"
+    shutil.copytree(fsdp_run, run)
+    torchrun(setup, run, "train.batch_size=2", "parallel.strategy=fsdp", "parallel.teacher=shard", *CHECKPOINTS,
+             "--resume")
+    first, again = rows(run, "eval")
+    assert again["step"] == first["step"] == STEPS
+    assert again["student_ce"] == pytest.approx(first["student_ce"], rel=1e-6)
+
+
 @pytest.mark.parametrize("two_ranks", ["ddp_run", "fsdp_run"])
 def test_resume_on_one_rank_from_a_two_rank_checkpoint(setup, two_ranks, request):
     """Checkpoints hold full states and the data position is global: the 2-rank run (batch 2 per rank) continues
