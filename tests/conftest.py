@@ -84,3 +84,13 @@ def after_load(monkeypatch, hook):
         return parts
 
     monkeypatch.setattr(train, "load_parts", load)
+
+
+def seams(parts):
+    """The single-process forward seams the loop calls (runtime.parallelize on one CPU rank wraps nothing)."""
+    import torch
+
+    from potstill import runtime
+
+    return runtime.parallelize(runtime.Runtime(torch.device("cpu")), parts.student, (parts.teacher, parts.reference),
+                               parts.vocab)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import potstill
-from conftest import save_tiny_model
+from conftest import save_tiny_model, seams
 from potstill import lora, runtime
 from potstill.assemble import load_examples, load_parts
 from potstill.cache.run import build_from_config
@@ -52,7 +52,7 @@ def test_adapters_train_and_base_weights_stay_bit_identical(tmp_path, model_dirs
     assert {n.split(".")[-4] for n in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     optimizer, scheduler = make_optimizer(cfg, parts.student)
     batcher = Batcher(train, 4, 0, parts.tokenizer.pad_token_id)
-    par = runtime.parallelize(rt, parts.student, (parts.teacher, parts.reference), parts.vocab)
+    par = seams(parts)
     for _ in range(3):
         train_step(parts, par, [batcher.next_batch()], cfg.objective(), cfg, rt, optimizer, scheduler)
     after = lora_params(parts.student)

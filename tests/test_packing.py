@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, OPTConfig
 from transformers.masking_utils import find_packed_sequence_indices
 
 import potstill
-from potstill import runtime
 from potstill.assemble import load_examples, load_parts
 from potstill.cache.run import build_from_config
 from potstill.config import RunConfig
@@ -24,7 +23,7 @@ from potstill.models import hidden_states
 from potstill.packing_check import check_packing, packing_gaps
 from potstill.train import batch_loss, shifted
 
-from conftest import save_tiny_model, tiny_config
+from conftest import save_tiny_model, seams, tiny_config
 
 PAD = 0
 
@@ -154,7 +153,7 @@ def test_packed_batch_gives_the_padded_batchs_loss_count_and_gradients(model_dir
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
     assert padding_fraction([packed]) < padding_fraction([padded])
     results = []
-    par = runtime.parallelize(runtime.Runtime(torch.device("cpu")), parts.student, (parts.teacher, parts.reference), parts.vocab)
+    par = seams(parts)
     for batch in (padded, packed):
         parts.student.zero_grad(set_to_none=True)
         out = batch_loss(parts, par, batch, objective, chunk_size=50)

@@ -18,7 +18,7 @@ from potstill.data.batches import Batcher
 from potstill.precision import resolve_model_dtype, resolve_precision
 from potstill.train import NonFiniteError, batch_loss, make_optimizer, train_step
 
-from conftest import after_load
+from conftest import after_load, seams
 
 CPU = torch.device("cpu")
 
@@ -46,11 +46,6 @@ def setup_step(cfg):
     parts.student.train()
     optimizer, scheduler = make_optimizer(cfg, parts.student)
     return parts, batch, optimizer, scheduler, precision.setup(cfg, CPU, parts.student)
-
-
-def seams(parts):
-    """The single-process forward seams the loop calls (runtime.parallelize with one rank wraps nothing)."""
-    return runtime.parallelize(runtime.Runtime(CPU), parts.student, (parts.teacher, parts.reference), parts.vocab)
 
 
 def loss_and_grads(parts, batch, objective, amp):

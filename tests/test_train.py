@@ -15,6 +15,8 @@ from potstill.data.batches import Batcher, collate
 from potstill.losses.reduce import count_valid_tokens, normalise
 from potstill.train import RunDirError, batch_loss, shifted
 
+from conftest import seams
+
 
 def run_config(tmp_path, model_dirs, data, teacher="llama_teacher", student="qwen2_student", **train):
     """``student``: a key of ``model_dirs`` or a model directory."""
@@ -147,7 +149,7 @@ def test_grad_accumulation_4x2_equals_batch_8(tmp_path, model_dirs, text_jsonl):
     chosen = _examples_of(big, train)
     small = [collate(chosen[i : i + 2], parts.tokenizer.pad_token_id) for i in range(0, 8, 2)]
     objective = cfg.objective()
-    par = runtime.parallelize(runtime.Runtime(torch.device("cpu")), parts.student, (parts.teacher, None), parts.vocab)
+    par = seams(parts)
 
     out = batch_loss(parts, par, big, objective, 50)
     normalise(out.total, count_valid_tokens([shifted(big)])).backward()
