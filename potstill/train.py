@@ -230,13 +230,13 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
                       rank=rt.rank, world_size=rt.world_size)
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
     optimizer, scheduler = make_optimizer(cfg, parts.student)  # after parallelize: FSDP2 made the params DTensors
+    regime = regimes.build(cfg, rt, parts, par, amp, train_examples)  # data.regime, teacher.self_distill
     config_yaml = cfg.to_yaml()
     rt.barrier()  # every rank has checked the directory and loaded everything before rank 0 claims it
     if rt.is_main:
         claim_run_dir(run_dir, resume, overwrite)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     rt.barrier()
-    regime = regimes.build(cfg, rt, parts, par, amp, train_examples)  # data.regime, teacher.self_distill
     loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par, regime, amp)
     if resume:
         loop.restore()

@@ -67,7 +67,8 @@ def resolve_eos_ids(cfg, student, tokenizer, vocab: int, examples: list[Example]
     if outside:
         raise ValueError(f"data.regime=onpolicy: EOS id(s) {outside} from {where} are outside the shared vocabulary "
                          f"of {vocab} tokens; set onpolicy.eos_tokens to the token the completions end with")
-    ends = completion_ends(examples, cfg.data.max_length)
+    # No completion fits max_length: the token encoding appends to text and prompt/completion records stands in.
+    ends = completion_ends(examples, cfg.data.max_length) or {tokenizer.eos_token_id: len(examples)}
     foreign = {t: n for t, n in ends.items() if t not in ids}
     if foreign:
         token, count = max(foreign.items(), key=lambda kv: kv[1])
