@@ -268,3 +268,23 @@ def test_a_student_that_stops_at_another_token_than_the_data_is_refused(tmp_path
                      f"onpolicy.eos_tokens=[{len(tokenizer) + 5}]", student=str(student), out="run2")
     with pytest.raises(ValueError, match=r"outside the shared vocabulary"):
         potstill.distill(outside, progress=False)
+
+
+def test_ddp_two_ranks_roll_out_their_slices_like_one_process(tmp_path_factory, tokenizer):
+    """torchrun, 2 gloo ranks × batch 2 vs one process × batch 4, greedy rollouts (a function of the prompt and the
+    weights, so the rank split cannot change them): the same losses (rel 1e-5), generation lengths and EOS rates;
+    with λ = 0.7 the ranks agree on every draw (one λ stream), and the checkpoint holds the regime's state."""
+    from test_distributed import assert_same_trajectory, in_process, rows, torchrun
+    from test_distributed import setup as dist_setup
+
+    s = dist_setup.__wrapped__(tmp_path_factory, tokenizer)
+    extra = ("data.regime=onpolicy", "onpolicy.temperature=0", "onpolicy.max_new_tokens=6", "onpolicy.prompt_tokens=3",
+             "onpolicy.lam=0.7", "loss.objective=rkl", "train.save_every=2")
+    one = in_process(s, s["root"] / "one", "train.batch_size=4", *extra)
+    two = torchrun(s, s["root"] / "two", "train.batch_size=2", *extra)
+    assert_same_trajectory(two, one)
+    keys = ("rollout/on_policy", "rollout/gen_length", "rollout/eos_rate", "rollout/truncation_rate")
+    assert [[r.get(k) for k in keys] for r in rows(two)] == [[r.get(k) for k in keys] for r in rows(one)]
+    assert {r["rollout/on_policy"] for r in rows(one)} == {0.0, 1.0}
+    state = torch.load(two / "checkpoints" / "step-0000002" / "potstill" / "trainer_state.pt", weights_only=False)
+    assert state["onpolicy"]["lambda_rng"] is not None
