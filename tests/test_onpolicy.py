@@ -120,8 +120,8 @@ def test_lambda_one_trains_only_on_the_students_own_samples(tmp_path, model_dirs
     assert all(r["rollout/on_policy"] == 1.0 and 0 < r["rollout/seconds_share"] < 1 for r in train_rows(result.run_dir))
 
 
-def _naive_rkl(student, teacher, batch) -> float:
-    """Token mean over labelled positions of KL(q‖p) = Σ_v q (log q − log p), from the models' full logits."""
+def _naive_rkl(student, teacher, batch) -> tuple[float, int]:
+    """(Σ over labelled positions of KL(q‖p) = Σ_v q (log q − log p), their count), from the models' full logits."""
     with torch.no_grad():
         q = F.log_softmax(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double(), -1)
         p = F.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double(), -1)
