@@ -288,3 +288,43 @@ def test_ddp_two_ranks_roll_out_their_slices_like_one_process(tmp_path_factory, 
     assert {r["rollout/on_policy"] for r in rows(one)} == {0.0, 1.0}
     state = torch.load(two / "checkpoints" / "step-0000002" / "potstill" / "trainer_state.pt", weights_only=False)
     assert state["onpolicy"]["lambda_rng"] is not None
+
+
+def _chat_jsonl(path):
+    from potstill.builtin import builtin_texts
+
+    rows = []
+    for text in builtin_texts("train", 30):
+        words = text.split()
+        rows.append({"messages": [{"role": "user", "content": " ".join(words[:4])},
+                                  {"role": "assistant", "content": " ".join(words[4:9])}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chat_records_roll_out_the_first_assistant_turn(tmp_path, model_dirs, tokenizer, monkeypatch):
+    """The prompt is the conversation up to the assistant header ("... assistant :"); only sampled tokens are
+    labelled."""
+    rec = Recorder(monkeypatch)
+    data = _chat_jsonl(tmp_path / "chat.jsonl")
+    potstill.distill(config(tmp_path, model_dirs, data, "train.max_steps=2", "data.regime=onpolicy"), progress=False)
+    header = tokenizer("assistant :", add_special_tokens=False)["input_ids"]
+    for s in rec.steps:
+        prompts, again = s["again"][0]
+        assert all(p[-len(header):] == header for p in prompts)
+        assert [[t for _, t in labelled(s["out"][0], r)] for r in range(3)] == again.tokens
+
+
+def test_a_chat_template_ending_turns_with_another_token_is_refused(tmp_path, model_dirs, text_jsonl):
+    """A teacher whose chat template ends assistant turns with <unk>: the data's completions end with a token the
+    student never stops at — one line naming both."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(model_dirs["llama_teacher"], teacher)
+    template = (teacher / "chat_template.jinja").read_text().replace("{{ eos_token }}", "<unk>")
+    (teacher / "chat_template.jinja").write_text(template)
+    cfg = config(tmp_path, {**model_dirs, "llama_teacher": teacher}, _chat_jsonl(tmp_path / "chat.jsonl"),
+                 "train.max_steps=1", "data.regime=onpolicy")
+    with pytest.raises(ValueError, match=r"^data.regime=onpolicy: \d+ of the data's completions end with token 3 "
+                                         r"\('<unk>'\), but the student stops at 2 \('</s>'\)") as err:
+        potstill.distill(cfg, progress=False)
+    assert "\n" not in str(err.value)
