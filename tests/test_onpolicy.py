@@ -328,3 +328,26 @@ def test_a_chat_template_ending_turns_with_another_token_is_refused(tmp_path, mo
                                          r"\('<unk>'\), but the student stops at 2 \('</s>'\)") as err:
         potstill.distill(cfg, progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_replay_follows_distillms_adaptive_rule():
+    """Fresh with probability φ(1 − t/T), replay up to φ (fresh while the buffer is short), else the data; φ grows by
+    1/N_φ (capped at 1) only when the held-out CE rose; the buffer keeps the newest rows; draws are distinct rows."""
+    from potstill.onpolicy.replay import Replay
+    from potstill.onpolicy.rollouts import Rollout
+
+    replay = Replay(capacity=5, steps=4, phi=0.5)
+    replay.push(Rollout([0, 1, 2], [[1]] * 3, [[10], [11], [12]], [True, False, True]))
+    assert [replay.mode(u, 5, 10, 3) for u in (0.0, 0.249, 0.25, 0.499, 0.5, 0.9)] == \
+        ["fresh", "fresh", "replay", "replay", "offline", "offline"]
+    assert replay.mode(0.3, 5, 10, 4) == "fresh"  # 3 rows cannot fill a micro-batch of 4
+    replay.push(Rollout([3, 4, 5], [[1]] * 3, [[13], [14], [15]], [False] * 3))
+    assert [row[0] for row in replay.rows] == [1, 2, 3, 4, 5]
+    drawn = replay.draw(4, seed=7)
+    assert len(set(drawn.example_ids)) == 4 and set(drawn.example_ids) <= {1, 2, 3, 4, 5}
+    assert drawn.example_ids == replay.draw(4, seed=7).example_ids
+    phis = []
+    for ce in (3.0, 2.9, 3.1, 3.2, 3.0, 3.5, 3.6):
+        replay.after_eval(ce)
+        phis.append(replay.phi)
+    assert phis == [0.5, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
