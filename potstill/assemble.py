@@ -28,6 +28,7 @@ class Parts:
     vocab: int  # output rows both losses use (padded rows trimmed)
     reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
     cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
+    server: object | None = None  # a server_teacher.ServerTeacher when they come from teacher.server_url
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -55,6 +56,10 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     """Teacher (unless signals come from a cache), student, tokenizer and the guardrail checks between them."""
     if cfg.teacher.cache:
         return _load_cached_parts(cfg, device)
+    if cfg.teacher.server_url:
+        from potstill import server_teacher
+
+        return server_teacher.load_parts(cfg, device)
     teacher = tokenizer = None
     teacher_dtype = resolve_model_dtype(cfg.teacher.dtype, device)
     if cfg.teacher.path:

@@ -34,6 +34,16 @@ class TeacherConfig:
     """Teacher (and loss.reference) weights dtype: auto (bfloat16 on a CUDA GPU with native bf16, else float32), float32, bfloat16 or float16; it runs in this dtype without gradients or autocast."""
     cache: str | None = None
     """Teacher-signal cache directory: `potstill cache` writes it; `distill` then takes every teacher signal from it. With teacher.path set too, the cache still supplies the signal; the teacher is loaded (on the CPU) only to copy its layers for student.init_from_teacher_layers."""
+    server_url: str | None = None
+    """A teacher behind an OpenAI-compatible completions endpoint that scores given tokens (vLLM, `potstill serve`), e.g. http://127.0.0.1:8000: every teacher signal comes from it (docs/server-teacher.md). teacher.path, if set, supplies only the tokenizer (and the layers for student.init_from_teacher_layers)."""
+    server_model: str | None = None
+    """The model name the teacher server serves (the request's `model`)."""
+    server_top_k: int = 0
+    """0: the server returns the teacher's log-prob of each label token only (serves opd and ce); k > 0: its k most likely ids per position, a top-k target (serves every term but opd)."""
+    server_timeout: float = 60.0
+    """Seconds per server request; failed requests are retried 3 times with exponential backoff."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the server's API key (the key itself is never written anywhere); unset = no key."""
 
 
 @dataclass
@@ -237,8 +247,11 @@ class RunConfig:
     def validate(self) -> None:
         obj = self.objective()  # parses and range-checks every term
         self._validate_reference(obj)
-        if obj.needs_teacher and not (self.teacher.path or self.teacher.cache):
-            raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path or teacher.cache (or use objective 'ce')")
+        if obj.needs_teacher and not (self.teacher.path or self.teacher.cache or self.teacher.server_url):
+            raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path, teacher.cache or teacher.server_url (or use objective 'ce')")
+        from potstill import server_teacher  # its checks name the teacher.server_* keys
+
+        server_teacher.check_settings(self, obj)
         if self.student.init_from_teacher_layers is not None and not self.teacher.path:
             raise ValueError("student.init_from_teacher_layers needs teacher.path (the teacher's weights)")
         sources = [self.student.path, self.student.config, self.student.init_from_teacher_layers]
