@@ -287,6 +287,8 @@ class RunConfig:
             raise ValueError(f"loss.select={obj.selection} needs loss.reference (a reference model directory or hub id)")
         if self.loss.reference and not needs:
             raise ValueError("loss.reference is only used by the 'reference' token selector (loss.select=reference(...))")
+        if obj.selection is not None and SELECTORS.get(obj.selection.name).needs_sequences and self.data.packing:
+            raise ValueError(f"loss.select={obj.selection} weighs positions along each row's sequence: not with data.packing")
 
 
 # ---- loading helpers -----------------------------------------------------------------------------------------

@@ -98,15 +98,18 @@ def project_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_si
 
 @torch.no_grad()
 def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, target: Target,
-                     chunk_size: int, reference: Target | None = None) -> TokenStats:
-    """Per-token statistics (N,) of student, teacher (and reference model) at T = 1, chunk by chunk."""
+                     chunk_size: int, reference: Target | None = None, sequence: Tensor | None = None) -> TokenStats:
+    """Per-token statistics (N,) of student, teacher (and reference model) at T = 1, chunk by chunk; ``sequence``
+    (N,) numbers the batch row of each position (for selectors that sum along sequences)."""
     vocab = weight.shape[0]
     if is_sparse(target) or isinstance(target, TokenLogprobs) or logits_divisor(target, 1.0) != 1.0:
         raise ValueError("token selection and temperature schedules need the teacher's full distribution at T = 1")
     logits = lambda t, sl: None if t is None else dense_teacher_chunk(t, sl, vocab).float()  # noqa: E731
     parts = [compute_token_stats(z, logits(target, sl), labels[sl], logits(reference, sl))
              for sl, z in project_chunks(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size)]
-    return concat_stats(parts)
+    stats = concat_stats(parts)
+    stats.sequence = sequence
+    return stats
 
 
 def label_logp(labels: Tensor, vocab: int) -> Tensor:
@@ -334,6 +337,8 @@ def fused_loss(
     ``compiled`` runs the per-chunk objective under torch.compile (see ``should_compile``).
     ``sampler_logp`` (...) like labels: the log-prob the sampling policy gave each label token (rollouts), for the
     importance weight of sampled-token terms (opd); None = the labels were sampled from the student itself."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    sequence = rows.repeat_interleave(hidden.shape[1]) if hidden.dim() == 3 else None  # (B, T, H): row = sequence
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     if hidden.shape[0] != labels.shape[0]:
@@ -347,7 +352,7 @@ def fused_loss(
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], weight.device, compiled)
     n_valid = int((labels != IGNORE_INDEX).sum())
     if objective.selection is not None:
-        stats = token_statistics(hidden, weight, bias, labels, target, chunk_size, reference)
+        stats = token_statistics(hidden, weight, bias, labels, target, chunk_size, reference, sequence)
         selected = selection_weights(stats, objective.selection.name, objective.selection.hparams)
         tw = selected if tw is None else tw * selected
     n_kept = n_valid if tw is None else int(((tw != 0) & (labels != IGNORE_INDEX)).sum())
