@@ -97,3 +97,90 @@ def test_what_the_server_signal_cannot_serve_is_refused_at_config_load(extra, me
         return
     with pytest.raises(ValueError, match=message):
         _cfg(*extra)
+
+
+# ---- against a real server: `potstill serve`'s app on a free port, started by the test --------------------------
+
+import json  # noqa: E402
+import logging  # noqa: E402
+
+from serving_helpers import Flaky, running  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import potstill  # noqa: E402
+from potstill.server_teacher import ServerTeacher  # noqa: E402
+from potstill.serving import build_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def teacher_model(model_dirs):
+    return AutoModelForCausalLM.from_pretrained(model_dirs["llama_teacher"]).eval()
+
+
+def _run_cfg(tmp_path, model_dirs, data, name, *extra):
+    return RunConfig.from_yaml(None, [f"teacher.path={model_dirs['llama_teacher']}", f"student.path={model_dirs['qwen2_student']}",
+                                      f"data.train={data}", "data.max_length=40", "data.max_eval_examples=8",
+                                      "data.max_train_examples=24", "train.batch_size=4", "train.max_steps=4",
+                                      "train.log_every=1", "train.eval_every=0", "train.lr=0.01",
+                                      "eval.max_new_tokens=3", f"out_dir={tmp_path / name}", *extra])
+
+
+def _train_rows(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("objective,top_k", [("opd", 0), ("0.5*ce + opd", 0), ("rkl", "V")])
+def test_distill_with_a_served_teacher_equals_the_live_teacher(tmp_path, model_dirs, text_jsonl, tokenizer,
+                                                               teacher_model, objective, top_k):
+    """The same run with the teacher's weights behind `potstill serve`: every step's loss and term values equal the
+    live teacher's at rel 1e-4. Label log-probs only (opd) and the top-k target with k = V (where the k + 1 bins are
+    the dense teacher exactly: rkl)."""
+    k = len(tokenizer) if top_k == "V" else top_k
+    live = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "live", f"loss.objective={objective}"),
+                            progress=False)
+    with running(build_app(teacher_model, tokenizer, "teacher", max_logprobs=max(k, 1))) as url:
+        served = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "served", f"loss.objective={objective}",
+                                           f"teacher.server_url={url}", "teacher.server_model=teacher",
+                                           f"teacher.server_top_k={k}"), progress=False)
+    live_rows, served_rows = _train_rows(live.run_dir), _train_rows(served.run_dir)
+    assert len(served_rows) == 4
+    for a, b in zip(live_rows, served_rows):
+        keys = ["loss", *[key for key in a if key.startswith("term/")]]
+        assert len(keys) == 1 + objective.count("+") + 1  # the loss and each term's mean
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert "teacher_ce" not in served.metrics  # the teacher's weights never loaded in the training process
+
+
+def test_a_failing_server_is_retried_then_refused_in_one_line(tokenizer, teacher_model):
+    ids = [[1, 20, 31, 44], [1, 7, 7]]
+    flaky = Flaky(build_app(teacher_model, tokenizer, "teacher"), fail=2, status=503)
+    with running(flaky) as url:
+        scores = ServerTeacher(url, "teacher", timeout=30).score(ids)
+    assert flaky.calls == 3 and [len(s.token_logprobs) for s in scores] == [3, 2]
+    broken = Flaky(build_app(teacher_model, tokenizer, "teacher"), fail=100, status=500)
+    with running(broken) as url:
+        with pytest.raises(ServerTeacherError, match=f"teacher server {url}: InternalServerError") as err:
+            ServerTeacher(url, "teacher", timeout=30).score(ids)
+    assert "\n" not in str(err.value) and broken.calls == 4  # the first try and 3 retries
+
+
+def test_a_slow_server_times_out(tokenizer, teacher_model):
+    slow = Flaky(build_app(teacher_model, tokenizer, "teacher"), delay=100, seconds=2.0)
+    with running(slow) as url:
+        teacher = ServerTeacher(url, "teacher", timeout=0.5, max_retries=1)
+        with pytest.raises(ServerTeacherError, match="APITimeoutError"):
+            teacher.score([[1, 2, 3]])
+
+
+def test_the_api_key_is_never_written(tmp_path, model_dirs, text_jsonl, tokenizer, teacher_model, monkeypatch, caplog):
+    secret = "sk-potstill-test-4f1c9a"
+    monkeypatch.setenv("POTSTILL_TEST_TEACHER_KEY", secret)
+    with caplog.at_level(logging.DEBUG), running(build_app(teacher_model, tokenizer, "teacher")) as url:
+        run = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "keyed", "loss.objective=opd",
+                                        "train.max_steps=2", f"teacher.server_url={url}", "teacher.server_model=teacher",
+                                        "teacher.api_key_env=POTSTILL_TEST_TEACHER_KEY"), progress=False)
+    files = [p for p in run.run_dir.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if secret.encode() in p.read_bytes()]
+    assert secret not in caplog.text
+    assert "POTSTILL_TEST_TEACHER_KEY" in (run.run_dir / "config.yaml").read_text()  # only the variable's name
