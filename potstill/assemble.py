@@ -15,6 +15,7 @@ from potstill.precision import resolve_model_dtype
 from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, load_records, split_holdout
 from potstill.cache.opening import cached_tokenizer, open_cache
+from potstill.server_teacher import ServerTeacher
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
 
 log = logging.getLogger("potstill")
@@ -57,9 +58,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     if cfg.teacher.cache:
         return _load_cached_parts(cfg, device)
     if cfg.teacher.server_url:
-        from potstill import server_teacher
-
-        return server_teacher.load_parts(cfg, device)
+        return _load_server_parts(cfg, device)
     teacher = tokenizer = None
     teacher_dtype = resolve_model_dtype(cfg.teacher.dtype, device)
     if cfg.teacher.path:
@@ -94,6 +93,20 @@ def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
         raise TokenizerMismatch(f"the student's tokenizer differs from the one the cache was built with: {'; '.join(problems)}")
     vocab = check_student_only(student_tok, student)
     return Parts(tokenizer, None, student, vocab, None, open_cache(cfg, tokenizer, vocab))
+
+
+def _load_server_parts(cfg: RunConfig, device: torch.device) -> Parts:
+    """With teacher.server_url the server supplies every teacher signal (potstill/server_teacher.py); the tokenizer is
+    teacher.path's (tokenizer files only) or the student's, the teacher's weights read only as in a cached run."""
+    tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path)) if cfg.teacher.path else None
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(cfg, _teacher_to_copy(cfg), tokenizer).to(device)
+    student_tok = _student_tokenizer(cfg.student.path, tokenizer)
+    problems = compare_tokenizers(tokenizer, student_tok, probe_texts(cfg)) if tokenizer is not None else []
+    if problems:
+        raise TokenizerMismatch(f"the student's tokenizer differs from teacher.path's: {'; '.join(problems)}")
+    vocab = check_student_only(student_tok, student)
+    return Parts(tokenizer or student_tok, None, student, vocab, server=ServerTeacher.from_config(cfg))
 
 
 def _teacher_to_copy(cfg: RunConfig) -> PreTrainedModel | None:

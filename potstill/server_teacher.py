@@ -14,19 +14,17 @@ never written anywhere.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from potstill.config import RunConfig
+from potstill.cache.targets import topk_padding  # the cache's filler for padded top-k positions
 from potstill.losses.objective import Objective
 from potstill.losses.targets import TokenLogprobs, TopKTail, tail_mass
 
-log = logging.getLogger("potstill")
-
+# ``cfg`` arguments are RunConfigs; not imported: config.validate calls check_settings (no import cycle)
 NO_KEY = "EMPTY"  # what the openai client sends when no key is configured (vLLM's convention for "no auth")
 
 
@@ -34,7 +32,7 @@ class ServerTeacherError(RuntimeError):
     """The teacher server failed or answered something the run cannot use (one line: URL and what to do)."""
 
 
-def check_settings(cfg: RunConfig, objective: Objective) -> None:
+def check_settings(cfg, objective: Objective) -> None:
     """Config-load checks for teacher.server_url: every refusal is one line naming the key."""
     t = cfg.teacher
     if not t.server_url:
@@ -116,8 +114,6 @@ def batch_signal(rows: list[RowScores], positions: list[Tensor], shape: tuple[in
     """Row scores → the target over the batch's predicted positions (B·(T−1)): the log-prob of real token j is
     the signal of the position before it (position p predicts token p + 1); positions without a score (padding,
     a row's last token) hold a finite filler: 0 for label log-probs, the uniform k + 1 bins for top-k."""
-    from potstill.cache.targets import topk_padding  # the cache's filler for padded top-k positions
-
     rows_n, width = shape
     predicted = torch.zeros(rows_n, width, dtype=torch.bool)
     logp = torch.zeros(rows_n, width)
@@ -149,7 +145,7 @@ class ServerTeacher:
         self.client = OpenAI(base_url=f"{self.url}/v1", api_key=key, timeout=timeout, max_retries=max_retries)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> "ServerTeacher":
+    def from_config(cls, cfg) -> "ServerTeacher":
         t = cfg.teacher
         return cls(t.server_url, t.server_model, t.server_top_k, t.api_key_env, t.server_timeout)
 
@@ -187,23 +183,3 @@ def _as_dict(logprobs) -> dict:
         raise ServerTeacherError("the teacher server returned no logprobs: it must support echo with logprobs")
     return logprobs if isinstance(logprobs, dict) else logprobs.model_dump()
 
-
-def load_parts(cfg: RunConfig, device: torch.device):
-    """Student, tokenizer and the client for a server-teacher run. The tokenizer is teacher.path's (tokenizer files
-    only) or the student's; the teacher's weights are read only for student.init_from_teacher_layers."""
-    from potstill import assemble
-    from potstill.guardrails import TokenizerMismatch, check_student_only, compare_tokenizers
-    from potstill.models import load_tokenizer, resolve_model_path
-
-    tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path)) if cfg.teacher.path else None
-    torch.manual_seed(cfg.train.seed)  # the same fresh student as with a live teacher
-    student = assemble.build_student(cfg, assemble._teacher_to_copy(cfg), tokenizer).to(device)
-    student_tok = assemble._student_tokenizer(cfg.student.path, tokenizer)
-    if tokenizer is not None:
-        problems = compare_tokenizers(tokenizer, student_tok, assemble.probe_texts(cfg))
-        if problems:
-            raise TokenizerMismatch(f"the student's tokenizer differs from teacher.path's: {'; '.join(problems)}")
-    vocab = check_student_only(student_tok, student)
-    log.info("teacher signal: %s (model %s, top-k %d)", cfg.teacher.server_url, cfg.teacher.server_model,
-             cfg.teacher.server_top_k)
-    return assemble.Parts(tokenizer or student_tok, None, student, vocab, server=ServerTeacher.from_config(cfg))
