@@ -16,6 +16,7 @@ from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, load_records, split_holdout
 from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.onpolicy import self_distill
+from potstill.server_teacher import ServerTeacher
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
 
 log = logging.getLogger("potstill")
@@ -29,6 +30,7 @@ class Parts:
     vocab: int  # output rows both losses use (padded rows trimmed)
     reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
     cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
+    server: object | None = None  # a server_teacher.ServerTeacher when they come from teacher.server_url
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -56,6 +58,8 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     """Teacher (unless signals come from a cache), student, tokenizer and the guardrail checks between them."""
     if cfg.teacher.cache:
         return _load_cached_parts(cfg, device)
+    if cfg.teacher.server_url:
+        return _load_server_parts(cfg, device)
     teacher = tokenizer = None
     teacher_dtype = resolve_model_dtype(cfg.teacher.dtype, device)
     if cfg.teacher.path:
@@ -91,6 +95,20 @@ def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
         raise TokenizerMismatch(f"the student's tokenizer differs from the one the cache was built with: {'; '.join(problems)}")
     vocab = check_student_only(student_tok, student)
     return Parts(tokenizer, None, student, vocab, None, open_cache(cfg, tokenizer, vocab))
+
+
+def _load_server_parts(cfg: RunConfig, device: torch.device) -> Parts:
+    """With teacher.server_url the server supplies every teacher signal (potstill/server_teacher.py); the tokenizer is
+    teacher.path's (tokenizer files only) or the student's, the teacher's weights read only as in a cached run."""
+    tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path)) if cfg.teacher.path else None
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(cfg, _teacher_to_copy(cfg), tokenizer).to(device)
+    student_tok = _student_tokenizer(cfg.student.path, tokenizer)
+    problems = compare_tokenizers(tokenizer, student_tok, probe_texts(cfg)) if tokenizer is not None else []
+    if problems:
+        raise TokenizerMismatch(f"the student's tokenizer differs from teacher.path's: {'; '.join(problems)}")
+    vocab = check_student_only(student_tok, student)
+    return Parts(tokenizer or student_tok, None, student, vocab, server=ServerTeacher.from_config(cfg))
 
 
 def _teacher_to_copy(cfg: RunConfig) -> PreTrainedModel | None:

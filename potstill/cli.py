@@ -224,6 +224,23 @@ def quickstart(
     run_quickstart(out, steps=steps, console=console)
 
 
+@verb()
+def serve(
+    model: str = typer.Argument(..., help="Model to serve: a local HF directory (e.g. a run's final/), a hub id, or 'builtin'."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (the default is reachable from this machine only)."),
+    port: int = typer.Option(8000, help="Port (0 = any free port; the bound address is printed)."),
+    model_name: Optional[str] = typer.Option(None, help="The name clients send as `model` (default: the directory's name; a run's final/ → the run's)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on a GPU with native bf16, else float32), float32, bfloat16 or float16."),
+    max_logprobs: int = typer.Option(20, help="Largest logprobs / top_logprobs a request may ask for."),
+) -> None:
+    """Serve a local causal LM behind the OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions (with prompt scoring)."""
+    from potstill.serving.server import serve as run
+
+    run(model, host=host, port=port, model_name=model_name, device=device, dtype=dtype, max_logprobs=max_logprobs,
+        announce=lambda line: print(line, flush=True))
+
+
 def _print_metrics(metrics: dict, title: str) -> None:
     table = Table(title=title)
     table.add_column("metric")

@@ -38,6 +38,16 @@ class TeacherConfig:
     """Self-distillation (no teacher.path): `frozen` (a copy of the initial student), `ema` (an exponential moving average of the student, updated after every optimiser step) or `live` (the student itself, no-grad, in eval mode) is the teacher; it reads a record's `privileged_context` before the prompt (docs/onpolicy.md). `none` = teacher.path / teacher.cache."""
     ema_decay: float = 0.99
     """teacher.self_distill=ema: teacher ← decay·teacher + (1 − decay)·student after every optimiser step (0 ≤ decay < 1)."""
+    server_url: str | None = None
+    """A teacher behind an OpenAI-compatible completions endpoint that scores given tokens (vLLM, `potstill serve`), e.g. http://127.0.0.1:8000: every teacher signal comes from it (docs/server-teacher.md). teacher.path, if set, supplies only the tokenizer (and the layers for student.init_from_teacher_layers)."""
+    server_model: str | None = None
+    """The model name the teacher server serves (the request's `model`)."""
+    server_top_k: int = 0
+    """0: the server returns the teacher's log-prob of each label token only (serves opd and ce); k > 0: its k most likely ids per position, a top-k target (serves every term but opd)."""
+    server_timeout: float = 60.0
+    """Seconds per server request; failed requests are retried 3 times with exponential backoff."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the server's API key (the key itself is never written anywhere); unset = no key."""
 
 
 @dataclass
@@ -266,8 +276,13 @@ class RunConfig:
     def validate(self) -> None:
         obj = self.objective()  # parses and range-checks every term
         self._validate_reference(obj)
-        if obj.needs_teacher and not (self.teacher.path or self.teacher.cache or self.teacher.self_distill != "none"):
-            raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path or teacher.cache (or use objective 'ce')")
+        if obj.needs_teacher and not (self.teacher.path or self.teacher.cache or self.teacher.server_url
+                                      or self.teacher.self_distill != "none"):
+            raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path, teacher.cache, teacher.server_url "
+                             "or teacher.self_distill (or use objective 'ce')")
+        from potstill import server_teacher  # its checks name the teacher.server_* keys
+
+        server_teacher.check_settings(self, obj)
         if self.student.init_from_teacher_layers is not None and not self.teacher.path:
             raise ValueError("student.init_from_teacher_layers needs teacher.path (the teacher's weights)")
         sources = [self.student.path, self.student.config, self.student.init_from_teacher_layers]
@@ -306,6 +321,8 @@ class RunConfig:
             raise ValueError(f"loss.select={obj.selection} needs loss.reference (a reference model directory or hub id)")
         if self.loss.reference and not needs:
             raise ValueError("loss.reference is only used by the 'reference' token selector (loss.select=reference(...))")
+        if obj.selection is not None and SELECTORS.get(obj.selection.name).needs_sequences and self.data.packing:
+            raise ValueError(f"loss.select={obj.selection} weighs positions along each row's sequence: not with data.packing")
 
 
 # ---- loading helpers -----------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from potstill.report import write_report
 from potstill.trackers import Trackers
 from potstill.cache.opening import check_examples_cached
 from potstill.cache.targets import batch_target
+from potstill.importance import SAMPLER_LOGPROBS
 from potstill.data.packing import padding_fraction
 from potstill.packing_check import check_parts_for_packing
 from potstill.onpolicy import regime as regimes
@@ -74,6 +75,12 @@ def shifted(batch: dict) -> torch.Tensor:
     return batch["labels"][:, 1:]
 
 
+def shifted_sampler_logprobs(batch: dict) -> torch.Tensor | None:
+    """The sampling policy's log-prob of each label (B, T-1), aligned like ``shifted`` (rollout batches carry
+    ``sampler_logprobs`` (B, T) aligned with labels); None for batches not sampled by a rollout."""
+    return batch[SAMPLER_LOGPROBS][:, 1:] if SAMPLER_LOGPROBS in batch else None
+
+
 def frozen_signal(seam, batch: dict) -> TeacherHidden:
     """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions, through its
     forward seam (``models.HiddenAndHead``, FSDP-sharded under parallel.teacher=shard)."""
@@ -89,6 +96,8 @@ def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: 
         return None
     if parts.cache is not None:
         return batch_target(parts.cache, batch, parts.vocab)
+    if parts.server is not None:
+        return parts.server.target(batch, parts.vocab)
     if "teacher_input_ids" in batch:  # the teacher reads its own sequence (privileged context: onpolicy/self_distill.py)
         return privileged_signal(par.teacher, batch)
     return frozen_signal(par.teacher, batch)
@@ -106,7 +115,7 @@ def batch_loss(parts: Parts, par: runtime.Parallel, batch: dict, objective: Obje
     reference = frozen_signal(par.reference, batch) if par.reference is not None else None
     with amp.autocast():
         return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size,
-                          reference=reference, compiled=compiled)
+                          reference=reference, compiled=compiled, sampler_logp=shifted_sampler_logprobs(batch))
 
 
 def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler,

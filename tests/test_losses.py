@@ -56,7 +56,25 @@ REFERENCES = {
     "tvd": ({}, lambda q, p: 0.5 * (p - q).abs().sum(-1)),
     "akl": ({"mu": 0.5}, lambda q, p, mu=0.5: _akl_ref(q, p, mu)),
     "taid": ({"t_start": 0.6}, lambda q, p, t_start=0.6: _taid_ref(q, p, t_start)),
+    # the exact value opd's sampled-token form estimates; the loss path's own reference is _sampled_token_ref
+    "opd": ({"rho_max": 0.0}, lambda q, p, rho_max=0.0: (q * (q / p).log()).sum(-1)),
 }
+
+
+def _sampled_token_ref(q, p, labels, sampler_logp=None, rho_max=0.0):
+    """On-policy distillation from its definition, per labelled position: value log q(y) − log p(y); gradient of
+    the recipe's importance-sampling loss −ρ·A with ρ = q(y)/r(y) differentiated through q (Tinker's
+    ``importance_sampling``), A = log p(y) − log q(y) detached; with rho_max > 0 the weight is detached and capped
+    (truncated importance sampling)."""
+    y = labels.clamp_min(0)[:, None]
+    logq_y, logp_y = q.gather(-1, y).squeeze(-1).log(), p.gather(-1, y).squeeze(-1).log()
+    advantage = (logp_y - logq_y).detach()
+    log_r = logq_y.detach() if sampler_logp is None else sampler_logp
+    ratio = (logq_y - log_r).exp()
+    if rho_max > 0:
+        ratio = ratio.detach().clamp_max(rho_max) * logq_y.exp() / logq_y.exp().detach()  # ∇ratio = min(ρ, c)·∇log q
+    loss = -ratio * advantage
+    return -advantage + (loss - loss.detach())
 
 
 def _taid_ref(q, p, t):
@@ -80,6 +98,9 @@ def _reference_loss(name, hp, hidden, weight, teacher, labels, temperature=1.0):
     """Dense: full logits, probabilities, the reference formula, masked mean-free sum."""
     z = hidden @ weight.T
     spec = DIVERGENCES.get(name)
+    if spec.token is not None:
+        q, p = F.softmax(z / temperature, -1), F.softmax(teacher / temperature, -1)
+        return (_sampled_token_ref(q, p, labels, **hp) * temperature**2)[labels != -100].sum()
     if spec.uses_labels:
         q, p = F.softmax(z, -1), F.one_hot(labels.clamp_min(0), z.shape[-1]).float()
         per = -(p * q.log()).sum(-1) if name == "ce" else REFERENCES[name][1](q, p, **hp)
@@ -203,7 +224,7 @@ def test_objective_parsing_and_validation_errors():
 
 def test_list_divergences_names_hparams():
     rows = {d["name"]: d for d in potstill.list_divergences()}
-    assert set(rows) == {"fkl", "rkl", "gjsd", "ce", "skl", "srkl", "tvd", "akl", "taid"}
+    assert set(rows) == {"fkl", "rkl", "gjsd", "ce", "skl", "srkl", "tvd", "akl", "taid", "opd"}
     assert rows["gjsd"]["hparams"]["beta"]["default"] == 0.5
     assert rows["ce"]["target"] == "labels"
 

@@ -337,11 +337,11 @@ def test_replay_follows_distillms_adaptive_rule():
     from potstill.onpolicy.rollouts import Rollout
 
     replay = Replay(capacity=5, steps=4, phi=0.5)
-    replay.push(Rollout([0, 1, 2], [[1]] * 3, [[10], [11], [12]], [True, False, True]))
+    replay.push(Rollout([0, 1, 2], [[1]] * 3, [[10], [11], [12]], [True, False, True], [[-1.0]] * 3))
     assert [replay.mode(u, 5, 10, 3) for u in (0.0, 0.249, 0.25, 0.499, 0.5, 0.9)] == \
         ["fresh", "fresh", "replay", "replay", "offline", "offline"]
     assert replay.mode(0.3, 5, 10, 4) == "fresh"  # 3 rows cannot fill a micro-batch of 4
-    replay.push(Rollout([3, 4, 5], [[1]] * 3, [[13], [14], [15]], [False] * 3))
+    replay.push(Rollout([3, 4, 5], [[1]] * 3, [[13], [14], [15]], [False] * 3, [[-2.0]] * 3))
     assert [row[0] for row in replay.rows] == [1, 2, 3, 4, 5]
     drawn = replay.draw(4, seed=7)
     assert len(set(drawn.example_ids)) == 4 and set(drawn.example_ids) <= {1, 2, 3, 4, 5}

@@ -42,7 +42,7 @@ TOP_FRACTION_SELECTORS = ["entropy", "divergence", "reference"]
 
 
 def test_every_selector_is_tested():
-    assert sorted(TOP_FRACTION_SELECTORS + ["tip", "tsd"]) == SELECTORS.names()
+    assert sorted(TOP_FRACTION_SELECTORS + ["tip", "tsd", "iw_opd"]) == SELECTORS.names()  # iw_opd: test_iw_opd.py
 
 
 def _stats(chunk=64):

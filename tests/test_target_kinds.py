@@ -16,12 +16,14 @@ from potstill.cache.targets import topk_padding
 from potstill.losses.chunked import fused_loss
 from potstill.losses.divergences import DIVERGENCES
 from potstill.losses.objective import parse_objective
-from potstill.losses.targets import TAIL_FLOOR, DenseLogits, Sampled, TopKTail
+from potstill.losses.targets import TAIL_FLOOR, DenseLogits, Sampled, TokenLogprobs, TopKTail
 from tests.test_losses import REFERENCES
 
 V, K = 17, 5
 TEMPERATURES = [1.0, 2.0]
 TEACHER_TERMS = [n for n in DIVERGENCES.names() if not DIVERGENCES.get(n).uses_labels]
+TOKEN_TERMS = [n for n in TEACHER_TERMS if DIVERGENCES.get(n).token is not None]  # opd: the label token only
+BIN_TERMS = [n for n in TEACHER_TERMS if n not in TOKEN_TERMS]  # served by top-k targets
 
 
 def _objective(name, temperature):
@@ -67,6 +69,12 @@ def _dense_with_neg_inf(teacher, t):
     return DenseLogits(masked)
 
 
+def _label_token(teacher, t, labels):
+    """The teacher's log-prob of each label at T = t, 0 on unlabelled rows (a server teacher's signal)."""
+    logp = F.log_softmax(teacher / t, -1).gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
+    return TokenLogprobs(torch.where(labels != -100, logp, 0.0), t)
+
+
 KINDS = {
     "dense": lambda teacher, t: DenseLogits(teacher),
     "dense_neg_inf": _dense_with_neg_inf,
@@ -77,6 +85,19 @@ KINDS = {
 }
 
 
+TOKEN_KINDS = ["dense", "dense_neg_inf", "token"]  # the kinds that carry the teacher's log-prob of every label
+
+
+def _accepted():
+    """(term, kind) pairs a term is served on: bin terms on every dense and top-k kind, token terms on the kinds
+    that give the label's log-prob (the token kind is built from the labels, see _target)."""
+    return [(n, k) for n in BIN_TERMS for k in KINDS] + [(n, k) for n in TOKEN_TERMS for k in TOKEN_KINDS]
+
+
+def _target(kind, teacher, t, labels):
+    return _label_token(teacher, t, labels) if kind == "token" else KINDS[kind](teacher, t)
+
+
 def _run(name, target, temperature, hidden, weight, labels):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     out = fused_loss(h, w, None, labels, _objective(name, temperature), target, chunk_size=6)
@@ -85,14 +106,37 @@ def _run(name, target, temperature, hidden, weight, labels):
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("name", TEACHER_TERMS)
+@pytest.mark.parametrize("name,kind", _accepted())
 def test_value_and_gradient_finite(name, kind, temperature):
     hidden, weight, teacher, labels = _data()
-    total, gh, gw = _run(name, KINDS[kind](teacher, temperature), temperature, hidden, weight, labels)
-    assert torch.isfinite(total) and total.item() >= -1e-6
+    total, gh, gw = _run(name, _target(kind, teacher, temperature, labels), temperature, hidden, weight, labels)
+    assert torch.isfinite(total)
+    if name not in TOKEN_TERMS:  # a sampled-token value is a one-sample estimate of KL(q‖p): it may be negative
+        assert total.item() >= -1e-6
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
     assert gh.abs().sum() > 0  # a gradient that is all zeros would hide a broken path as well as a NaN
+
+
+@pytest.mark.parametrize("name", TOKEN_TERMS)
+def test_token_terms_on_dense_and_token_targets_agree_and_are_refused_without_label_logprobs(name):
+    """The label's log-prob gathered from the dense teacher equals the one a token target carries (value and
+    gradient); top-k and sampled targets lack it and are refused with one line."""
+    hidden, weight, teacher, labels = _data()
+    dense = _run(name, DenseLogits(teacher), 2.0, hidden, weight, labels)
+    token = _run(name, _label_token(teacher, 2.0, labels), 2.0, hidden, weight, labels)
+    for a, b in zip(dense, token):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    ids = torch.zeros(teacher.shape[0], 2, dtype=torch.long)
+    for target in (TopKTail.from_logits(teacher, K, 2.0), Sampled(ids, torch.ones(ids.shape), 2.0)):
+        with pytest.raises(ValueError, match=f"lacks the teacher's log-prob of each label token, which {name} needs"):
+            fused_loss(hidden, weight, None, labels, _objective(name, 2.0), target)
+
+
+@pytest.mark.parametrize("name", BIN_TERMS)
+def test_a_token_target_refuses_terms_that_need_the_distribution(name):
+    hidden, weight, teacher, labels = _data()
+    with pytest.raises(ValueError, match=f"{name} need the teacher's distribution"):
+        fused_loss(hidden, weight, None, labels, _objective(name, 1.0), _label_token(teacher, 1.0, labels))
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
@@ -104,7 +148,7 @@ def test_sampled_target_finite_for_fkl_and_refused_for_the_rest(temperature):
     weights[:, -1] = 0.0  # a padding slot
     total, gh, gw = _run("fkl", Sampled(ids, weights, temperature), temperature, hidden, weight, labels)
     assert torch.isfinite(total) and torch.isfinite(gh).all() and torch.isfinite(gw).all()
-    for name in TEACHER_TERMS:
+    for name in BIN_TERMS:
         if name != "fkl":
             with pytest.raises(ValueError, match=f"{name} need the full teacher distribution"):
                 fused_loss(hidden, weight, None, labels, _objective(name, temperature), Sampled(ids, weights, temperature))
@@ -137,7 +181,7 @@ def _top_and_label_reference(hidden, weight, labels, target, temperature):
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("kind", ["topk", "topk_zero_tail"])
-@pytest.mark.parametrize("name", TEACHER_TERMS)
+@pytest.mark.parametrize("name", BIN_TERMS)
 def test_topk_equals_naive_reference(name, kind, temperature):
     """Terms with a sparse form (fkl) use top-k + label; all others the k + 1 bins."""
     hidden, weight, teacher, labels = _data()
@@ -155,7 +199,7 @@ def test_topk_equals_naive_reference(name, kind, temperature):
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-@pytest.mark.parametrize("name", TEACHER_TERMS)
+@pytest.mark.parametrize("name", BIN_TERMS)
 def test_topk_with_k_equal_v_equals_dense_value_and_gradient(name, temperature):
     """k = V: the k + 1-bin form is the dense objective; fkl's top-k + label form is H(p, q) = KL + H(p)."""
     hidden, weight, teacher, labels = _data()

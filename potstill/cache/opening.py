@@ -35,6 +35,8 @@ def open_cache(cfg: RunConfig, tokenizer, vocab: int) -> CacheReader:
     objective = cfg.objective()
     if spec.mode == "sample":
         objective.check_sparse_support(f"a sampled cache ({cfg.teacher.cache})")
+    if spec.mode == "topk":
+        objective.check_label_logprobs(f"a top-k cache ({cfg.teacher.cache})")
     needs_full_t1 = objective.selection is not None or objective.tracks_nll
     if needs_full_t1 and (spec.mode == "sample" or spec.temperature != 1.0):
         raise CacheError("token selection and temperature schedules need the teacher's full distribution at T = 1: "

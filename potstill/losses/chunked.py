@@ -23,8 +23,8 @@ from potstill.labels import IGNORE_INDEX
 from potstill.losses.objective import Objective, Term
 from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
 from potstill.losses.divergences import label_logprob
-from potstill.losses.targets import (MIN_TEACHER_LOGP, SparseChunk, Target, TopKChunk, TopKTail, dense_teacher_chunk,
-                                     is_sparse, logits_divisor, teacher_chunk)
+from potstill.losses.targets import (MIN_TEACHER_LOGP, SparseChunk, Target, TokenChunk, TokenLogprobs, TopKChunk,
+                                     TopKTail, dense_teacher_chunk, is_sparse, logits_divisor, teacher_chunk)
 
 
 @dataclass
@@ -98,15 +98,18 @@ def project_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_si
 
 @torch.no_grad()
 def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, target: Target,
-                     chunk_size: int, reference: Target | None = None) -> TokenStats:
-    """Per-token statistics (N,) of student, teacher (and reference model) at T = 1, chunk by chunk."""
+                     chunk_size: int, reference: Target | None = None, sequence: Tensor | None = None) -> TokenStats:
+    """Per-token statistics (N,) of student, teacher (and reference model) at T = 1, chunk by chunk; ``sequence``
+    (N,) numbers the batch row of each position (for selectors that sum along sequences)."""
     vocab = weight.shape[0]
-    if is_sparse(target) or logits_divisor(target, 1.0) != 1.0:
+    if is_sparse(target) or isinstance(target, TokenLogprobs) or logits_divisor(target, 1.0) != 1.0:
         raise ValueError("token selection and temperature schedules need the teacher's full distribution at T = 1")
     logits = lambda t, sl: None if t is None else dense_teacher_chunk(t, sl, vocab).float()  # noqa: E731
     parts = [compute_token_stats(z, logits(target, sl), labels[sl], logits(reference, sl))
              for sl, z in project_chunks(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size)]
-    return concat_stats(parts)
+    stats = concat_stats(parts)
+    stats.sequence = sequence
+    return stats
 
 
 def label_logp(labels: Tensor, vocab: int) -> Tensor:
@@ -131,12 +134,15 @@ def teacher_logprobs(teacher: Tensor, divisor: float) -> Tensor:
     return F.log_softmax(teacher if divisor == 1.0 else teacher / divisor, -1).clamp_min(MIN_TEACHER_LOGP)
 
 
-def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor | SparseChunk | TopKChunk | None,
-                    objective: Objective, divisor: float = 1.0) -> Tensor:
+def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor,
+                    teacher: Tensor | SparseChunk | TopKChunk | TokenChunk | None, objective: Objective,
+                    divisor: float = 1.0, sampler_logp: Tensor | None = None) -> Tensor:
     """Per-term weighted sums over one chunk. z: student logits (n, V) fp32; labels (n,); weights (n,);
     teacher: (n, V) logits (divided by ``divisor``: the temperature, or 1 for pre-tempered log-probs), sparse
-    samples, or top-k: terms with a sparse form (fkl) take the top-k ids plus the data label as their sample
-    (``TopKChunk.with_label``), every other term sees student and teacher collapsed to k + 1 bins."""
+    samples, top-k, or label-token log-probs: terms with a sparse form (fkl) take the top-k ids plus the data label
+    as their sample (``TopKChunk.with_label``), every other term sees student and teacher collapsed to k + 1 bins.
+    Sampled-token terms (opd) read the label token's log-probs only (the dense teacher's gathered at the label);
+    ``sampler_logp`` (n,) is the sampling policy's log-prob of each label, for their importance weight."""
     valid = weights != 0
     logp_t = logq_bins = None
     tau = objective.tau
@@ -148,7 +154,14 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor, teacher: Tensor 
             per_token = label_term(term, logq_1, labels)
         else:
             logq_t = F.log_softmax(z / tau, -1) if logq_t is None else logq_t
-            if isinstance(teacher, SparseChunk):
+            if term.token is not None:  # opd: the label is the sampled token
+                if isinstance(teacher, TokenChunk):
+                    teacher_y = teacher.teacher_logp
+                else:
+                    logp_t = teacher_logprobs(teacher, divisor) if logp_t is None else logp_t
+                    teacher_y = label_logprob(logp_t, labels)
+                per_token = term.token(label_logprob(logq_t, labels), teacher_y, sampler_logp) * objective.teacher_scale
+            elif isinstance(teacher, SparseChunk):
                 per_token = term.sparse(logq_t, teacher.ids, teacher.weights) * objective.teacher_scale
             elif isinstance(teacher, TopKChunk) and term.sparse is not None:  # fkl: top-k + the label for the tail
                 per_token = term.sparse(logq_t, *teacher.with_label(labels)) * objective.teacher_scale
@@ -222,16 +235,18 @@ def autocast_off(device: torch.device):
     return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
 
 
-def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads, compiled=False):
+def _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads, compiled=False,
+                sampler_logp=None):
     """The shared chunk loop. Returns (sums, grad_hidden, grad_weight, grad_bias); sums (n_terms + 2,) holds the
     per-term sums, then the student's and teacher's label NLL sums (zeros unless the objective tracks them)."""
     dtype = matmul_dtype(hidden, weight)  # read before autocast is switched off
     with autocast_off(hidden.device):
         return _chunk_loop(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads,
-                           compiled, dtype)
+                           compiled, dtype, sampler_logp)
 
 
-def _chunk_loop(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads, compiled, dtype):
+def _chunk_loop(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, want_grads, compiled, dtype,
+                sampler_logp=None):
     """``_run_chunks`` with autocast off: matmuls in ``dtype``, logits and everything after them in fp32, the
     weight (and bias) gradient accumulated in fp32."""
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -253,7 +268,8 @@ def _chunk_loop(hidden, weight, bias, labels, token_weight, target, objective, c
         t_c = teacher_chunk(target, sl, vocab) if objective.needs_teacher else None
         with torch.enable_grad():
             z = F.linear(h_c, w, b).float().requires_grad_(want_grads)
-            sums_c = term_sums_fn(z, labels[sl], weights[sl], t_c, objective, divisor)
+            sums_c = term_sums_fn(z, labels[sl], weights[sl], t_c, objective, divisor,
+                                  None if sampler_logp is None else sampler_logp[sl])
             if want_grads:
                 (dz,) = torch.autograd.grad((sums_c * term_weights).sum(), z)
         term_sums += sums_c.detach()
@@ -273,8 +289,9 @@ class _FusedLoss(torch.autograd.Function):
     """Gradients are computed in forward (see module docstring); backward only scales them by grad_output."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weight, target, objective, chunk_size, compiled):
-        sums, gh, gw, gb = _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, True, compiled)
+    def forward(ctx, hidden, weight, bias, labels, token_weight, target, objective, chunk_size, compiled, sampler_logp):
+        sums, gh, gw, gb = _run_chunks(hidden, weight, bias, labels, token_weight, target, objective, chunk_size, True,
+                                       compiled, sampler_logp)
         ctx.save_for_backward(gh, gw, gb)
         ctx.param_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(sums)
@@ -284,7 +301,20 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_term_sums):
         grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.param_dtypes)]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def check_target_support(objective: Objective, target: Target | None) -> None:
+    """Refuse, with one line naming what is missing, terms the teacher signal cannot serve."""
+    if is_sparse(target):
+        objective.check_sparse_support("a sampled teacher target")
+    elif isinstance(target, TopKTail):
+        objective.check_label_logprobs("a top-k teacher target")
+    elif isinstance(target, TokenLogprobs):
+        objective.check_token_support("a label-token teacher target")
+        if objective.tracks_nll:
+            raise ValueError("temperature schedules need the teacher's full distribution at T = 1, not label-token "
+                             "log-probs")
 
 
 def fused_loss(
@@ -299,24 +329,30 @@ def fused_loss(
     token_weight: Tensor | None = None,
     reference: Target | None = None,
     compiled: bool = False,
+    sampler_logp: Tensor | None = None,
 ) -> LossOutput:
     """Sum of the objective over labelled positions. hidden (..., H) and labels (...) are flattened together;
     ``weight`` (V, H) is the student's output head already trimmed to the shared vocabulary size V.
     ``reference`` is a reference model's signal, used only by token selectors that need one (AdaSPEC).
-    ``compiled`` runs the per-chunk objective under torch.compile (see ``should_compile``)."""
+    ``compiled`` runs the per-chunk objective under torch.compile (see ``should_compile``).
+    ``sampler_logp`` (...) like labels: the log-prob the sampling policy gave each label token (rollouts), for the
+    importance weight of sampled-token terms (opd); None = the labels were sampled from the student itself."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    sequence = rows.repeat_interleave(hidden.shape[1]) if hidden.dim() == 3 else None  # (B, T, H): row = sequence
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} positions but labels {labels.shape[0]}")
     if objective.needs_teacher and target is None:
         raise ValueError(f"objective '{objective}' needs a teacher signal but none was given")
-    if is_sparse(target):
-        objective.check_sparse_support("a sampled teacher target")
+    check_target_support(objective, target)
+    if sampler_logp is not None:  # unlabelled positions may hold anything; the importance weight must stay finite
+        sampler_logp = torch.where(labels != IGNORE_INDEX, sampler_logp.reshape(-1).float(), 0.0)
     tw = None if token_weight is None else token_weight.reshape(-1)
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], weight.device, compiled)
     n_valid = int((labels != IGNORE_INDEX).sum())
     if objective.selection is not None:
-        stats = token_statistics(hidden, weight, bias, labels, target, chunk_size, reference)
+        stats = token_statistics(hidden, weight, bias, labels, target, chunk_size, reference, sequence)
         selected = selection_weights(stats, objective.selection.name, objective.selection.hparams)
         tw = selected if tw is None else tw * selected
     n_kept = n_valid if tw is None else int(((tw != 0) & (labels != IGNORE_INDEX)).sum())
@@ -325,8 +361,10 @@ def fused_loss(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     n_terms = len(objective.terms)
     if needs_grad:
-        total, sums = _FusedLoss.apply(hidden, weight, bias, labels, tw, target, objective, chunk_size, compiled)
+        total, sums = _FusedLoss.apply(hidden, weight, bias, labels, tw, target, objective, chunk_size, compiled,
+                                       sampler_logp)
     else:
-        sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False, compiled)[0]
+        sums = _run_chunks(hidden, weight, bias, labels, tw, target, objective, chunk_size, False, compiled,
+                           sampler_logp)[0]
         total = (sums[:n_terms] * _term_weights(objective, sums.device)).sum()
     return LossOutput(total, sums[:n_terms], n_valid, n_kept, sums[n_terms:] if objective.tracks_nll else None, weight_range)

@@ -31,20 +31,25 @@ class DivergenceSpec:
     doc: str = ""
     schedule: type | None = None  # built from hparams; supplies the fn's dynamic arguments (e.g. TAID's t)
     sparse: Callable[..., Tensor] | None = None  # (student_logp, ids, weights) -> per position, for sampled targets
+    # (student_label_logp, teacher_label_logp, sampler_label_logp | None, **hp) -> per position: a term evaluated only
+    # at the label token (a sample); the loss path always uses it, ``fn`` is the exact value it estimates
+    token: Callable[..., Tensor] | None = None
 
 
 DIVERGENCES: Registry[DivergenceSpec] = Registry("divergence")
 
 
 def register(name: str, *, is_divergence: bool = True, uses_labels: bool = False, schedule: type | None = None,
-             sparse: Callable[..., Tensor] | None = None, **hparams: HParam):
+             sparse: Callable[..., Tensor] | None = None, token: Callable[..., Tensor] | None = None,
+             **hparams: HParam):
     def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         params = [p for p in inspect.signature(fn).parameters][2:]
         expected = list(schedule.provides) if schedule else list(hparams)
         if sorted(params) != sorted(expected):
             raise TypeError(f"divergence {name!r}: signature {params} does not match declared {expected}")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        DIVERGENCES.register(name)(DivergenceSpec(name, fn, hparams, is_divergence, uses_labels, doc, schedule, sparse))
+        DIVERGENCES.register(name)(DivergenceSpec(name, fn, hparams, is_divergence, uses_labels, doc, schedule, sparse,
+                                                   token))
         return fn
 
     return add
@@ -74,7 +79,10 @@ def list_divergences() -> list[dict]:
     for name in DIVERGENCES.names():
         spec = DIVERGENCES.get(name)
         hp = describe(spec.hparams)
-        targets = "labels" if spec.uses_labels else "dense, top-k" + (", sampled" if spec.sparse else "")
+        if spec.token is not None:
+            targets = "dense, token log-probs (the label token only)"
+        else:
+            targets = "labels" if spec.uses_labels else "dense, top-k" + (", sampled" if spec.sparse else "")
         out.append({"name": name, "doc": spec.doc, "hparams": hp, "target": targets})
     return out
 
@@ -148,6 +156,26 @@ def sampled_cross_entropy(student_logp: Tensor, ids: Tensor, weights: Tensor) ->
     return -(weights * student_logp.gather(-1, ids)).sum(-1)
 
 
+def importance_weight(student_label_logp: Tensor, sampler_label_logp: Tensor | None, rho_max: float) -> Tensor:
+    """ρ = q(y)/r(y) (detached) of a label token y drawn from the sampler r; 1 without sampler log-probs (the sampler
+    was the current student at the loss' temperature); capped at ``rho_max`` when it is > 0."""
+    if sampler_label_logp is None:
+        return torch.ones_like(student_label_logp)
+    rho = (student_label_logp.detach() - sampler_label_logp).exp()
+    return rho.clamp_max(rho_max) if rho_max > 0 else rho
+
+
+def sampled_token_reverse_kl(student_label_logp: Tensor, teacher_label_logp: Tensor,
+                             sampler_label_logp: Tensor | None, rho_max: float) -> Tensor:
+    """On-policy distillation on the sampled token y (Thinking Machines' recipe): value log q(y) − log p(y), an
+    unbiased estimate of KL(q‖p) when y ~ q; gradient the importance-weighted REINFORCE form ρ·(log q(y) − log p(y))
+    ·∇log q(y) = −A·ρ·∇log q(y) with the advantage A = log p(y) − log q(y) (A and ρ detached), whose expectation
+    over y ~ r is ∇KL(q‖p) (E_q[∇log q] = 0 removes the value's own gradient)."""
+    log_ratio = (student_label_logp - teacher_label_logp).detach()  # −A
+    surrogate = importance_weight(student_label_logp, sampler_label_logp, rho_max) * log_ratio * student_label_logp
+    return log_ratio + (surrogate - surrogate.detach())  # the value of log_ratio, the gradient of the surrogate
+
+
 @register("fkl", sparse=sampled_cross_entropy)
 def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     """Forward KL(p‖q): mass-covering; the classic Hinton KD objective."""
@@ -157,6 +185,16 @@ def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
 @register("rkl")
 def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     """Reverse KL(q‖p): mode-seeking (MiniLLM)."""
+    return kl(student_logp, teacher_logp)
+
+
+@register("opd", token=sampled_token_reverse_kl,
+          rho_max=HParam(0.0, 0.0, 1e6, "cap on the importance weight q/q_sampler; 0 = uncapped (as the recipe)"))
+def on_policy_distillation(student_logp: Tensor, teacher_logp: Tensor, rho_max: float) -> Tensor:
+    """Sampled-token reverse KL (on-policy distillation): log q(y) − log p(y) on the label token, REINFORCE gradient."""
+    # The exact value the loss path's sampled-token form (``sampled_token_reverse_kl``) estimates: KL(q‖p). The
+    # importance-weight cap only shapes the estimator's gradient, so it has no part here.
+    del rho_max
     return kl(student_logp, teacher_logp)
 
 

@@ -30,6 +30,7 @@ class Term:
     uses_labels: bool
     schedule: Any = None  # mutable per-run state (e.g. TAID's t) supplying the fn's dynamic arguments
     sparse: Callable[..., Tensor] | None = None  # the term's form for sampled targets, if it has one
+    token: Callable[..., Tensor] | None = None  # its form on the label token alone (sampled-token terms: opd)
 
     def __call__(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
         dynamic = self.schedule.current() if self.schedule is not None else {}
@@ -65,10 +66,27 @@ class Objective:
 
     def check_sparse_support(self, what: str) -> None:
         """Refuse (at config load) teacher terms that a sampled target cannot estimate, naming what they need."""
+        self.check_label_logprobs(what)
         unsupported = [t.name for t in self.terms if not t.uses_labels and t.sparse is None]
         if unsupported:
             raise ValueError(f"{what} only supports forward-KL/CE-type terms (fkl, ce); {', '.join(unsupported)} "
                              "need the full teacher distribution: build the cache in mode 'topk' or 'dense'")
+
+    def check_label_logprobs(self, what: str) -> None:
+        """Refuse sampled-token terms (opd) for a signal that lacks the teacher's log-prob of every label token
+        (top-k and sampled targets)."""
+        token_terms = [t.name for t in self.terms if t.token is not None]
+        if token_terms:
+            raise ValueError(f"{what} lacks the teacher's log-prob of each label token, which {', '.join(token_terms)} "
+                             "needs: use a live teacher, a dense cache or a server teacher with teacher.server_top_k=0")
+
+    def check_token_support(self, what: str) -> None:
+        """Refuse teacher terms that only the teacher's log-probs of the label tokens cannot serve."""
+        unsupported = [t.name for t in self.terms if not t.uses_labels and t.token is None]
+        if unsupported:
+            raise ValueError(f"{what} gives only the teacher's log-prob of each label token, which serves opd and ce; "
+                             f"{', '.join(unsupported)} need the teacher's distribution: use a live teacher, a cache "
+                             "or teacher.server_top_k > 0")
 
     @property
     def tracks_nll(self) -> bool:
@@ -137,7 +155,8 @@ def parse_term(text: str) -> Term:
         raise ValueError(f"objective term {text.strip()!r}: weight must be ≥ 0")
     if spec.schedule is not None:  # static hparams configure the schedule; it supplies the fn's arguments
         return Term(name, weight, hparams, spec.fn, spec.uses_labels, spec.schedule(**hparams))
-    return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels, None, spec.sparse)
+    token = None if spec.token is None else partial(spec.token, **hparams)
+    return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels, None, spec.sparse, token)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,9 @@ class TokenStats:
     student_label_prob: Tensor  # q(y)
     teacher_label_prob: Tensor  # p(y)
     student_nll: Tensor  # −log q(y)
+    teacher_nll: Tensor  # −log p(y)
     reference_kl: Tensor | None = None  # KL(p‖r) of a reference model r (AdaSPEC)
+    sequence: Tensor | None = None  # (N,) the sequence (batch row) of each position; a row's positions are contiguous
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,16 @@ class SelectorSpec:
     hparams: dict[str, HParam]
     needs_reference: bool
     doc: str
+    needs_sequences: bool = False  # sums along each batch row (refused with data.packing: a row holds several)
 
 
 SELECTORS: Registry[SelectorSpec] = Registry("token selector")
 
 
-def register_selector(name: str, *, needs_reference: bool = False, **hparams: HParam):
+def register_selector(name: str, *, needs_reference: bool = False, needs_sequences: bool = False, **hparams: HParam):
     def add(fn):
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        SELECTORS.register(name)(SelectorSpec(name, fn, hparams, needs_reference, doc))
+        SELECTORS.register(name)(SelectorSpec(name, fn, hparams, needs_reference, doc, needs_sequences))
         return fn
 
     return add
@@ -71,6 +74,7 @@ def compute_token_stats(student_logits: Tensor, teacher_logits: Tensor, labels: 
         student_label_prob=student_label_logp.exp(),
         teacher_label_prob=teacher_label_logp.exp(),
         student_nll=-student_label_logp,
+        teacher_nll=-teacher_label_logp,
         reference_kl=reference_kl,
     )
 
@@ -137,3 +141,29 @@ def by_reference_gap(stats: TokenStats, keep: float) -> Tensor:
     if stats.reference_kl is None:
         raise ValueError("token selector 'reference' needs loss.reference (a reference model)")
     return top_fraction(stats.kl_teacher_student - stats.reference_kl, stats.valid, keep)
+
+
+def prefix_sums(values: Tensor, sequence: Tensor) -> tuple[Tensor, Tensor]:
+    """Per position, the sum of ``values`` over the earlier positions of its sequence, and over its whole sequence
+    (both (N,), fp64 sums); ``sequence`` (N,) numbers contiguous runs of positions in order."""
+    inclusive = values.double().cumsum(0)
+    before_all = inclusive - values.double()  # Σ over every earlier position, nondecreasing (values ≥ 0)
+    n_seq = int(sequence.max()) + 1 if sequence.numel() else 0
+    start = torch.full((n_seq,), float("inf"), dtype=torch.float64, device=values.device)
+    start = start.scatter_reduce(0, sequence, before_all, "amin")  # the sum before each sequence's first position
+    totals = torch.zeros(n_seq, dtype=torch.float64, device=values.device).index_add_(0, sequence, values.double())
+    return before_all - start[sequence], totals[sequence]
+
+
+@register_selector("iw_opd", needs_sequences=True, gamma=HParam(0.5, 0.0, 100.0, "extra weight of a sequence's first token over its last (IW-OPD: 0.5)"))
+def by_prefix_discrepancy(stats: TokenStats, gamma: float) -> Tensor:
+    """IW-OPD (Xie et al. 2026): 1 + γ·(1 − Σ_{k<t}|A_k| / Σ_k |A_k|) per sequence, A = log p(y) − log q(y)."""
+    # As TRL's IWOPDTrainer: the unsigned advantages of the labelled tokens are summed along each sequence, so
+    # tokens after the student has drifted from the teacher weigh less (1 + γ at the start, 1 at the end).
+    # Differences: A uses the student's log q(y) at T = 1 (TRL: the sampler's, equal on-policy at T = 1), and the
+    # weights are rescaled to mean 1 over the micro-batch like every selector's (TRL divides by the token count).
+    if stats.sequence is None:
+        raise ValueError("token selector 'iw_opd' needs the batch's sequences: give fused_loss (B, T, H) hidden states")
+    gap = torch.where(stats.valid, (stats.teacher_nll - stats.student_nll).abs(), torch.zeros_like(stats.student_nll))
+    before, total = prefix_sums(gap, stats.sequence)
+    return (1.0 + gamma * (1.0 - before / total.clamp_min(1e-8))).float()

@@ -2,7 +2,7 @@
 so all of them share the one chunked loss path. A target hands out the teacher's signal for a slice of the
 flattened (N = B·T) positions: dense targets give a (n, V) tensor (``chunk_logits``), top-k targets their k + 1
 bins (``chunk_bins``: the loss path collapses the student onto the same bins), sparse sampled targets ids with
-weights (``chunk_sparse``).
+weights (``chunk_sparse``), token targets the teacher's log-prob of each label token (``chunk_token``).
 
 ``temperature`` says what the dense tensor is: None = raw logits (the loss path divides by its temperature);
 a number = log-probs already at that temperature (a cache built at T): the loss path uses them as they are and
@@ -175,16 +175,36 @@ class Sampled:
         return SparseChunk(self.ids[sl], self.weights[sl])
 
 
-Target = DenseLogits | TeacherHidden | TopKTail | Sampled
+@dataclass
+class TokenChunk:
+    teacher_logp: Tensor  # (n,) the teacher's log-prob of each position's label token
+
+
+@dataclass
+class TokenLogprobs:
+    """Only the teacher's log-prob of each position's label token, (N,) — what a server that scores given tokens
+    returns (``potstill/server_teacher.py``). It serves sampled-token terms (``opd``) and label terms; unlabelled
+    positions must hold a finite filler (0), since a zero token weight does not cancel a NaN gradient."""
+
+    logp: Tensor  # (N,) log-probs at ``temperature``
+    temperature: float = 1.0  # a server scores at T = 1: the run must use the same T
+
+    def chunk_token(self, sl: slice) -> TokenChunk:
+        return TokenChunk(self.logp[sl].float().clamp_min(MIN_TEACHER_LOGP))
+
+
+Target = DenseLogits | TeacherHidden | TopKTail | Sampled | TokenLogprobs
 
 
 def is_sparse(target) -> bool:
     return isinstance(target, Sampled)
 
 
-def teacher_chunk(target: Target, sl: slice, vocab: int) -> Tensor | SparseChunk | TopKChunk:
+def teacher_chunk(target: Target, sl: slice, vocab: int) -> Tensor | SparseChunk | TopKChunk | TokenChunk:
     """The teacher's signal for positions ``sl`` as the objective uses it, cut off from autograd: dense (n, vocab)
-    logits or log-probs, sampled ids + weights, or top-k collapsed to k + 1 bins."""
+    logits or log-probs, sampled ids + weights, top-k collapsed to k + 1 bins, or label-token log-probs."""
+    if isinstance(target, TokenLogprobs):
+        return TokenChunk(target.chunk_token(sl).teacher_logp.detach())
     if is_sparse(target):
         chunk = target.chunk_sparse(sl)
         return SparseChunk(chunk.ids.long(), chunk.weights.float().detach())

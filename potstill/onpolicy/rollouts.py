@@ -14,6 +14,7 @@ import torch
 
 from potstill.data.batches import collate
 from potstill.data.encode import Example
+from potstill.importance import SAMPLER_LOGPROBS, aligned_sampler_logprobs
 from potstill.labels import IGNORE_INDEX
 from potstill.sampling import Completions, SamplingSettings, sample
 
@@ -39,25 +40,30 @@ def prompts_of(batch: dict, bos_id: int | None, prompt_tokens: int) -> list[list
 
 @dataclass
 class Rollout:
-    """What went into one rollout micro-batch: per row its prompt, new tokens and whether it stopped at EOS."""
+    """What went into one rollout micro-batch: per row its prompt, new tokens, whether it stopped at EOS, and the
+    log-prob the sampler gave each new token (kept with replayed rows: ρ then corrects for the older sampler)."""
 
     example_ids: list[int]
     prompts: list[list[int]]
     tokens: list[list[int]]
     finished: list[bool]
+    logprobs: list[list[float]]
 
     def batch(self, pad_id: int) -> dict[str, torch.Tensor]:
-        """Right-padded prompt + new tokens; labels are the new tokens (EOS included), the prompt is masked."""
-        return collate([Example(e, p + t, [IGNORE_INDEX] * len(p) + t)
-                        for e, p, t in zip(self.example_ids, self.prompts, self.tokens)], pad_id)
+        """Right-padded prompt + new tokens; labels are the new tokens (EOS included), the prompt is masked; the
+        sampler's log-probs aligned with the labels (importance.py)."""
+        out = collate([Example(e, p + t, [IGNORE_INDEX] * len(p) + t)
+                       for e, p, t in zip(self.example_ids, self.prompts, self.tokens)], pad_id)
+        out[SAMPLER_LOGPROBS] = aligned_sampler_logprobs(self.prompts, self.logprobs, out["input_ids"].shape[1])
+        return out
 
-    def rows(self) -> list[tuple[int, list[int], list[int], bool]]:
-        return list(zip(self.example_ids, self.prompts, self.tokens, self.finished))
+    def rows(self) -> list[tuple[int, list[int], list[int], bool, list[float]]]:
+        return list(zip(self.example_ids, self.prompts, self.tokens, self.finished, self.logprobs))
 
     @classmethod
-    def of_rows(cls, rows: list[tuple[int, list[int], list[int], bool]]) -> "Rollout":
-        ids, prompts, tokens, finished = (list(x) for x in zip(*rows))
-        return cls(ids, prompts, tokens, finished)
+    def of_rows(cls, rows: list[tuple[int, list[int], list[int], bool, list[float]]]) -> "Rollout":
+        ids, prompts, tokens, finished, logprobs = (list(x) for x in zip(*rows))
+        return cls(ids, prompts, tokens, finished, logprobs)
 
 
 def roll_out(student, batch: dict, settings: SamplingSettings, *, eos_ids: list[int], pad_id: int, bos_id: int | None,
@@ -71,7 +77,7 @@ def roll_out(student, batch: dict, settings: SamplingSettings, *, eos_ids: list[
             out: Completions = sample(student, prompts, settings, eos_ids=eos_ids, pad_id=pad_id, seed=seed)
     finally:
         student.train(was_training)
-    return Rollout(batch["example_id"].tolist(), prompts, out.tokens, out.finished)
+    return Rollout(batch["example_id"].tolist(), prompts, out.tokens, out.finished, out.logprobs)
 
 
 @dataclass
