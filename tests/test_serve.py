@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from openai import OpenAI
-from serving_helpers import request, running
+from tests.serving_helpers import request, running
 from transformers import AutoModelForCausalLM
 
 from potstill.generation.text import completion_text
