@@ -1,6 +1,7 @@
 """`potstill generate`: local and OpenAI-compatible backends, filters, resume, and the API-key rule."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -81,9 +82,9 @@ def test_local_lines_are_the_seeded_batches_samples_and_train_back_to_the_same_t
     """Batch b of generate.batch_size prompts is sampled with seed derived_seed(seed, its first prompt id); each
     line is prompt + completion_text (+ passthrough answer); prompt + completion re-encoded for training gives
     exactly the sampled tokens (then EOS) as labels. A second run writes the same bytes."""
-    cfg = local(model_dirs, arithmetic_file, tmp_path / "a.jsonl", "generate.n=2", "generate.batch_size=4",
-                "generate.temperature=0.9", "generate.seed=5", "data.max_train_examples=10")
-    summary = generate(cfg)
+    settings = ["generate.n=2", "generate.batch_size=4", "generate.temperature=0.9", "generate.seed=5",
+                "data.max_train_examples=10"]
+    summary = generate(local(model_dirs, arithmetic_file, tmp_path / "a.jsonl", *settings))
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama_teacher"]).eval()
     records = arithmetic_examples("train", 10)
     expected, checked = [], 0
@@ -103,8 +104,7 @@ def test_local_lines_are_the_seeded_batches_samples_and_train_back_to_the_same_t
                 checked += 1
     assert lines(tmp_path / "a.jsonl") == expected and checked >= 10
     assert (summary.kept, summary.failed, summary.lines) == (20, [], 20)
-    generate(cfg.__class__.from_dict({**cfg.to_dict(), "generate": {**cfg.to_dict()["generate"], "out": str(tmp_path / "b.jsonl")}},
-                                     check_run=False))
+    generate(local(model_dirs, arithmetic_file, tmp_path / "b.jsonl", *settings))
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
@@ -213,13 +213,8 @@ def test_changed_settings_are_refused_by_name_unless_overwrite(tmp_path, model_d
 ], ids=["missing-key", "unknown-backend", "builtin-text", "text-records", "checker-no-answer", "chat-to-completions",
         "top-p", "vllm"])
 def test_bad_inputs_end_in_one_line_with_exit_code_2(tmp_path, model_dirs, chat_file, args, says, monkeypatch):
-    pytest.importorskip("potstill")
-    if "vllm" in " ".join(args):
-        try:
-            import vllm  # noqa: F401
-            pytest.skip("vLLM is installed here")
-        except ImportError:
-            pass
+    if "vllm" in args and importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
     monkeypatch.setenv("OPENAI_API_KEY", "x")
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the cat"}])
     args = [{"TEXT": str(text), "CHAT": str(chat_file)}.get(a, a) for a in args]
@@ -230,6 +225,23 @@ def test_bad_inputs_end_in_one_line_with_exit_code_2(tmp_path, model_dirs, chat_
     assert result.exit_code == 2 and len(output) == 1 and output[0].startswith("error:"), result.output
     assert says in output[0]
     assert not (tmp_path / "x.jsonl").exists()  # refused before any file is touched
+
+
+def test_a_distill_resume_ignores_the_generate_section(tmp_path):
+    """generate.* keys do not change a training trajectory: a run whose config.yaml predates the section (or sets
+    other generate values) resumes; a training key still refuses."""
+    from potstill.rundir import RunDirError, check_resume_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1" / "potstill").mkdir(parents=True)
+    (run / "checkpoints" / "step-1" / "potstill" / "trainer_state.pt").write_bytes(b"")
+    base = ["student.init_from_teacher_layers=1", "teacher.path=t"]
+    saved = RunConfig.from_yaml(None, base, check_run=False).to_dict()
+    del saved["generate"]
+    (run / "config.yaml").write_text(json.dumps(saved))
+    check_resume_config(run, RunConfig.from_yaml(None, [*base, "generate.n=4"], check_run=False))
+    with pytest.raises(RunDirError, match="train.lr"):
+        check_resume_config(run, RunConfig.from_yaml(None, [*base, "train.lr=1"], check_run=False))
 
 
 # ---- the OpenAI-compatible backend ------------------------------------------------------------------------
@@ -287,6 +299,9 @@ def test_generate_through_a_potstill_serve_subprocess(tmp_path, served, model_di
         assert r["completion"] == completion_text(tokenizer, prompt, tokens) and r["answer"] == records[r["prompt_id"]]["answer"]
     generate(remote(url, chat_file, tmp_path / "chat.jsonl", "generate.temperature=0"))
     assert [len(r["messages"]) for r in lines(tmp_path / "chat.jsonl")] == [2, 3]
+    deadline = time.monotonic() + 30  # the server's output is read by a thread: wait for its lines
+    while "POST /v1/chat/completions" not in "".join(served[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     server_log = "".join(served[1])
     assert "POST /v1/chat/completions" in server_log and "chat.completions: 1 prompt(s)" in server_log
     assert SECRET not in server_log  # the Bearer token it received is never logged
@@ -317,7 +332,7 @@ def test_a_request_slower_than_the_timeout_is_retried(tmp_path, tiny_app, arithm
     flaky = Flaky(tiny_app, delay=1, seconds=120)
     with running(flaky) as url:
         summary = generate(remote(f"{url}/v1", arithmetic_file, tmp_path / "t.jsonl", "data.max_train_examples=1",
-                                  "generate.timeout=2", "generate.max_retries=1"))
+                                  "generate.timeout=4", "generate.max_retries=1"))
     assert flaky.calls == 2 and summary.kept == 1 and not summary.failed
     assert len(lines(tmp_path / "t.jsonl")) == 1
 
