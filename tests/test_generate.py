@@ -398,3 +398,17 @@ def test_the_api_key_is_never_written_or_logged(tmp_path, tiny_app, arithmetic_f
             assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in done.stdout + done.stderr and SECRET not in caplog.text
     assert "POTSTILL_TEST_KEY" not in (tmp_path / "k.jsonl.meta.json").read_text()
+
+
+def test_distill_trains_on_the_generated_file(tmp_path, model_dirs, arithmetic_file):
+    """Sequence-level KD end to end: generate with the teacher, then `potstill distill` on gen.jsonl (label CE plus
+    a live-teacher term) runs and writes a student."""
+    out = tmp_path / "gen.jsonl"
+    generate(local(model_dirs, arithmetic_file, out, "generate.n=2", "data.max_train_examples=8"))
+    result = runner.invoke(app, ["distill", "--teacher", str(model_dirs["llama_teacher"]), "--student",
+                                 str(model_dirs["gpt2_student"]), "--data", str(out), "--objective", "0.5*ce + 0.5*fkl",
+                                 "--steps", "2", "--out", str(tmp_path / "run"), "train.batch_size=4", "device=cpu",
+                                 "train.report_to=none", "data.max_length=64"])
+    assert result.exit_code == 0, result.output
+    assert "data: 15 training examples from" in result.output  # 16 lines, every k-th held out for evaluation
+    assert (tmp_path / "run" / "final" / "config.json").exists()
