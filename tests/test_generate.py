@@ -108,6 +108,18 @@ def test_local_lines_are_the_seeded_batches_samples_and_train_back_to_the_same_t
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
 
 
+def test_chat_records_need_a_chat_template(tmp_path, model_dirs, chat_file, tokenizer):
+    plain = tmp_path / "plain"
+    AutoModelForCausalLM.from_pretrained(model_dirs["llama_teacher"]).save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    config_file = plain / "tokenizer_config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "chat_template"}))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="has no chat template to render them"):
+        generate(config(f"teacher.path={plain}", f"data.train={chat_file}", f"generate.out={tmp_path / 'c.jsonl'}"))
+    assert not (tmp_path / "c.jsonl").exists()
+
+
 def test_chat_records_get_the_assistant_reply_appended(tmp_path, model_dirs, chat_file, tokenizer):
     generate(local(model_dirs, chat_file, tmp_path / "c.jsonl", "generate.temperature=0"))
     got = lines(tmp_path / "c.jsonl")
@@ -131,12 +143,14 @@ def test_local_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, model_d
     proc = subprocess.Popen(potstill_cmd("generate", "--teacher", str(model_dirs["llama_teacher"]), "--data",
                                          str(arithmetic_file), "--out", str(killed), *settings),
                             env=env_with(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed.exists() and killed.read_bytes().count(b"\n") >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, "the generate subprocess ended early"
-        time.sleep(0.005)
-    proc.kill()
-    proc.wait(30)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed.exists() and killed.read_bytes().count(b"\n") >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "the generate subprocess ended early"
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait(30)
     assert killed.read_bytes().count(b"\n") < 120  # stopped mid-run
     with killed.open("ab") as fh:
         fh.write(b'{"prompt": "what is 1')
@@ -254,23 +268,25 @@ def served(model_dirs):
                                          "tiny", "--device", "cpu"), env=env_with(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output: list[str] = []
-    first = proc.stdout.readline()
-    output.append(first)
-    match = re.search(r"(http://127\.0\.0\.1:\d+/v1)", first)
-    assert match, f"potstill serve did not announce its address: {first!r}"
-    threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
-    url = match.group(1)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if request(f"{url}/models", timeout=5)[0] == 200:
-                break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(output)
-            time.sleep(0.1)
-    yield url, output
-    proc.terminate()
-    proc.wait(30)
+    try:
+        first = proc.stdout.readline()
+        output.append(first)
+        match = re.search(r"(http://127\.0\.0\.1:\d+/v1)", first)
+        assert match, f"potstill serve did not announce its address: {first!r}"
+        threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
+        url = match.group(1)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if request(f"{url}/models", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "".join(output)
+                time.sleep(0.1)
+        yield url, output
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def remote(url: str, data: Path, out: Path, *more: str) -> RunConfig:

@@ -43,9 +43,12 @@ def batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
 class LocalBackend:
     """teacher.path sampled with `potstill.sampling.sample` (batched, KV cache, private seeded generator)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, prompts: list[Prompt]):
         g = cfg.generate
         self.model, self.tokenizer = load_local_model(cfg.teacher.path, cfg.device, cfg.teacher.dtype)
+        if any(p.messages is not None for p in prompts) and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"data.train has chat records, but the tokenizer of teacher.path={cfg.teacher.path} has no "
+                             "chat template to render them; use prompt/completion records")
         self.settings = SamplingSettings(g.max_new_tokens, g.temperature, g.top_p, g.n)
         self.settings.check("generate")
         self.batch_size, self.seed = g.batch_size, g.seed

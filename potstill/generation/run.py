@@ -83,7 +83,7 @@ def make_backend(cfg, prompts: list[Prompt]):
         return OpenAIBackend(cfg, prompts)
     from potstill.generation.local import LocalBackend, VllmBackend
 
-    return LocalBackend(cfg) if backend == "local" else VllmBackend(cfg)
+    return LocalBackend(cfg, prompts) if backend == "local" else VllmBackend(cfg)
 
 
 class Sink:
