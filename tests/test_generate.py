@@ -428,3 +428,15 @@ def test_distill_trains_on_the_generated_file(tmp_path, model_dirs, arithmetic_f
     assert result.exit_code == 0, result.output
     assert "data: 15 training examples from" in result.output  # 16 lines, every k-th held out for evaluation
     assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def test_a_partial_last_line_is_cut_at_the_last_newline_only(tmp_path):
+    from potstill.generation.store import cut_partial_last_line
+
+    path = tmp_path / "f.jsonl"
+    whole = b"".join(b'{"n": %d, "pad": "%s"}\n' % (i, b"x" * 5000) for i in range(40))  # > one 64 KiB block
+    for tail, cut in ((b'{"n": 40, "pa', True), (b"", False)):
+        path.write_bytes(whole + tail)
+        assert cut_partial_last_line(path) is cut and path.read_bytes() == whole
+    path.write_bytes(b'{"only": "partial')
+    assert cut_partial_last_line(path) and path.read_bytes() == b""

@@ -45,11 +45,18 @@ def cut_partial_last_line(path: Path) -> bool:
     if size == 0:
         return False
     with path.open("rb") as fh:
-        fh.seek(max(0, size - 1))
+        fh.seek(size - 1)
         if fh.read(1) == b"\n":
             return False
-        fh.seek(0)
-        end = fh.read().rfind(b"\n") + 1  # 0 when the only line is partial
+        end, position = 0, size  # end stays 0 when the only line is partial
+        while position > 0:  # scan back in blocks: the file may be large
+            step = min(1 << 16, position)
+            position -= step
+            fh.seek(position)
+            newline = fh.read(step).rfind(b"\n")
+            if newline >= 0:
+                end = position + newline + 1
+                break
     os.truncate(path, end)
     log.warning("%s: dropped a partial last line (%d bytes, an interrupted write); it will be generated again",
                 path, size - end)
