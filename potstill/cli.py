@@ -224,6 +224,34 @@ def quickstart(
     run_quickstart(out, steps=steps, console=console)
 
 
+@verb(epilog="Config keys (set in the YAML file or as section.key=value; generate.* are this verb's):\n\n" + _OPTIONS_HELP)
+def generate(
+    overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. generate.n=4"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (its teacher, data and generate sections)."),
+    teacher: Optional[str] = typer.Option(None, help="Local teacher (backends local, vllm): HF dir, hub id, or 'builtin'."),
+    data: Optional[str] = typer.Option(None, help="Prompts: prompt/completion or chat records (.jsonl, .parquet, datasets dir) or 'builtin:arithmetic'."),
+    out: Optional[str] = typer.Option(None, help="Output JSONL (generate.out); rerun to resume it."),
+    backend: Optional[str] = typer.Option(None, help="local, openai or vllm (generate.backend)."),
+    model: Optional[str] = typer.Option(None, help="openai: the model name to request (generate.model)."),
+    base_url: Optional[str] = typer.Option(None, help="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1 (generate.base_url)."),
+    n: Optional[int] = typer.Option(None, help="Completions per prompt (generate.n)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output instead of resuming it."),
+) -> None:
+    """Write teacher completions for the prompts of data.train as training records (resumable JSONL)."""
+    from potstill.generation import generate as run
+
+    given = {"generate.out": out, "generate.backend": backend, "generate.model": model, "generate.base_url": base_url,
+             "generate.n": n}
+    flags = _shortcuts(teacher=teacher, data=data) + [f"{k}={v}" for k, v in given.items() if v is not None]
+    cfg = RunConfig.from_yaml(config, flags + list(overrides or []), check_run=False)
+    summary = run(cfg, overwrite=overwrite)
+    _print_metrics(summary.metrics(), f"generate → {summary.out}")
+    if summary.failed:
+        shown = ", ".join(f"{p}/{s}" for p, s in summary.failed[:10]) + (" ..." if len(summary.failed) > 10 else "")
+        raise RuntimeError(f"{len(summary.failed)} request(s) failed after the retries (prompt_id/sample: {shown}); "
+                           "rerun the same command to retry them")
+
+
 @verb()
 def serve(
     model: str = typer.Argument(..., help="Model to serve: a local HF directory (e.g. a run's final/), a hub id, or 'builtin'."),

@@ -220,6 +220,50 @@ class OnPolicyConfig:
 
 
 @dataclass
+class GenerateConfig:
+    backend: str = "local"
+    """`potstill generate`'s teacher: local (teacher.path through potstill's batched KV-cached sampler), openai (any OpenAI-compatible server: generate.base_url + generate.model, e.g. `potstill serve` or vLLM's), or vllm (teacher.path in vLLM, when installed)."""
+    out: str = "generated.jsonl"
+    """Output JSONL, appended and flushed as completions arrive; a rerun with the same settings resumes it (OUT.meta.json holds the settings, OUT.rejected.jsonl the filtered completions' ids)."""
+    n: int = 1
+    """Completions per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches top_p."""
+    max_new_tokens: int = 256
+    """Longest completion, in tokens."""
+    seed: int = 0
+    """Seed of the draws: local, per batch of prompts (from the seed and the batch's first prompt id); openai, one seed per request (from the seed, prompt id and sample)."""
+    batch_size: int = 16
+    """local: prompts per sampling batch (n rows each); it fixes the draws, so a resume must keep it."""
+    endpoint: str = "chat"
+    """openai: chat (/v1/chat/completions; a prompt record becomes one user message) or completions (/v1/completions with the prompt text as is; prompt records only)."""
+    base_url: str | None = None
+    """openai: the API base URL, e.g. http://127.0.0.1:8000/v1 (None = the client's default, OPENAI_BASE_URL or api.openai.com)."""
+    model: str | None = None
+    """openai: the model name to request (as the server's /v1/models lists it)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: NAME of the environment variable holding the API key. The key itself is never a config value and is never written to the output, logs or error messages."""
+    concurrency: int = 8
+    """openai: requests in flight at once."""
+    timeout: float = 60.0
+    """openai: seconds before a request is abandoned (and retried)."""
+    max_retries: int = 3
+    """openai: retries per request on 408/409/429/5xx, timeouts and connection errors, with exponential backoff; a request still failing is counted and logged, and the next run retries it."""
+    checker: str = "none"
+    """Keep only verified completions: none, or arithmetic (the answer `builtin.arithmetic.extract_answer` finds must equal the record's `answer`)."""
+    dedup: bool = False
+    """Drop a completion identical to one already kept for the same prompt."""
+    min_tokens: int = 0
+    """Drop completions shorter than this many generated tokens (EOS included)."""
+    max_tokens: int | None = None
+    """Drop completions longer than this many generated tokens (EOS included); None = no bound."""
+    keep_unfinished: bool = False
+    """Keep completions cut at max_new_tokens (training appends EOS to them, teaching the student to stop there); default: drop them."""
+
+
+@dataclass
 class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -230,6 +274,7 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"

@@ -27,7 +27,7 @@ BLOCKING = ("checkpoints", "final", "metrics.jsonl")
 MAY_CHANGE = ("train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.on_nonfinite",
                "data.max_eval_examples", "out_dir", "device", "loss.chunk_size", "loss.compile",
                "train.gradient_checkpointing", "train.report_to", "student.lora.save_adapter", *RESOLVED_ON_RESUME)
-MAY_CHANGE_SECTIONS = ("eval.", "parallel.")
+MAY_CHANGE_SECTIONS = ("eval.", "parallel.", "generate.")  # generate.*: `potstill generate` only
 # train.batch_size is per rank: a resumed run may change it, and the number of ranks, iff the global batch stays.
 GLOBAL_BATCH = "global batch (train.batch_size × ranks)"
 MISSING = "(unset)"

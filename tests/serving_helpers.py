@@ -47,22 +47,52 @@ def request(url: str, body: dict | None = None, timeout: float = 60) -> tuple[in
 
 
 class Flaky:
-    """ASGI middleware: of the requests to a completions endpoint, the first ``fail`` get HTTP ``status`` and the
-    first ``delay`` are held for ``seconds`` before the app sees them; ``calls`` counts every such request."""
+    """ASGI middleware: of the requests to a completions endpoint (counted in ``calls``, with their Authorization
+    headers in ``auth``), the first ``delay`` are held ``seconds`` (or until the client hangs up, when they never
+    reach the app), then the first ``fail`` get HTTP ``status``."""
 
     def __init__(self, app, fail: int = 0, status: int = 500, delay: int = 0, seconds: float = 0.0):
         self.app, self.fail, self.status, self.delay, self.seconds = app, fail, status, delay, seconds
-        self.calls = 0
+        self.calls, self.auth = 0, []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].endswith("completions"):
             self.calls += 1
-            if self.calls <= self.delay:
-                await asyncio.sleep(self.seconds)
-            if self.calls <= self.fail:
+            self.auth.append(dict(scope["headers"]).get(b"authorization", b"").decode())
+            call = self.calls
+            if call <= self.delay:
+                received, hung_up = await _hold(receive, self.seconds)
+                if hung_up:
+                    return
+                receive = _replay(received, receive)
+            if call <= self.fail:
                 body = json.dumps({"error": {"message": "injected failure", "type": "server_error", "code": None}})
                 await send({"type": "http.response.start", "status": self.status,
                             "headers": [(b"content-type", b"application/json")]})
                 await send({"type": "http.response.body", "body": body.encode()})
                 return
         await self.app(scope, receive, send)
+
+
+async def _hold(receive, seconds: float) -> tuple[list, bool]:
+    """Read the request's messages for up to ``seconds``: (messages read, whether the client disconnected)."""
+    received: list = []
+
+    async def until_disconnect() -> None:
+        while (message := await receive())["type"] != "http.disconnect":
+            received.append(message)
+
+    try:
+        await asyncio.wait_for(until_disconnect(), seconds)
+        return received, True
+    except asyncio.TimeoutError:
+        return received, False
+
+
+def _replay(messages: list, receive):
+    pending = list(messages)
+
+    async def replayed():
+        return pending.pop(0) if pending else await receive()
+
+    return replayed

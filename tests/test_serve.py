@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from openai import OpenAI
-from serving_helpers import request, running
+from tests.serving_helpers import request, running
 from transformers import AutoModelForCausalLM
 
 from potstill.generation.text import completion_text
@@ -199,3 +199,17 @@ def test_requests_run_one_at_a_time_while_the_server_stays_responsive(model_dirs
         for t in threads:
             t.join(60)
     assert [status for status, _ in replies] == [200, 200] and most[0] == 1
+
+
+def test_the_openai_client_reads_the_scoring_form_and_the_default_length(server, model, tokenizer):
+    """The maintained client sends the scoring request (vLLM's extension through extra_body) and parses the null
+    first entries; a completions request with max_tokens null generates OpenAI's default 16 tokens."""
+    ids = [1, 20, 31, 44]
+    reply = client(server).completions.create(model=NAME, prompt=[ids], max_tokens=0, echo=True, logprobs=2,
+                                              extra_body={"return_tokens_as_token_ids": True})
+    lp = reply.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{i}" for i in ids] and lp.token_logprobs[0] is None
+    assert_close(lp.token_logprobs[1:], reference_logprobs(model, ids).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1))
+    _, body = request(f"{server}/v1/completions", {"model": NAME, "prompt": ids, "max_tokens": None, "temperature": 0})
+    greedy = sample(model, [ids], SamplingSettings(16, 0), eos_ids=tokenizer.eos_token_id, pad_id=0).tokens[0]
+    assert body["usage"]["completion_tokens"] == len(greedy) and len(greedy) == 16

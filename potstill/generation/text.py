@@ -19,6 +19,15 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation rendered with the tokenizer's chat template plus the assistant header, as token ids. The
+    template writes any BOS itself (no special tokens added), exactly as chat records are encoded for training."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def without_eos(tokens: list[int], finished: bool) -> list[int]:
     """The content tokens of a completion: a finished one ends with its EOS token, which is not text."""
     return tokens[:-1] if finished and tokens else tokens

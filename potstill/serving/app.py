@@ -63,15 +63,16 @@ def build_app(model, tokenizer, model_name: str, max_logprobs: int = 20) -> Fast
         started = time.perf_counter()
         stops = _checked_common(req, engine)
         prompts = engine.completion_prompts(req.prompt)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default, also when sent as null
         for _, ids in prompts:
-            engine.check_room(ids, req.max_tokens)
+            engine.check_room(ids, max_tokens)
         if req.logprobs is not None:
             engine.check_logprobs(req.logprobs, "logprobs")
-        if req.max_tokens == 0 and not req.echo:
+        if max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens=0 returns nothing without echo=true (the scoring form: max_tokens 0, echo "
                               "true, logprobs k)", "max_tokens")
         ids = [p for _, p in prompts]
-        choices, scores = await one_at_a_time(_generate_and_score, engine, ids, _settings(req, req.max_tokens),
+        choices, scores = await one_at_a_time(_generate_and_score, engine, ids, _settings(req, max_tokens),
                                               req.n or 1, req.seed, stops, req.logprobs)
         texts = [text if text is not None else tokenizer.decode(p) for text, p in prompts]
         n = req.n or 1

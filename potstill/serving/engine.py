@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from potstill.generation.text import completion_text, eos_ids, without_eos
+from potstill.generation.text import chat_prompt_ids, completion_text, eos_ids, without_eos
 from potstill.sampling import SamplingSettings, sample
 from potstill.serving.protocol import bad_request
 
@@ -46,20 +46,21 @@ class Engine:
     # ---- prompts -------------------------------------------------------------------------------------------
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The conversation rendered with the tokenizer's chat template + the assistant header, as token ids
-        (the template writes any BOS itself, as in training on chat records)."""
+        """The conversation as the model reads it before answering (``text.chat_prompt_ids``)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(f"model {self.model_name!r} has no chat template (its tokenizer defines none); use "
                               "/v1/completions with a prompt instead", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = chat_prompt_ids(self.tokenizer, messages)
         except Exception as exc:  # noqa: BLE001 - a template error is the request's problem (roles, order)
             raise bad_request(f"the chat template cannot render these messages: {' '.join(str(exc).split())}",
                               "messages") from exc
-        return self.encode_text(text, special=False)
+        if not ids:
+            raise bad_request("the rendered conversation has no tokens", "messages")
+        return ids
 
-    def encode_text(self, text: str, special: bool = True) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids:
             raise bad_request("the prompt encodes to no tokens", "prompt")
         return list(ids)

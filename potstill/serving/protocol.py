@@ -83,7 +83,7 @@ PromptField = str | list[int] | list[list[int]] | list[str]
 
 class CompletionRequest(SamplingFields):
     prompt: PromptField
-    max_tokens: int | None = Field(16, ge=0)  # 0 + echo: score the prompt only
+    max_tokens: int | None = Field(None, ge=0)  # None = 16 (OpenAI's default); 0 + echo: score the prompt only
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0)
     return_tokens_as_token_ids: bool | None = False  # vLLM's extension: tokens as "token_id:<id>"

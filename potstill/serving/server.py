@@ -12,17 +12,6 @@ from pathlib import Path
 log = logging.getLogger("potstill.serve")
 
 
-def load_served_model(model_dir: str, device: str = "auto", dtype: str = "auto"):
-    """(model on its device in eval mode, tokenizer) for a local HF directory, a hub id, or `builtin`."""
-    from potstill import models, runtime
-    from potstill.precision import resolve_model_dtype
-
-    path = models.resolve_model_path(model_dir)
-    dev = runtime.resolve_device(device)
-    model = models.load_causal_lm(path, resolve_model_dtype(dtype, dev), "model").to(dev).eval()
-    return model, models.load_tokenizer(path)
-
-
 def default_model_name(model_dir: str) -> str:
     if model_dir == "builtin":
         return "builtin"
@@ -48,9 +37,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, model_name:
           device: str = "auto", dtype: str = "auto", max_logprobs: int = 20, announce=print) -> None:
     import uvicorn
 
+    from potstill.generation.local import load_local_model
     from potstill.serving.app import build_app
 
-    model, tokenizer = load_served_model(model_dir, device, dtype)
+    model, tokenizer = load_local_model(model_dir, device, dtype, key="model")
     name = model_name or default_model_name(model_dir)
     app = build_app(model, tokenizer, name, max_logprobs=max_logprobs)
     sock = bind(host, port)
