@@ -1,0 +1,154 @@
+"""On-policy distillation step throughput: potstill (`data.regime=onpolicy`, λ = 1) vs TRL's DistillationTrainer
+and GKDTrainer (lmbda = 1), on the same tiny models and settings, on CPU, one child process per side.
+
+TRL is not a potstill dependency; it lives in a separate environment, made once with:
+
+    python3 -m venv /work/trlenv && /work/trlenv/bin/pip install torch==2.13.0 transformers==5.23.0 \\
+        accelerate==1.15.0 trl==1.16.0
+
+Run (from the repository root, with potstill's environment):
+
+    python benchmarks/onpolicy.py --trl-python /work/trlenv/bin/python [--steps 23 --warmup 3 --batch-size 8
+        --max-new-tokens 64 --threads 2 --beta 0.5 --sides potstill,distillation,gkd]
+
+What is the same on every side: teacher = the shipped built-in teacher (Llama, 4 layers × 128 hidden,
+V = 479); student = a fresh Llama (2 × 64, seed 0) saved once to a temp dir, loaded by every side; the same
+tokenizer; the same chat prompts (built-in addition problems with 3-digit numbers, so every prompt has the same
+token count and no row is padded); batch size, max new tokens, temperature 1, GJSD(beta) on every generated
+token, constant learning rate, AdamW, grad-norm clip 1, fp32, the thread count, the number of steps. EOS is held
+off on every side (TRL: `min_new_tokens = max_new_tokens`; potstill: the same on its sampling settings), so every
+row generates exactly max_new_tokens and the sides do the same work per step; each side reports the tokens it
+generated per step, and the table says if they differ. Sides run one after another (never at once: they would
+share the cores); the machine's load average is printed with the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from potstill.builtin.arithmetic import arithmetic_examples
+from potstill.builtin.teacher import builtin_teacher_dir
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from onpolicy_clock import RESULT_PREFIX  # noqa: E402
+
+TRL_ENV_HELP = ("python3 -m venv /work/trlenv && /work/trlenv/bin/pip install torch==2.13.0 transformers==5.23.0 "
+                "accelerate==1.15.0 trl==1.16.0")
+SIDES = {"potstill": "onpolicy_potstill.py", "distillation": "onpolicy_trl.py", "gkd": "onpolicy_trl.py"}
+
+
+def save_student(teacher_dir: Path, out: Path, layers: int, hidden: int, seed: int) -> Path:
+    """A fresh Llama student sharing the teacher's tokenizer and special ids (the teacher's tokenizer files are
+    copied beside it)."""
+    teacher = LlamaConfig.from_pretrained(teacher_dir)
+    config = LlamaConfig(vocab_size=teacher.vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=teacher.max_position_embeddings, tie_word_embeddings=True,
+                         bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id,
+                         pad_token_id=teacher.pad_token_id)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (out / name).write_bytes((teacher_dir / name).read_bytes())
+    return out
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """Chat records {"messages": [user, assistant]}: TRL's GKD collator wants messages, its DistillationTrainer
+    the user turn as the prompt; potstill samples after the user turn. 3-digit numbers: equal prompt lengths."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": ex["prompt"]},
+                                      {"role": "assistant", "content": ex["completion"].strip()}]})
+             for ex in arithmetic_examples("train", n, seed=0, digits=(3, 3))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_side(side: str, python: str, settings: Path, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
+    cmd = [python, str(HERE / SIDES[side]), *([side] if SIDES[side] == "onpolicy_trl.py" else []), str(settings)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    results = [json.loads(line[len(RESULT_PREFIX):]) for line in done.stdout.splitlines()
+               if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not results:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
+        raise SystemExit(f"error: side {side} failed (exit {done.returncode}): {' '.join(cmd)}")
+    return results[0]
+
+
+def check_trl(python: str) -> str:
+    probe = subprocess.run([python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise SystemExit(f"error: TRL is not importable by {python}; create its environment with: {TRL_ENV_HELP} "
+                         f"(or run with --sides potstill)")
+    return probe.stdout.strip()
+
+
+def table(results: list[dict], reference: str) -> str:
+    base = next((r for r in results if r["side"].endswith(reference)), None)
+    rows = ["| side | steps/s | generated tokens/s | new tokens/step | rollout share | teacher share | "
+            f"potstill ÷ side (steps/s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    ours = next((r for r in results if r["side"] == "potstill"), None)
+    for r in results:
+        ratio = f"{ours['steps_per_s'] / r['steps_per_s']:.2f}x" if ours else "—"
+        rows.append(f"| {r['side']} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                    f"{'/'.join(map(str, r['new_tokens_per_step']))} | {r['rollout_share']:.0%} | "
+                    f"{r['teacher_share']:.0%} | {ratio} |")
+    if base is None:
+        rows.append(f"(no {reference} row)")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sides", default="potstill,distillation,gkd")
+    parser.add_argument("--trl-python", default="/work/trlenv/bin/python")
+    parser.add_argument("--potstill-python", default=sys.executable)
+    parser.add_argument("--steps", type=int, default=23, help="steps per side, warm-up included")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing (≥ 1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.5, help="GJSD beta (TRL's beta; potstill gjsd(beta=...))")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--student-layers", type=int, default=2)
+    parser.add_argument("--student-hidden", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        raise SystemExit(f"error: unknown side(s) {unknown}; choose from {sorted(SIDES)}")
+    if any(s != "potstill" for s in sides):
+        print(f"TRL {check_trl(args.trl_python)} at {args.trl_python}")
+    with tempfile.TemporaryDirectory(prefix="onpolicy-bench-") as tmp:
+        root, teacher_dir = Path(tmp), builtin_teacher_dir()
+        settings = {"teacher_dir": str(teacher_dir), "batch_size": args.batch_size,
+                    "student_dir": str(save_student(teacher_dir, root / "student", args.student_layers,
+                                                    args.student_hidden, args.seed)),
+                    "data": str(write_prompts(root / "prompts.jsonl", args.batch_size * args.steps * 2)),
+                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "beta": args.beta, "lr": args.lr,
+                    "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "seed": args.seed}
+        results = []
+        for side in sides:
+            path = root / f"settings-{side}.json"
+            path.write_text(json.dumps({**settings, "out_dir": str(root / f"run-{side}")}))
+            python = args.potstill_python if side == "potstill" else args.trl_python
+            results.append(run_side(side, python, path, args.threads))
+            print(json.dumps(results[-1]), flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min), settings: "
+          f"{json.dumps({k: v for k, v in vars(args).items() if 'python' not in k})}\n")
+    print(table(results, "DistillationTrainer"))
+
+
+if __name__ == "__main__":
+    main()
