@@ -25,6 +25,7 @@ class SamplingSettings:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     n: int = 1  # completions per prompt
+    min_new_tokens: int = 0  # EOS ids cannot be drawn before this many new tokens (transformers' min_new_tokens)
 
     def check(self, where: str = "sampling") -> None:
         if self.max_new_tokens < 1:
@@ -35,6 +36,9 @@ class SamplingSettings:
             raise ValueError(f"{where}.top_p must be in (0, 1], got {self.top_p}")
         if self.n < 1:
             raise ValueError(f"{where}.n must be ≥ 1, got {self.n}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"{where}.min_new_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], "
+                             f"got {self.min_new_tokens}")
 
 
 @dataclass
@@ -84,8 +88,9 @@ def sampling_logprobs(logits: Tensor, settings: SamplingSettings) -> Tensor:
 def sample(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, *, eos_ids: list[int] | int,
            pad_id: int, seed: int = 0) -> Completions:
     """``settings.n`` completions of every prompt (token id lists), drawn with a private generator seeded by
-    ``seed`` (the global RNG state is untouched). Rows stop at the first token in ``eos_ids`` or after
-    ``max_new_tokens``. The model is used as it is (its train/eval mode is the caller's business)."""
+    ``seed`` (the global RNG state is untouched). Rows stop at the first token in ``eos_ids`` (never drawn
+    before ``min_new_tokens``) or after ``max_new_tokens``. The model is used as it is (its train/eval mode is
+    the caller's business)."""
     settings.check()
     eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
     device = next(model.parameters()).device
@@ -102,7 +107,10 @@ def sample(model: nn.Module, prompts: list[list[int]], settings: SamplingSetting
     next_position = positions[:, -1:] + 1
     eos = eos.to(device)
     for step in range(settings.max_new_tokens):
-        logp = sampling_logprobs(out.logits[:, -1], settings)  # (B, V)
+        logits = out.logits[:, -1]  # (B, V)
+        if step < settings.min_new_tokens:  # the sampler's distribution is then the one without EOS, renormalised
+            logits = logits.index_fill(-1, eos[eos < logits.shape[-1]], float("-inf"))
+        logp = sampling_logprobs(logits, settings)  # (B, V)
         token = torch.multinomial(logp.exp(), 1, generator=generator) if settings.temperature > 0 else logp.argmax(-1, keepdim=True)
         token = token.squeeze(-1).masked_fill(finished, pad_id)  # (B,)
         active = ~finished

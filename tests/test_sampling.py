@@ -52,6 +52,21 @@ def test_rows_stop_at_eos_and_include_it(model, tokenizer):
         assert all(t not in eos for t in tokens[:-1])
 
 
+def test_min_new_tokens_holds_eos_off_and_logs_the_renormalised_sampler(model, tokenizer):
+    """With every token but ids 0-2 an EOS id, min_new_tokens = 5 of 8: no EOS among the first 5 tokens (whose
+    log-probs are log_softmax over the non-EOS logits alone), and every row stops at the first EOS after them."""
+    eos = list(range(3, len(tokenizer)))
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=5)
+    out = sample(model, PROMPTS, settings, eos_ids=eos + [10_000], pad_id=0, seed=2)
+    for prompt, tokens, logprobs, done in zip(PROMPTS, out.tokens, out.logprobs, out.finished):
+        assert all(t < 3 for t in tokens[:5]) and (len(tokens) == 8 or tokens[-1] in eos)
+        assert all(t < 3 for t in tokens[5:-1]) and done == (tokens[-1] in eos)
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : len(prompt) + 4]
+        ref = F.log_softmax(logits[:, :3], -1).gather(-1, torch.tensor(tokens[:5])[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(logprobs[:5]), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert any(len(t) > 5 and t[5] in eos for t in out.tokens)  # EOS is drawable again from token 6 on
+
+
 def test_same_seed_same_draws_and_global_rng_untouched(model, tokenizer):
     state = torch.get_rng_state()
     a = sample(model, PROMPTS, SamplingSettings(max_new_tokens=6), eos_ids=2, pad_id=0, seed=5)
@@ -90,3 +105,5 @@ def test_bad_settings_are_refused():
         SamplingSettings(top_p=0).check()
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingSettings(max_new_tokens=0).check("onpolicy")
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingSettings(max_new_tokens=4, min_new_tokens=5).check()
