@@ -93,18 +93,22 @@ def check_trl(python: str) -> str:
     return probe.stdout.strip()
 
 
-def table(results: list[dict], reference: str) -> str:
-    base = next((r for r in results if r["side"].endswith(reference)), None)
-    rows = ["| side | steps/s | generated tokens/s | new tokens/step | rollout share | teacher share | "
-            f"potstill ÷ side (steps/s) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    ours = next((r for r in results if r["side"] == "potstill"), None)
-    for r in results:
+def median_runs(runs: list[dict]) -> dict:
+    """A side's repeats → its run of median steps/s (an odd count picks a real run)."""
+    return sorted(runs, key=lambda r: r["steps_per_s"])[(len(runs) - 1) // 2]
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    rows = ["| side | steps/s (runs) | median steps/s | generated tokens/s | new tokens/step | rollout share | "
+            "teacher share | potstill ÷ side |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    ours = median_runs(results["potstill"]) if "potstill" in results else None
+    for runs in results.values():
+        r = median_runs(runs)
         ratio = f"{ours['steps_per_s'] / r['steps_per_s']:.2f}x" if ours else "—"
-        rows.append(f"| {r['side']} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                    f"{'/'.join(map(str, r['new_tokens_per_step']))} | {r['rollout_share']:.0%} | "
-                    f"{r['teacher_share']:.0%} | {ratio} |")
-    if base is None:
-        rows.append(f"(no {reference} row)")
+        each = ", ".join(f"{x['steps_per_s']:.2f}" for x in runs)
+        rows.append(f"| {r['side']} | {each} | {r['steps_per_s']:.3f} | "
+                    f"{r['tokens_per_s']:.0f} | {'/'.join(map(str, r['new_tokens_per_step']))} | "
+                    f"{r['rollout_share']:.0%} | {r['teacher_share']:.0%} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -123,6 +127,8 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=2)
     parser.add_argument("--student-hidden", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, in round-robin order; the table "
+                        "shows each side's median")
     args = parser.parse_args()
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = [s for s in sides if s not in SIDES]
@@ -138,16 +144,19 @@ def main() -> None:
                     "data": str(write_prompts(root / "prompts.jsonl", args.batch_size * args.steps * 2)),
                     "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "beta": args.beta, "lr": args.lr,
                     "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "seed": args.seed}
-        results = []
-        for side in sides:
-            path = root / f"settings-{side}.json"
-            path.write_text(json.dumps({**settings, "out_dir": str(root / f"run-{side}")}))
-            python = args.potstill_python if side == "potstill" else args.trl_python
-            results.append(run_side(side, python, path, args.threads))
-            print(json.dumps(results[-1]), flush=True)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min), settings: "
+        results: dict[str, list[dict]] = {side: [] for side in sides}
+        loads = [os.getloadavg()[0]]
+        for repeat in range(args.repeats):  # round robin, so that a change in machine load hits every side
+            for side in sides:
+                path = root / f"settings-{side}-{repeat}.json"
+                path.write_text(json.dumps({**settings, "out_dir": str(root / f"run-{side}-{repeat}")}))
+                python = args.potstill_python if side == "potstill" else args.trl_python
+                results[side].append(run_side(side, python, path, args.threads))
+                loads.append(os.getloadavg()[0])
+                print(json.dumps({"repeat": repeat, **results[side][-1], "load_after": loads[-1]}), flush=True)
+    print(f"\n1-min load average between runs: {min(loads):.2f}–{max(loads):.2f}; settings: "
           f"{json.dumps({k: v for k, v in vars(args).items() if 'python' not in k})}\n")
-    print(table(results, "DistillationTrainer"))
+    print(table(results))
 
 
 if __name__ == "__main__":
