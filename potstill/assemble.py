@@ -15,6 +15,7 @@ from potstill.precision import resolve_model_dtype
 from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, load_records, split_holdout
 from potstill.cache.opening import cached_tokenizer, open_cache
+from potstill.onpolicy import self_distill
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
 
 log = logging.getLogger("potstill")
@@ -74,7 +75,8 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
         reference = models.load_causal_lm(cfg.loss.reference, teacher_dtype, "loss.reference").to(device).eval().requires_grad_(False)
         check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
     # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
-    return Parts(tokenizer if teacher is not None else student_tok, teacher, student, vocab, reference)
+    teacher = teacher if teacher is not None else self_distill.student_copy(cfg, student)  # teacher.self_distill
+    return Parts(tokenizer if tokenizer is not None else student_tok, teacher, student, vocab, reference)
 
 
 def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:

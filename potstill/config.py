@@ -34,6 +34,10 @@ class TeacherConfig:
     """Teacher (and loss.reference) weights dtype: auto (bfloat16 on a CUDA GPU with native bf16, else float32), float32, bfloat16 or float16; it runs in this dtype without gradients or autocast."""
     cache: str | None = None
     """Teacher-signal cache directory: `potstill cache` writes it; `distill` then takes every teacher signal from it. With teacher.path set too, the cache still supplies the signal; the teacher is loaded (on the CPU) only to copy its layers for student.init_from_teacher_layers."""
+    self_distill: str = "none"
+    """Self-distillation (no teacher.path): `frozen` (a copy of the initial student), `ema` (an exponential moving average of the student, updated after every optimiser step) or `live` (the student itself, no-grad, in eval mode) is the teacher; it reads a record's `privileged_context` before the prompt (docs/onpolicy.md). `none` = teacher.path / teacher.cache."""
+    ema_decay: float = 0.99
+    """teacher.self_distill=ema: teacher ← decay·teacher + (1 − decay)·student after every optimiser step (0 ≤ decay < 1)."""
 
 
 @dataclass
@@ -81,6 +85,8 @@ class DataConfig:
     """Use at most this many training examples (None = all)."""
     max_eval_examples: int = 256
     """Evaluate on at most this many held-out examples."""
+    regime: str = "offline"
+    """Where the trained completions come from: `offline` (the data's own) or `onpolicy` (sampled from the student with probability onpolicy.lam per step, scored by the teacher; docs/onpolicy.md)."""
 
 
 @dataclass
@@ -182,6 +188,28 @@ class EvalConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    lam: float = 1.0
+    """GKD's λ: each step, with this probability the step's completions are sampled from the student (else the data's own are used); 1 = fully on-policy. Drawn from a seeded stream of its own, the same on every rank."""
+    max_new_tokens: int = 64
+    """Most tokens a rollout adds after its prompt (a row that reaches it without EOS is counted as truncated)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts (1 = the full distribution)."""
+    prompt_tokens: int = 8
+    """`text` records have no prompt: a rollout continues their BOS + this many first tokens."""
+    eos_tokens: list | None = None
+    """Token ids (or token strings) that end a rollout; None = the student's generation_config / config / tokenizer EOS ids, which must be the tokens the data's completions end with (checked before step 1)."""
+    replay: bool = False
+    """DistiLLM's adaptive off-policy: student rollouts go to a replay buffer; onpolicy.lam becomes the initial probability φ of a student-generated step, φ grows by 1/replay_steps whenever the held-out CE rises, and a step generates fresh rollouts with probability φ·(1 − step/max_steps), else replays the buffer (docs/onpolicy.md)."""
+    replay_capacity: int = 1000
+    """Rollouts (rows) the replay buffer keeps per rank (the oldest are dropped)."""
+    replay_steps: int = 10
+    """N_φ of DistiLLM: φ grows by 1/N_φ (up to 1) at each evaluation whose held-out CE is worse than the previous one."""
+
+
+@dataclass
 class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -191,6 +219,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
@@ -237,7 +266,7 @@ class RunConfig:
     def validate(self) -> None:
         obj = self.objective()  # parses and range-checks every term
         self._validate_reference(obj)
-        if obj.needs_teacher and not (self.teacher.path or self.teacher.cache):
+        if obj.needs_teacher and not (self.teacher.path or self.teacher.cache or self.teacher.self_distill != "none"):
             raise ValueError(f"loss.objective '{obj}' needs a teacher: set teacher.path or teacher.cache (or use objective 'ce')")
         if self.student.init_from_teacher_layers is not None and not self.teacher.path:
             raise ValueError("student.init_from_teacher_layers needs teacher.path (the teacher's weights)")
@@ -265,6 +294,9 @@ class RunConfig:
         lora.check_settings(self.student.lora)
         trackers.tracker_names(self.train.report_to)
         runtime.check_settings(self)
+        from potstill.onpolicy.settings import check_settings as check_generated_data_settings
+
+        check_generated_data_settings(self)
 
     def _validate_reference(self, obj: Objective) -> None:
         from potstill.losses.selection import SELECTORS

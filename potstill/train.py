@@ -33,6 +33,8 @@ from potstill.cache.opening import check_examples_cached
 from potstill.cache.targets import batch_target
 from potstill.data.packing import padding_fraction
 from potstill.packing_check import check_parts_for_packing
+from potstill.onpolicy import regime as regimes
+from potstill.onpolicy.self_distill import privileged_signal
 
 
 @dataclass
@@ -87,6 +89,8 @@ def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: 
         return None
     if parts.cache is not None:
         return batch_target(parts.cache, batch, parts.vocab)
+    if "teacher_input_ids" in batch:  # the teacher reads its own sequence (privileged context: onpolicy/self_distill.py)
+        return privileged_signal(par.teacher, batch)
     return frozen_signal(par.teacher, batch)
 
 
@@ -226,13 +230,14 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
                       rank=rt.rank, world_size=rt.world_size)
     held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
     optimizer, scheduler = make_optimizer(cfg, parts.student)  # after parallelize: FSDP2 made the params DTensors
+    regime = regimes.build(cfg, rt, parts, par, amp, train_examples)  # data.regime, teacher.self_distill
     config_yaml = cfg.to_yaml()
     rt.barrier()  # every rank has checked the directory and loaded everything before rank 0 claims it
     if rt.is_main:
         claim_run_dir(run_dir, resume, overwrite)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     rt.barrier()
-    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par, amp)
+    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par, regime, amp)
     if resume:
         loop.restore()
     loop.trackers = Trackers.start(cfg.train.report_to, run_dir, cfg.to_dict(), loop.step if resume else None, rt.is_main)
@@ -274,6 +279,7 @@ class Loop:
     run_dir: Path
     config_yaml: str
     par: runtime.Parallel
+    regime: regimes.Regime  # what the steps train on: data, rollouts, privileged views (onpolicy/)
     amp: precision.Amp = precision.FULL  # autocast and fp16 grad scaler (precision.py)
     step: int = 0
     skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
@@ -303,6 +309,7 @@ class Loop:
                 if _due(self.step, cfg.train.eval_every, cfg.train.max_steps):
                     with self.par.gathered():  # every rank evaluates (FSDP: all ranks in each forward)
                         last_eval = run_eval(parts, held, cfg, self.step)
+                    self.regime.after_eval(last_eval)
                     if self.rt.is_main:
                         self.record(last_eval)
                     bar.note(f"step {self.step}: held-out CE {last_eval['student_ce']:.4f}")
@@ -314,14 +321,18 @@ class Loop:
         cfg = self.cfg
         started = time.perf_counter()
         micro = [to_device(self.batcher.next_batch(), self.rt.device) for _ in range(cfg.train.grad_accum)]
+        micro = self.regime.prepare(self.step, micro)
         stats, term_means, nll_means = train_step(self.parts, self.par, micro, self.objective, cfg, self.rt,
                                                   self.optimizer, self.scheduler, self.amp)
         self.step += 1
-        stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        stats["tokens_per_s"] = stats["tokens"] / seconds
+        stats.update(self.regime.metrics(seconds))
         if "nonfinite" in stats:
             self.skip(stats)
         else:
             self.consecutive = 0
+            self.regime.after_step()
             self.objective.after_step(term_means, self.step, cfg.train.max_steps, nll_means)
             if self.rt.is_main and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps):
                 self.record({"step": self.step, "kind": "train", **stats, "skipped": self.skipped})
@@ -343,7 +354,7 @@ class Loop:
         state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "rng": runtime.rank_rng_states(self.rt), "data": self.batcher.state(),
                  "objective": self.objective.state_dict(), "skipped": self.skipped, "consecutive": self.consecutive,
-                 "world_size": self.rt.world_size, "amp": self.amp.state_dict()}
+                 "world_size": self.rt.world_size, "amp": self.amp.state_dict(), "onpolicy": self.regime.state_dict()}
         if self.rt.is_main:
             checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer,
                                        self.config_yaml, state, self.cfg.train.keep_checkpoints, model_state)
@@ -358,6 +369,7 @@ class Loop:
         self.batcher.load_state(state["data"])
         self.objective.load_state_dict(state["objective"])
         self.amp.load_state_dict(state.get("amp"))
+        self.regime.load_state_dict(state.get("onpolicy"))
         runtime.restore_rank_rng(self.rt, state["rng"], self.cfg.train.seed, int(state["step"]))
         if self.rt.is_main:
             checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])

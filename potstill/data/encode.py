@@ -29,6 +29,7 @@ class Example:
     example_id: int
     input_ids: list[int]
     labels: list[int]
+    privileged_ids: list[int] | None = None  # a record's `privileged_context`, for the teacher only (onpolicy/self_distill.py)
 
 
 @dataclass
@@ -138,6 +139,17 @@ def encode_record(tokenizer, record: dict, where: str) -> tuple[list[int], list[
     return encode_text(tokenizer, record)
 
 
+def privileged_ids(tokenizer, record: dict, where: str) -> list[int] | None:
+    """A record's optional ``privileged_context`` (text only the teacher reads, e.g. a reference solution) as ids,
+    without special tokens; None when the record has none."""
+    context = record.get("privileged_context")
+    if context is None:
+        return None
+    if not isinstance(context, str):
+        raise ValueError(f"{where}: 'privileged_context' must be a string, got {type(context).__name__}")
+    return _ids(tokenizer, context, False)
+
+
 def _has_target(labels: list[int]) -> bool:
     """A label after the first position (the first token is never predicted)."""
     return any(lab != IGNORE_INDEX for lab in labels[1:])
@@ -156,7 +168,8 @@ def encode_all(tokenizer, records: list[Record], max_length: int, source: str) -
             stats.dropped_prompt_fills += 1
         else:
             stats.truncated += len(ids) > max_length
-            kept.append(Example(number, ids[:max_length], labels[:max_length]))
+            kept.append(Example(number, ids[:max_length], labels[:max_length],
+                                privileged_ids(tokenizer, record, record_location(source, number))))
     stats.kept = len(kept)
     if not kept:
         raise ValueError(f"{source}: no example has any token to train on ({stats.dropped_empty} without a target, "

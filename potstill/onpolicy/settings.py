@@ -1,0 +1,53 @@
+"""Config-time checks of `data.regime`, the `onpolicy` section and `teacher.self_distill` (one line each)."""
+from __future__ import annotations
+
+REGIMES = ("offline", "onpolicy")
+SELF_DISTILL = ("none", "frozen", "ema", "live")
+
+
+def check_settings(cfg) -> None:
+    d, o, t = cfg.data, cfg.onpolicy, cfg.teacher
+    if d.regime not in REGIMES:
+        raise ValueError(f"data.regime={d.regime!r}: use offline or onpolicy")
+    if t.self_distill not in SELF_DISTILL:
+        raise ValueError(f"teacher.self_distill={t.self_distill!r}: use none, frozen, ema or live")
+    if not 0 <= t.ema_decay < 1:
+        raise ValueError(f"teacher.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.self_distill != "none":
+        _check_self_distill(cfg)
+    if d.regime == "onpolicy":
+        _check_onpolicy(cfg)
+
+
+def _check_self_distill(cfg) -> None:
+    t = cfg.teacher
+    if t.path or t.cache:
+        raise ValueError(f"teacher.self_distill={t.self_distill}: the student is its own teacher; unset teacher.path "
+                         "and teacher.cache")
+    if t.self_distill in ("ema", "live") and cfg.parallel.strategy == "fsdp":
+        raise ValueError(f"teacher.self_distill={t.self_distill} with parallel.strategy=fsdp: the teacher would read "
+                         "the student's shards; use parallel.strategy=ddp")
+
+
+def _check_onpolicy(cfg) -> None:
+    o = cfg.onpolicy
+    if cfg.teacher.cache:
+        raise ValueError("data.regime=onpolicy with teacher.cache: a cache cannot score the student's new tokens; "
+                         "use a live teacher (teacher.path) or teacher.self_distill")
+    if cfg.data.packing:
+        raise ValueError("data.regime=onpolicy with data.packing: rollout batches are padded; set data.packing=false")
+    if cfg.parallel.strategy == "fsdp":
+        raise ValueError("data.regime=onpolicy with parallel.strategy=fsdp: ranks stop generating at different "
+                         "steps, which FSDP's per-layer collectives cannot follow; use parallel.strategy=ddp")
+    if not 0 <= o.lam <= 1:
+        raise ValueError(f"onpolicy.lam must be in [0, 1], got {o.lam}")
+    if o.prompt_tokens < 0:
+        raise ValueError(f"onpolicy.prompt_tokens must be ≥ 0, got {o.prompt_tokens}")
+    if o.replay and (o.replay_capacity < 1 or o.replay_steps < 1):
+        raise ValueError(f"onpolicy.replay_capacity and onpolicy.replay_steps must be ≥ 1, got "
+                         f"{o.replay_capacity} and {o.replay_steps}")
+    if o.eos_tokens is not None and not (o.eos_tokens and all(isinstance(e, (int, str)) for e in o.eos_tokens)):
+        raise ValueError(f"onpolicy.eos_tokens must be a non-empty list of token ids or token strings, got {o.eos_tokens}")
+    from potstill.sampling import SamplingSettings
+
+    SamplingSettings(o.max_new_tokens, o.temperature, o.top_p).check("onpolicy")
