@@ -100,7 +100,7 @@ def median_runs(runs: list[dict]) -> dict:
 
 def table(results: dict[str, list[dict]]) -> str:
     rows = ["| side | steps/s (runs) | median steps/s | generated tokens/s | new tokens/step | rollout share | "
-            "teacher share | potstill ÷ side |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "teacher share | steps per CPU-s | potstill ÷ side |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ours = median_runs(results["potstill"]) if "potstill" in results else None
     for runs in results.values():
         r = median_runs(runs)
@@ -108,7 +108,7 @@ def table(results: dict[str, list[dict]]) -> str:
         each = ", ".join(f"{x['steps_per_s']:.2f}" for x in runs)
         rows.append(f"| {r['side']} | {each} | {r['steps_per_s']:.3f} | "
                     f"{r['tokens_per_s']:.0f} | {'/'.join(map(str, r['new_tokens_per_step']))} | "
-                    f"{r['rollout_share']:.0%} | {r['teacher_share']:.0%} | {ratio} |")
+                    f"{r['rollout_share']:.0%} | {r['teacher_share']:.0%} | {r['steps_per_cpu_s']:.3f} | {ratio} |")
     return "\n".join(rows)
 
 

@@ -1,7 +1,7 @@
 """Timing shared by every side of `benchmarks/onpolicy.py` (imports neither potstill nor TRL, so both
 environments load it): step ends, rollout and teacher time, generated tokens, one JSON summary line.
 
-Every side is timed the same way: a step is the interval between two consecutive step ends (data, rollout,
+Every side is timed the same way (wall clock, and the process's CPU time beside it): a step is the interval between two consecutive step ends (data, rollout,
 teacher, loss, backward, optimizer, bookkeeping: everything the trainer does per step); the first `warmup` steps
 are dropped. Rollout time is the wall time inside the side's generation call; teacher time the wall time inside
 the teacher's decoder body (a forward pre-hook and hook on it), both summed over the timed steps only.
@@ -21,6 +21,7 @@ RESULT_PREFIX = "ONPOLICY_RESULT "  # the line the parent reads from a child's s
 class StepClock:
     warmup: int
     ends: list[float] = field(default_factory=list)
+    cpu_ends: list[float] = field(default_factory=list)  # process CPU time: less inflated by other jobs' load
     rollout_s: list[float] = field(default_factory=list)  # per step (index = step - 1)
     teacher_s: list[float] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
@@ -31,6 +32,7 @@ class StepClock:
 
     def step_ended(self) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
         self.rollout_s.append(self._rollout)
         self.teacher_s.append(self._teacher)
         self.new_tokens.append(self._tokens)
@@ -60,7 +62,9 @@ class StepClock:
         seconds = self.ends[-1] - self.ends[self.warmup - 1]
         steps = len(self.ends) - self.warmup
         tokens = sum(self.new_tokens[timed])
+        cpu_seconds = self.cpu_ends[-1] - self.cpu_ends[self.warmup - 1]
         return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds,
+                "steps_per_cpu_s": steps / cpu_seconds,
                 "new_tokens_per_step": sorted(set(self.new_tokens[timed])),
                 "rollout_share": sum(self.rollout_s[timed]) / seconds,
                 "teacher_share": sum(self.teacher_s[timed]) / seconds, **extra}
