@@ -84,6 +84,19 @@ def sampling_logprobs(logits: Tensor, settings: SamplingSettings) -> Tensor:
     return logp
 
 
+def draw(logp: Tensor, generator: torch.Generator) -> Tensor:
+    """(B,) one id per row of (B, V) log-probs, by inversion: the first id whose cumulative probability exceeds
+    u · total, u ~ U[0, 1), one uniform per row. ``torch.multinomial`` draws an exponential for every vocabulary
+    entry instead (4x slower at B = 8, V = 479 on one CPU core, a fifth of a tiny model's rollout). The CDF is
+    fp64, so tokens far below fp32's resolution near 1 keep their probability; ids of probability 0 are never
+    drawn (the threshold stays below the total, and the first CDF entry above it is where the CDF rises)."""
+    cdf = logp.double().exp().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=cdf.device)
+    threshold = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
+
+
 @torch.no_grad()
 def sample(model: nn.Module, prompts: list[list[int]], settings: SamplingSettings, *, eos_ids: list[int] | int,
            pad_id: int, seed: int = 0) -> Completions:
@@ -111,8 +124,8 @@ def sample(model: nn.Module, prompts: list[list[int]], settings: SamplingSetting
         if step < settings.min_new_tokens:  # the sampler's distribution is then the one without EOS, renormalised
             logits = logits.index_fill(-1, eos[eos < logits.shape[-1]], float("-inf"))
         logp = sampling_logprobs(logits, settings)  # (B, V)
-        token = torch.multinomial(logp.exp(), 1, generator=generator) if settings.temperature > 0 else logp.argmax(-1, keepdim=True)
-        token = token.squeeze(-1).masked_fill(finished, pad_id)  # (B,)
+        token = draw(logp, generator) if settings.temperature > 0 else logp.argmax(-1)
+        token = token.masked_fill(finished, pad_id)  # (B,)
         active = ~finished
         new_tokens[:, step] = token
         new_logprobs[:, step] = logp.gather(-1, token[:, None]).squeeze(-1).masked_fill(finished, 0.0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from potstill.sampling import SamplingSettings, sample, sampling_logprobs
+from potstill.sampling import SamplingSettings, draw, sample, sampling_logprobs
 
 
 @pytest.fixture(scope="module", params=["llama_teacher", "gpt2_teacher"])
@@ -98,6 +98,21 @@ def test_sampling_frequencies_follow_the_sampler_distribution(model, tokenizer):
     chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
     dof = int(support.sum()) - 1
     assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def test_draw_by_inversion_follows_the_distribution_and_never_draws_a_zero():
+    """20000 rows of p = (0, 0.5, 0, 0.2, 0.3, 0): zero ids (first, middle, last) never drawn, frequencies within
+    a chi-square bound; point masses on the first and on the last id are drawn every time."""
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    rows = 20_000
+    ids = draw(p.log().expand(rows, -1), torch.Generator().manual_seed(7))
+    counts = torch.bincount(ids, minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0 and ids.shape == (rows,)
+    expected = p[[1, 3, 4]].double() * rows
+    chi2 = float(((counts[[1, 3, 4]] - expected) ** 2 / expected).sum())
+    assert chi2 < 2 + 5 * math.sqrt(2 * 2), chi2
+    point_masses = torch.tensor([[0.0] + [float("-inf")] * 5, [float("-inf")] * 5 + [0.0]])
+    assert draw(point_masses.repeat(500, 1), torch.Generator().manual_seed(1)).tolist() == [0, 5] * 500
 
 
 def test_bad_settings_are_refused():
