@@ -31,6 +31,19 @@ def test_greedy_rows_equal_generate_on_each_prompt_alone(model, tokenizer):
     assert out.finished == [False] * 3 and all(lp == [0.0] * 12 for lp in out.logprobs)
 
 
+def test_a_row_that_stops_early_leaves_the_others_unchanged(model, tokenizer):
+    """Greedy, with row 0's 4th token made an EOS id: every row is its EOS-free greedy run cut after its first
+    EOS, so the rows still running after row 0 stops are untouched by it."""
+    settings = SamplingSettings(max_new_tokens=12, temperature=0)
+    free = sample(model, PROMPTS, settings, eos_ids=[10_000], pad_id=tokenizer.pad_token_id)
+    stop = free.tokens[0][3]
+    out = sample(model, PROMPTS, settings, eos_ids=[stop], pad_id=tokenizer.pad_token_id)
+    for ref, tokens, logprobs, done in zip(free.tokens, out.tokens, out.logprobs, out.finished):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert tokens == ref[:cut] and logprobs == [0.0] * cut and done == (stop in ref)
+    assert len(out.tokens[0]) <= 4 and max(len(t) for t in out.tokens) > len(out.tokens[0])
+
+
 def test_sampled_logprobs_are_the_models_own_at_each_step(model, tokenizer):
     """Each recorded log-prob equals log_softmax(logits / T) of the full re-run sequence at that token."""
     settings = SamplingSettings(max_new_tokens=9, temperature=0.7, n=2)
