@@ -98,8 +98,8 @@ def median_runs(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["steps_per_s"])[(len(runs) - 1) // 2]
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    rows = ["| side | steps/s (runs) | median steps/s | generated tokens/s | new tokens/step | rollout share | "
+def table(results: dict[str, list[dict]], settings: dict) -> str:
+    rows = ["| side | steps/s (runs) | median steps/s | generated tokens/s | prompt + new tokens/row | rollout share | "
             "teacher share | steps per CPU-s | potstill ÷ side |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ours = median_runs(results["potstill"]) if "potstill" in results else None
     for runs in results.values():
@@ -107,7 +107,8 @@ def table(results: dict[str, list[dict]]) -> str:
         ratio = f"{ours['steps_per_s'] / r['steps_per_s']:.2f}x" if ours else "—"
         each = ", ".join(f"{x['steps_per_s']:.2f}" for x in runs)
         rows.append(f"| {r['side']} | {each} | {r['steps_per_s']:.3f} | "
-                    f"{r['tokens_per_s']:.0f} | {'/'.join(map(str, r['new_tokens_per_step']))} | "
+                    f"{r['tokens_per_s']:.0f} | {'/'.join(map(str, r['prompt_tokens']))} + "
+                    f"{'/'.join(str(n // settings['batch_size']) for n in r['new_tokens_per_step'])} | "
                     f"{r['rollout_share']:.0%} | {r['teacher_share']:.0%} | {r['steps_per_cpu_s']:.3f} | {ratio} |")
     return "\n".join(rows)
 
@@ -156,7 +157,7 @@ def main() -> None:
                 print(json.dumps({"repeat": repeat, **results[side][-1], "load_after": loads[-1]}), flush=True)
     print(f"\n1-min load average between runs: {min(loads):.2f}–{max(loads):.2f}; settings: "
           f"{json.dumps({k: v for k, v in vars(args).items() if 'python' not in k})}\n")
-    print(table(results))
+    print(table(results, settings))
 
 
 if __name__ == "__main__":

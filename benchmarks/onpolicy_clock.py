@@ -28,6 +28,7 @@ class StepClock:
     _rollout: float = 0.0
     _teacher: float = 0.0
     _tokens: int = 0
+    prompt_widths: set = field(default_factory=set)  # prompt tokens per rollout row (the batch's padded width)
     _teacher_started: float = 0.0
 
     def step_ended(self) -> None:
@@ -39,7 +40,8 @@ class StepClock:
         self._rollout = self._teacher = 0.0
         self._tokens = 0
 
-    def add_rollout(self, seconds: float, new_tokens: int) -> None:
+    def add_rollout(self, seconds: float, new_tokens: int, prompt_width: int) -> None:
+        self.prompt_widths.add(prompt_width)
         self._rollout += seconds
         self._tokens += new_tokens
 
@@ -65,7 +67,7 @@ class StepClock:
         cpu_seconds = self.cpu_ends[-1] - self.cpu_ends[self.warmup - 1]
         return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds,
                 "steps_per_cpu_s": steps / cpu_seconds,
-                "new_tokens_per_step": sorted(set(self.new_tokens[timed])),
+                "new_tokens_per_step": sorted(set(self.new_tokens[timed])), "prompt_tokens": sorted(self.prompt_widths),
                 "rollout_share": sum(self.rollout_s[timed]) / seconds,
                 "teacher_share": sum(self.teacher_s[timed]) / seconds, **extra}
 

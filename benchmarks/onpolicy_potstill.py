@@ -55,7 +55,8 @@ def time_the_loop(clock: StepClock, min_new_tokens: int) -> None:
     def timed_sample(model, prompts, settings, **kwargs):
         started = time.perf_counter()
         out = sample(model, prompts, dataclasses.replace(settings, min_new_tokens=min_new_tokens), **kwargs)
-        clock.add_rollout(time.perf_counter() - started, sum(len(t) for t in out.tokens))
+        clock.add_rollout(time.perf_counter() - started, sum(len(t) for t in out.tokens),
+                          max(len(p) for p in prompts))
         return out
 
     train.Loop.one_step, rollouts.sample = timed_step, timed_sample

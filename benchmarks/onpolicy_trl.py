@@ -48,7 +48,7 @@ def timed_generate(model, clock: StepClock) -> None:
         new = sequences[:, kwargs["input_ids"].shape[1]:]
         is_eos = new == eos
         lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
-        clock.add_rollout(time.perf_counter() - started, int(lengths.sum()))
+        clock.add_rollout(time.perf_counter() - started, int(lengths.sum()), kwargs["input_ids"].shape[1])
         return out
 
     model.generate = wrapper
