@@ -93,23 +93,26 @@ def check_trl(python: str) -> str:
     return probe.stdout.strip()
 
 
-def median_runs(runs: list[dict]) -> dict:
-    """A side's repeats → its run of median steps/s (an odd count picks a real run)."""
-    return sorted(runs, key=lambda r: r["steps_per_s"])[(len(runs) - 1) // 2]
+def best_and_cpu(runs: list[dict]) -> tuple[dict, float]:
+    """A side's repeats → (its fastest run by wall clock, its median steps per CPU-second). On a machine shared
+    with other jobs the fastest run is the least disturbed one; CPU time is inflated less by the load."""
+    cpu = sorted(r["steps_per_cpu_s"] for r in runs)[(len(runs) - 1) // 2]
+    return max(runs, key=lambda r: r["steps_per_s"]), cpu
 
 
 def table(results: dict[str, list[dict]], settings: dict) -> str:
-    rows = ["| side | steps/s (runs) | median steps/s | generated tokens/s | prompt + new tokens/row | rollout share | "
-            "teacher share | steps per CPU-s | potstill ÷ side |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    ours = median_runs(results["potstill"]) if "potstill" in results else None
+    rows = ["| side | steps/s, each run | best steps/s | steps per CPU-s (median) | generated tokens/s (best) | "
+            "prompt + new tokens/row | rollout share | teacher share | potstill ÷ side: best, CPU |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ours = best_and_cpu(results["potstill"]) if "potstill" in results else None
     for runs in results.values():
-        r = median_runs(runs)
-        ratio = f"{ours['steps_per_s'] / r['steps_per_s']:.2f}x" if ours else "—"
+        (r, cpu) = best_and_cpu(runs)
+        ratio = f"{ours[0]['steps_per_s'] / r['steps_per_s']:.2f}x, {ours[1] / cpu:.2f}x" if ours else "—"
         each = ", ".join(f"{x['steps_per_s']:.2f}" for x in runs)
-        rows.append(f"| {r['side']} | {each} | {r['steps_per_s']:.3f} | "
-                    f"{r['tokens_per_s']:.0f} | {'/'.join(map(str, r['prompt_tokens']))} + "
-                    f"{'/'.join(str(n // settings['batch_size']) for n in r['new_tokens_per_step'])} | "
-                    f"{r['rollout_share']:.0%} | {r['teacher_share']:.0%} | {r['steps_per_cpu_s']:.3f} | {ratio} |")
+        new = "/".join(str(n // settings["batch_size"]) for n in r["new_tokens_per_step"])
+        rows.append(f"| {r['side']} | {each} | {r['steps_per_s']:.2f} | {cpu:.2f} | {r['tokens_per_s']:.0f} | "
+                    f"{'/'.join(map(str, r['prompt_tokens']))} + {new} | {r['rollout_share']:.0%} | "
+                    f"{r['teacher_share']:.0%} | {ratio} |")
     return "\n".join(rows)
 
 
@@ -129,7 +132,7 @@ def main() -> None:
     parser.add_argument("--student-hidden", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs per side, in round-robin order; the table "
-                        "shows each side's median")
+                        "shows each side's fastest run and its median CPU-time rate")
     args = parser.parse_args()
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = [s for s in sides if s not in SIDES]
