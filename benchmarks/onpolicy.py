@@ -9,7 +9,11 @@ TRL is not a potstill dependency; it lives in a separate environment, made once 
 Run (from the repository root, with potstill's environment):
 
     python benchmarks/onpolicy.py --trl-python /work/trlenv/bin/python [--steps 23 --warmup 3 --batch-size 8
-        --max-new-tokens 64 --threads 2 --beta 0.5 --sides potstill,distillation,gkd]
+        --max-new-tokens 64 --threads 2 --beta 0.5 --repeats 3 --sides potstill,distillation,gkd]
+
+(`--sides potstill` needs no TRL; without TRL the other sides are refused with the command above.) In TRL 1.16
+`trl.DistillationTrainer` is always on-policy (it has no λ: every step samples from the student) and
+`trl.experimental.gkd.GKDTrainer` is run with lmbda = 1; both use TRL's generalized JSD with the same beta.
 
 What is the same on every side: teacher = the shipped built-in teacher (Llama, 4 layers × 128 hidden,
 V = 479); student = a fresh Llama (2 × 64, seed 0) saved once to a temp dir, loaded by every side; the same
@@ -19,7 +23,9 @@ token, constant learning rate, AdamW, grad-norm clip 1, fp32, the thread count, 
 off on every side (TRL: `min_new_tokens = max_new_tokens`; potstill: the same on its sampling settings), so every
 row generates exactly max_new_tokens and the sides do the same work per step; each side reports the tokens it
 generated per step, and the table says if they differ. Sides run one after another (never at once: they would
-share the cores); the machine's load average is printed with the table.
+share the cores), `--repeats` times in round-robin order; the table shows each side's fastest run (the least
+disturbed by other jobs) and its median steps per CPU-second, and the 1-minute load average seen between runs.
+Timing (`onpolicy_clock.py`): a step is the interval between consecutive step ends, after `--warmup` steps.
 """
 from __future__ import annotations
 
@@ -86,8 +92,11 @@ def run_side(side: str, python: str, settings: Path, threads: int) -> dict:
 
 
 def check_trl(python: str) -> str:
-    probe = subprocess.run([python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
-    if probe.returncode != 0:
+    try:
+        probe = subprocess.run([python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
+    except OSError:  # no such interpreter
+        probe = None
+    if probe is None or probe.returncode != 0:
         raise SystemExit(f"error: TRL is not importable by {python}; create its environment with: {TRL_ENV_HELP} "
                          f"(or run with --sides potstill)")
     return probe.stdout.strip()
