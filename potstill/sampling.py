@@ -87,7 +87,7 @@ def sampling_logprobs(logits: Tensor, settings: SamplingSettings) -> Tensor:
 def draw(logp: Tensor, generator: torch.Generator) -> Tensor:
     """(B,) one id per row of (B, V) log-probs, by inversion: the first id whose cumulative probability reaches
     u · total, u ~ U(0, 1], one uniform per row. ``torch.multinomial`` draws an exponential for every vocabulary
-    entry instead (4x slower at B = 8, V = 479 on one CPU core, a fifth of a tiny model's rollout). The CDF is
+    entry instead (4x slower at B = 8, V = 479 on one CPU core: a quarter of a tiny model's rollout). The CDF is
     fp64, so tokens far below fp32's resolution near 1 keep their probability. An id of probability 0 is never
     drawn: it would need cdf[id - 1] < u · total ≤ cdf[id] = cdf[id - 1] (or, for id 0, 0 < u · total ≤ 0)."""
     cdf = logp.exp().cumsum(-1, dtype=torch.float64)  # (B, V)
