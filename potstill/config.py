@@ -202,7 +202,7 @@ class OnPolicyConfig:
     eos_tokens: list | None = None
     """Token ids (or token strings) that end a rollout; None = the student's generation_config / config / tokenizer EOS ids, which must be the tokens the data's completions end with (checked before step 1)."""
     replay: bool = False
-    """DistiLLM's adaptive off-policy: student rollouts go to a replay buffer; onpolicy.lam becomes the initial probability φ of a student-generated step, φ grows by 1/replay_steps whenever the held-out CE rises, and a step generates fresh rollouts with probability φ·(1 − step/max_steps), else replays the buffer (docs/onpolicy.md)."""
+    """DistiLLM's adaptive off-policy: onpolicy.lam becomes the initial probability φ of a student-generated step; a step generates fresh rollouts (kept in a replay buffer) with probability φ·(1 − step/max_steps), replays the buffer with probability φ·step/max_steps, else trains on the data; φ grows by 1/onpolicy.replay_steps at each evaluation whose held-out CE rose (docs/onpolicy.md)."""
     replay_capacity: int = 1000
     """Rollouts (rows) the replay buffer keeps per rank (the oldest are dropped)."""
     replay_steps: int = 10

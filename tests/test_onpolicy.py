@@ -120,8 +120,8 @@ def test_lambda_one_trains_only_on_the_students_own_samples(tmp_path, model_dirs
     assert all(r["rollout/on_policy"] == 1.0 and 0 < r["rollout/seconds_share"] < 1 for r in train_rows(result.run_dir))
 
 
-def _naive_rkl(student, teacher, batch) -> float:
-    """Token mean over labelled positions of KL(q‖p) = Σ_v q (log q − log p), from the models' full logits."""
+def _naive_rkl(student, teacher, batch) -> tuple[float, int]:
+    """(Σ over labelled positions of KL(q‖p) = Σ_v q (log q − log p), their count), from the models' full logits."""
     with torch.no_grad():
         q = F.log_softmax(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double(), -1)
         p = F.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double(), -1)
@@ -268,3 +268,86 @@ def test_a_student_that_stops_at_another_token_than_the_data_is_refused(tmp_path
                      f"onpolicy.eos_tokens=[{len(tokenizer) + 5}]", student=str(student), out="run2")
     with pytest.raises(ValueError, match=r"outside the shared vocabulary"):
         potstill.distill(outside, progress=False)
+
+
+def test_ddp_two_ranks_roll_out_their_slices_like_one_process(tmp_path_factory, tokenizer):
+    """torchrun, 2 gloo ranks × batch 2 vs one process × batch 4, greedy rollouts (a function of the prompt and the
+    weights, so the rank split cannot change them): the same losses (rel 1e-5), generation lengths and EOS rates;
+    with λ = 0.7 the ranks agree on every draw (one λ stream), and the checkpoint holds the regime's state."""
+    from test_distributed import assert_same_trajectory, in_process, rows, torchrun
+    from test_distributed import setup as dist_setup
+
+    s = dist_setup.__wrapped__(tmp_path_factory, tokenizer)
+    extra = ("data.regime=onpolicy", "onpolicy.temperature=0", "onpolicy.max_new_tokens=6", "onpolicy.prompt_tokens=3",
+             "onpolicy.lam=0.7", "loss.objective=rkl", "train.save_every=2")
+    one = in_process(s, s["root"] / "one", "train.batch_size=4", *extra)
+    two = torchrun(s, s["root"] / "two", "train.batch_size=2", *extra)
+    assert_same_trajectory(two, one)
+    keys = ("rollout/on_policy", "rollout/gen_length", "rollout/eos_rate", "rollout/truncation_rate")
+    assert [[r.get(k) for k in keys] for r in rows(two)] == [[r.get(k) for k in keys] for r in rows(one)]
+    assert {r["rollout/on_policy"] for r in rows(one)} == {0.0, 1.0}
+    state = torch.load(two / "checkpoints" / "step-0000002" / "potstill" / "trainer_state.pt", weights_only=False)
+    assert state["onpolicy"]["lambda_rng"] is not None
+
+
+def _chat_jsonl(path):
+    from potstill.builtin import builtin_texts
+
+    rows = []
+    for text in builtin_texts("train", 30):
+        words = text.split()
+        rows.append({"messages": [{"role": "user", "content": " ".join(words[:4])},
+                                  {"role": "assistant", "content": " ".join(words[4:9])}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chat_records_roll_out_the_first_assistant_turn(tmp_path, model_dirs, tokenizer, monkeypatch):
+    """The prompt is the conversation up to the assistant header ("... assistant :"); only sampled tokens are
+    labelled."""
+    rec = Recorder(monkeypatch)
+    data = _chat_jsonl(tmp_path / "chat.jsonl")
+    potstill.distill(config(tmp_path, model_dirs, data, "train.max_steps=2", "data.regime=onpolicy"), progress=False)
+    header = tokenizer("assistant :", add_special_tokens=False)["input_ids"]
+    for s in rec.steps:
+        prompts, again = s["again"][0]
+        assert all(p[-len(header):] == header for p in prompts)
+        assert [[t for _, t in labelled(s["out"][0], r)] for r in range(3)] == again.tokens
+
+
+def test_a_chat_template_ending_turns_with_another_token_is_refused(tmp_path, model_dirs, text_jsonl):
+    """A teacher whose chat template ends assistant turns with <unk>: the data's completions end with a token the
+    student never stops at — one line naming both."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(model_dirs["llama_teacher"], teacher)
+    template = (teacher / "chat_template.jinja").read_text().replace("{{ eos_token }}", "<unk>")
+    (teacher / "chat_template.jinja").write_text(template)
+    cfg = config(tmp_path, {**model_dirs, "llama_teacher": teacher}, _chat_jsonl(tmp_path / "chat.jsonl"),
+                 "train.max_steps=1", "data.regime=onpolicy")
+    with pytest.raises(ValueError, match=r"^data.regime=onpolicy: \d+ of the data's completions end with token 3 "
+                                         r"\('<unk>'\), but the student stops at 2 \('</s>'\)") as err:
+        potstill.distill(cfg, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_replay_follows_distillms_adaptive_rule():
+    """Fresh with probability φ(1 − t/T), replay up to φ (fresh while the buffer is short), else the data; φ grows by
+    1/N_φ (capped at 1) only when the held-out CE rose; the buffer keeps the newest rows; draws are distinct rows."""
+    from potstill.onpolicy.replay import Replay
+    from potstill.onpolicy.rollouts import Rollout
+
+    replay = Replay(capacity=5, steps=4, phi=0.5)
+    replay.push(Rollout([0, 1, 2], [[1]] * 3, [[10], [11], [12]], [True, False, True]))
+    assert [replay.mode(u, 5, 10, 3) for u in (0.0, 0.249, 0.25, 0.499, 0.5, 0.9)] == \
+        ["fresh", "fresh", "replay", "replay", "offline", "offline"]
+    assert replay.mode(0.3, 5, 10, 4) == "fresh"  # 3 rows cannot fill a micro-batch of 4
+    replay.push(Rollout([3, 4, 5], [[1]] * 3, [[13], [14], [15]], [False] * 3))
+    assert [row[0] for row in replay.rows] == [1, 2, 3, 4, 5]
+    drawn = replay.draw(4, seed=7)
+    assert len(set(drawn.example_ids)) == 4 and set(drawn.example_ids) <= {1, 2, 3, 4, 5}
+    assert drawn.example_ids == replay.draw(4, seed=7).example_ids
+    phis = []
+    for ce in (3.0, 2.9, 3.1, 3.2, 3.0, 3.5, 3.6):
+        replay.after_eval(ce)
+        phis.append(replay.phi)
+    assert phis == [0.5, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]

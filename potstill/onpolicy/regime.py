@@ -8,13 +8,12 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from potstill import runtime
 from potstill.onpolicy.guards import resolve_eos_ids
 from potstill.onpolicy.replay import FRESH, OFFLINE, REPLAY, Replay
-from potstill.onpolicy.rollouts import Rollout, RolloutStats, roll_out, rollout_seed
+from potstill.onpolicy.rollouts import RolloutStats, roll_out, rollout_seed
 from potstill.onpolicy.self_distill import LiveTeacher, ema_update, with_teacher_view
 from potstill.sampling import SamplingSettings
 
