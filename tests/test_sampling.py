@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from potstill.sampling import SamplingSettings, sample, sampling_logprobs
+from potstill.sampling import SamplingSettings, draw, sample, sampling_logprobs
 
 
 @pytest.fixture(scope="module", params=["llama_teacher", "gpt2_teacher"])
@@ -31,6 +31,19 @@ def test_greedy_rows_equal_generate_on_each_prompt_alone(model, tokenizer):
     assert out.finished == [False] * 3 and all(lp == [0.0] * 12 for lp in out.logprobs)
 
 
+def test_a_row_that_stops_early_leaves_the_others_unchanged(model, tokenizer):
+    """Greedy, with row 0's 4th token made an EOS id: every row is its EOS-free greedy run cut after its first
+    EOS, so the rows still running after row 0 stops are untouched by it."""
+    settings = SamplingSettings(max_new_tokens=12, temperature=0)
+    free = sample(model, PROMPTS, settings, eos_ids=[10_000], pad_id=tokenizer.pad_token_id)
+    stop = free.tokens[0][3]
+    out = sample(model, PROMPTS, settings, eos_ids=[stop], pad_id=tokenizer.pad_token_id)
+    for ref, tokens, logprobs, done in zip(free.tokens, out.tokens, out.logprobs, out.finished):
+        cut = ref.index(stop) + 1 if stop in ref else len(ref)
+        assert tokens == ref[:cut] and logprobs == [0.0] * cut and done == (stop in ref)
+    assert len(out.tokens[0]) <= 4 and max(len(t) for t in out.tokens) > len(out.tokens[0])
+
+
 def test_sampled_logprobs_are_the_models_own_at_each_step(model, tokenizer):
     """Each recorded log-prob equals log_softmax(logits / T) of the full re-run sequence at that token."""
     settings = SamplingSettings(max_new_tokens=9, temperature=0.7, n=2)
@@ -50,6 +63,21 @@ def test_rows_stop_at_eos_and_include_it(model, tokenizer):
     for tokens, done in zip(out.tokens, out.finished):
         assert done == (tokens[-1] in eos)
         assert all(t not in eos for t in tokens[:-1])
+
+
+def test_min_new_tokens_holds_eos_off_and_logs_the_renormalised_sampler(model, tokenizer):
+    """With every token but ids 0-2 an EOS id, min_new_tokens = 5 of 8: no EOS among the first 5 tokens (whose
+    log-probs are log_softmax over the non-EOS logits alone), and every row stops at the first EOS after them."""
+    eos = list(range(3, len(tokenizer)))
+    settings = SamplingSettings(max_new_tokens=8, min_new_tokens=5)
+    out = sample(model, PROMPTS, settings, eos_ids=eos + [10_000], pad_id=0, seed=2)
+    for prompt, tokens, logprobs, done in zip(PROMPTS, out.tokens, out.logprobs, out.finished):
+        assert all(t < 3 for t in tokens[:5]) and (len(tokens) == 8 or tokens[-1] in eos)
+        assert all(t < 3 for t in tokens[5:-1]) and done == (tokens[-1] in eos)
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : len(prompt) + 4]
+        ref = F.log_softmax(logits[:, :3], -1).gather(-1, torch.tensor(tokens[:5])[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(logprobs[:5]), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert any(len(t) > 5 and t[5] in eos for t in out.tokens)  # EOS is drawable again from token 6 on
 
 
 def test_same_seed_same_draws_and_global_rng_untouched(model, tokenizer):
@@ -85,8 +113,25 @@ def test_sampling_frequencies_follow_the_sampler_distribution(model, tokenizer):
     assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
 
 
+def test_draw_by_inversion_follows_the_distribution_and_never_draws_a_zero():
+    """20000 rows of p = (0, 0.5, 0, 0.2, 0.3, 0): zero ids (first, middle, last) never drawn, frequencies within
+    a chi-square bound; point masses on the first and on the last id are drawn every time."""
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    rows = 20_000
+    ids = draw(p.log().expand(rows, -1), torch.Generator().manual_seed(7))
+    counts = torch.bincount(ids, minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0 and ids.shape == (rows,)
+    expected = p[[1, 3, 4]].double() * rows
+    chi2 = float(((counts[[1, 3, 4]] - expected) ** 2 / expected).sum())
+    assert chi2 < 2 + 5 * math.sqrt(2 * 2), chi2
+    point_masses = torch.tensor([[0.0] + [float("-inf")] * 5, [float("-inf")] * 5 + [0.0]])
+    assert draw(point_masses.repeat(500, 1), torch.Generator().manual_seed(1)).tolist() == [0, 5] * 500
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="top_p"):
         SamplingSettings(top_p=0).check()
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingSettings(max_new_tokens=0).check("onpolicy")
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingSettings(max_new_tokens=4, min_new_tokens=5).check()
