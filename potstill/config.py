@@ -182,7 +182,7 @@ class EvalConfig:
     max_task_examples: int = 64
     """Held-out prompts per task with a checkable answer (builtin:arithmetic data) generated greedily at each evaluation for task_accuracy, gen_length and eos_rate; 0 = off (docs/monitoring.md)."""
     task_max_new_tokens: int = 0
-    """New tokens per task generation; 0 = auto (the longest held-out completion + 8)."""
+    """New tokens per task generation; 0 = auto (per task: its longest held-out completion + 8)."""
     early_stop: str = "none"
     """`none`, or `golden`: stop the run when golden_kl_student = KL(true‖student) has not improved for eval.patience evaluations (built-in held-out data only; final/ = the model at the stopping step)."""
     patience: int = 3

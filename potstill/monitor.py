@@ -17,7 +17,7 @@ from torch import nn
 from potstill.data.batches import eval_batches
 from potstill.data.encode import Example
 from potstill.golden import GoldenTable, golden_for_run, held_out_is_builtin_text
-from potstill.task_eval import TaskPrompt, auto_max_new_tokens, task_metrics, task_prompts
+from potstill.task_eval import TaskPrompt, task_metrics, task_prompts
 
 EARLY_STOP = {"none": None, "golden": "golden_kl_student"}  # eval.early_stop -> the metric it watches (lower = better)
 
@@ -27,7 +27,7 @@ class HeldOut:
     batches: list[dict]
     golden: GoldenTable | None = None
     tasks: list[TaskPrompt] = field(default_factory=list)
-    max_new_tokens: int = 0  # for the task generations
+    max_new_tokens: int = 0  # for the task generations; 0 = auto per task (task_eval.auto_max_new_tokens)
 
     def task_metrics(self, model: nn.Module, tokenizer, batch_size: int) -> dict:
         return task_metrics(model, tokenizer, self.tasks, self.max_new_tokens, batch_size) if self.tasks else {}
@@ -42,8 +42,7 @@ def held_out(cfg, tokenizer, examples: list[Example], vocab: int, device: torch.
         raise ValueError("eval.early_stop=golden needs golden metrics, and this tokenizer does not give exact built-in "
                          "token log-probs (use the built-in tokenizer, e.g. teacher.path=builtin)")
     tasks = task_prompts(examples, cfg.eval.max_task_examples) if cfg.eval.max_task_examples > 0 else []
-    max_new = auto_max_new_tokens(tasks, cfg.eval.task_max_new_tokens) if tasks else 0
-    return HeldOut(batches, golden, tasks, max_new)
+    return HeldOut(batches, golden, tasks, cfg.eval.task_max_new_tokens)
 
 
 def check_settings(cfg) -> None:

@@ -22,7 +22,7 @@ from potstill.labels import IGNORE_INDEX
 from potstill.sampling import SamplingSettings, sample
 
 PRIMARY_TASK = "label"  # a multitask run's headline accuracy: the label task (answer without rationale)
-AUTO_MARGIN = 8  # auto max_new_tokens: the longest held-out completion (with EOS) plus this many tokens
+AUTO_MARGIN = 8  # auto max_new_tokens: a task's longest held-out completion (with EOS) plus this many tokens
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def task_prompts(examples: list[Example], per_task: int) -> list[TaskPrompt]:
 
 
 def auto_max_new_tokens(prompts: list[TaskPrompt], configured: int) -> int:
+    """``configured``, or when 0 the longest reference completion of these prompts (EOS included) + AUTO_MARGIN."""
     return configured if configured > 0 else max(p.completion_tokens for p in prompts) + AUTO_MARGIN
 
 
@@ -64,26 +65,31 @@ def _suffix(task: str, tasks: set[str]) -> str:
     return "" if task == primary or len(tasks) == 1 else f"/{task}"
 
 
-def task_metrics(model: nn.Module, tokenizer, prompts: list[TaskPrompt], max_new_tokens: int, batch_size: int) -> dict:
-    """task_accuracy, gen_length (mean new tokens, EOS included) and eos_rate per task (see the module docstring)."""
-    if not prompts:
-        return {}
+def _greedy(model: nn.Module, tokenizer, prompts: list[TaskPrompt], max_new_tokens: int,
+            batch_size: int) -> tuple[list[str], list[int], list[bool]]:
+    """(decoded completions, new-token counts with EOS, finished by EOS) of greedy generations, in batches."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     texts, lengths, finished = [], [], []
-    with _eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            group = prompts[start : start + batch_size]
-            out = sample(model, [p.prompt_ids for p in group], settings, eos_ids=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id)
-            texts += [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.tokens]
-            lengths += [len(tokens) for tokens in out.tokens]
-            finished += out.finished
+    for start in range(0, len(prompts), batch_size):
+        out = sample(model, [p.prompt_ids for p in prompts[start : start + batch_size]], settings,
+                     eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+        texts += [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.tokens]
+        lengths += [len(tokens) for tokens in out.tokens]
+        finished += out.finished
+    return texts, lengths, finished
+
+
+def task_metrics(model: nn.Module, tokenizer, prompts: list[TaskPrompt], max_new_tokens: int, batch_size: int) -> dict:
+    """task_accuracy, gen_length (mean new tokens, EOS included) and eos_rate per task (see the module docstring).
+    ``max_new_tokens`` 0 = per task, its longest reference completion + AUTO_MARGIN."""
     tasks = {p.task for p in prompts}
     metrics: dict[str, float] = {}
-    for task in sorted(tasks):
-        rows = [i for i, p in enumerate(prompts) if p.task == task]
-        suffix = _suffix(task, tasks)
-        metrics[f"task_accuracy{suffix}"] = accuracy([texts[i] for i in rows], [prompts[i].answer for i in rows])
-        metrics[f"gen_length{suffix}"] = sum(lengths[i] for i in rows) / len(rows)
-        metrics[f"eos_rate{suffix}"] = sum(finished[i] for i in rows) / len(rows)
+    with _eval_mode(model):
+        for task in sorted(tasks):
+            group = [p for p in prompts if p.task == task]
+            texts, lengths, finished = _greedy(model, tokenizer, group, auto_max_new_tokens(group, max_new_tokens), batch_size)
+            suffix = _suffix(task, tasks)
+            metrics[f"task_accuracy{suffix}"] = accuracy(texts, [p.answer for p in group])
+            metrics[f"gen_length{suffix}"] = sum(lengths) / len(group)
+            metrics[f"eos_rate{suffix}"] = sum(finished) / len(group)
     return metrics

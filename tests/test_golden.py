@@ -158,3 +158,14 @@ def test_report_plots_golden_vs_proxy_and_lists_the_numbers(tmp_path):
     assert "| golden KL(true ‖ model) | 0.8000 | 0.0125 |" in report
     table = compare_runs([run])
     assert "golden_kl_student" in table.splitlines()[0] and "0.8000" in table
+
+
+def test_shipped_configs_set_every_monitor_key():
+    """Every eval.* key this monitor adds, and the arithmetic sources, are set in a shipped config that loads."""
+    from tests.test_data_config import CONFIG_DIR
+
+    golden = RunConfig.from_yaml(CONFIG_DIR / "golden-early-stop.yaml")
+    assert (golden.eval.early_stop, golden.eval.patience, golden.data.train) == ("golden", 3, "builtin")
+    tasks = RunConfig.from_yaml(CONFIG_DIR / "arithmetic-multitask.yaml")
+    assert (tasks.data.train, tasks.eval.max_task_examples, tasks.eval.task_max_new_tokens) == \
+        ("builtin:arithmetic-multitask", 64, 0)
