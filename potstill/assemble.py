@@ -13,7 +13,7 @@ from potstill.models import load_tokenizer, resolve_model_path
 from potstill.config import RunConfig
 from potstill.precision import resolve_model_dtype
 from potstill.data.encode import Example, encode_all
-from potstill.data.loading import Record, load_records, split_holdout
+from potstill.data.loading import Record, is_builtin_spec, load_records, split_holdout
 from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.onpolicy import self_distill
 from potstill.server_teacher import ServerTeacher
@@ -150,11 +150,12 @@ def _student_tokenizer(path: str | None, teacher_tok):
 
 
 def _held_out_records(cfg: RunConfig) -> list[Record] | None:
-    """Explicit or built-in validation records; None when they must be split off the training file."""
+    """Explicit or built-in validation records (a built-in source's own validation stream); None when they must be
+    split off the training file."""
     d = cfg.data
     if d.validation:
         return load_records(d.validation, "validation")
-    return load_records("builtin", "validation") if d.train == "builtin" else None
+    return load_records(d.train, "validation") if is_builtin_spec(d.train) else None
 
 
 def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[Example], list[Example]]:

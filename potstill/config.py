@@ -84,9 +84,9 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     train: str = "builtin"
-    """Training data: a .jsonl file (`text`, `prompt`/`completion` or chat `messages`), a .parquet file, a saved HF datasets dir, or `builtin`."""
+    """Training data: a .jsonl file (`text`, `prompt`/`completion` or chat `messages`), a .parquet file, a saved HF datasets dir, or a built-in source: `builtin` (grammar texts), `builtin:arithmetic`, `builtin:arithmetic-multitask`, `builtin:mixed` (docs/monitoring.md)."""
     validation: str | None = None
-    """Held-out data in the same formats; default: `builtin` for builtin training data, else 2% of the training file."""
+    """Held-out data in the same formats; default: a built-in source's own validation split for built-in training data, else 2% of the training file."""
     max_length: int = 1024
     """Examples are truncated to this many tokens."""
     packing: bool = False
@@ -195,6 +195,14 @@ class EvalConfig:
     """Prompt for the generated sample shown in metrics and the report ('' = BOS only)."""
     max_new_tokens: int = 40
     """Length of the generated sample."""
+    max_task_examples: int = 64
+    """Held-out prompts per task with a checkable answer (builtin:arithmetic data) generated greedily at each evaluation for task_accuracy, gen_length and eos_rate; 0 = off (docs/monitoring.md)."""
+    task_max_new_tokens: int = 0
+    """New tokens per task generation; 0 = auto (per task: its longest held-out completion + 8)."""
+    early_stop: str = "none"
+    """`none`, or `golden`: stop the run when golden_kl_student = KL(true‖student) has not improved for eval.patience evaluations (built-in held-out data only; final/ = the model at the stopping step)."""
+    patience: int = 3
+    """Evaluations without a new best golden_kl_student before eval.early_stop=golden stops the run."""
 
 
 @dataclass
@@ -350,13 +358,14 @@ class RunConfig:
         check_precision_settings(self.train.precision, self.student.dtype, self.teacher.dtype)
         if self.train.warmup_steps is not None and self.train.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be ≥ 0 (or null = 5% of max_steps), got {self.train.warmup_steps}")
-        from potstill import lora, runtime, trackers  # their checks name the config keys; imported here to keep loading light
+        from potstill import lora, monitor, runtime, trackers  # their checks name the config keys; imported here to keep loading light
         lora.check_settings(self.student.lora)
         trackers.tracker_names(self.train.report_to)
         runtime.check_settings(self)
         from potstill.onpolicy.settings import check_settings as check_generated_data_settings
 
         check_generated_data_settings(self)
+        monitor.check_settings(self)
 
     def _validate_reference(self, obj: Objective) -> None:
         from potstill.losses.selection import SELECTORS

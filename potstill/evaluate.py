@@ -92,7 +92,7 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, n_bins: int 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]  # student_ce, student_ppl, ece, tokens (+ teacher_ce, teacher_ppl, kl_teacher_student, top1_agreement)
+    metrics: dict[str, float]  # student_ce, student_ppl, ece, tokens (+ teacher_ce, teacher_ppl, kl_teacher_student, top1_agreement; golden_kl_*)
     calibration: list[list[float]] = field(default_factory=list)  # per bin: [mean_confidence, accuracy, count]
 
 
@@ -137,20 +137,26 @@ def _valid_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     return hidden[:, :-1][valid.to(device)]  # (n_valid, H)
 
 
-def _score_chunk(totals: _Totals, z_student: Tensor, labels: Tensor, z_teacher: Tensor | None) -> None:
-    """One chunk: z_student (n, V) fp32, labels (n,), z_teacher (n, V) fp32 or None."""
+def _score_chunk(totals: _Totals, z_student: Tensor, labels: Tensor, z_teacher: Tensor | None,
+                 true_logp: Tensor | None = None) -> None:
+    """One chunk: z_student (n, V) fp32, labels (n,), z_teacher (n, V) fp32 or None, true_logp (n, V) the true
+    next-token log-probs (golden metrics) or None."""
     logq = F.log_softmax(z_student, -1)  # (n, V)
     totals.add("student_ce", -label_logprob(logq, labels))
     max_logq, predicted = logq.max(-1)  # (n,), (n,)
     totals.calibration.add(max_logq.exp(), predicted == labels)
+    if true_logp is not None:
+        totals.add("golden_kl_student", kl(true_logp, logq))  # KL(true‖student): sums over true prob > 0 only
     if z_teacher is not None:
         logp = F.log_softmax(z_teacher, -1)  # (n, V)
         totals.add("teacher_ce", -label_logprob(logp, labels))
         totals.add("kl_teacher_student", kl(logp, logq))  # KL(p‖q) at T = 1, -inf-safe
         totals.add("top1_agreement", predicted == logp.argmax(-1))
+        if true_logp is not None:
+            totals.add("golden_kl_teacher", kl(true_logp, logp))
 
 
-def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chunk_size: int) -> None:
+def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chunk_size: int, golden=None) -> None:
     labels = batch["labels"][:, 1:]  # (B, T-1): the label each position t-1 predicts
     valid = labels != IGNORE_INDEX  # (B, T-1)
     n_valid = int(valid.sum())
@@ -162,14 +168,19 @@ def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chu
         raise ValueError(f"labels must lie in [0, {vocab}) or be {IGNORE_INDEX}; got range [{int(targets.min())}, {int(targets.max())}]")
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     student_chunks = project_chunks(_valid_hidden(student, ids, mask, valid), *output_head(student, vocab), chunk_size)
+    golden_rows = None if golden is None else golden.positions(batch["example_id"], valid)  # (n_valid,)
+
+    def truth(sl: slice) -> Tensor | None:
+        return None if golden_rows is None else golden.rows(golden_rows[sl]).to(device)
+
     if teacher is None:
         for sl, z_s in student_chunks:
-            _score_chunk(totals, z_s, targets[sl], None)
+            _score_chunk(totals, z_s, targets[sl], None, truth(sl))
     else:
         # Same positions, same chunk_size -> the two generators yield the same slices in lockstep.
         teacher_chunks = project_chunks(_valid_hidden(teacher, ids, mask, valid), *output_head(teacher, vocab), chunk_size)
         for (sl, z_s), (_, z_t) in zip(student_chunks, teacher_chunks):
-            _score_chunk(totals, z_s, targets[sl], z_t.to(device))
+            _score_chunk(totals, z_s, targets[sl], z_t.to(device), truth(sl))
     totals.tokens += n_valid
 
 
@@ -186,19 +197,25 @@ def _metrics(totals: _Totals, with_teacher: bool) -> dict[str, float]:
         out["teacher_ppl"] = _perplexity(out["teacher_ce"])
         out["kl_teacher_student"] = totals.mean("kl_teacher_student")
         out["top1_agreement"] = totals.mean("top1_agreement")
+    for key in ("golden_kl_student", "golden_kl_teacher"):
+        if key in totals.sums:
+            out[key] = totals.mean(key)
     out["ece"] = ece
     out["tokens"] = totals.tokens
     return out
 
 
-def evaluate(student: nn.Module, batches: Iterable[dict], *, teacher: nn.Module | None = None, vocab: int, chunk_size: int = 0) -> EvalResult:
+def evaluate(student: nn.Module, batches: Iterable[dict], *, teacher: nn.Module | None = None, vocab: int,
+             chunk_size: int = 0, golden=None) -> EvalResult:
     """Token-mean metrics over every labelled position of ``batches`` (dicts of input_ids, attention_mask,
     labels, each (B, T); HF label convention, -100 = not scored). ``vocab`` is the shared vocabulary size both
-    output heads are trimmed to. Metrics are NaN when no position is labelled."""
+    output heads are trimmed to. Metrics are NaN when no position is labelled. With ``golden`` (a
+    ``golden.GoldenTable`` of these examples; batches then carry ``example_id``) also golden_kl_student =
+    KL(true‖student) and golden_kl_teacher = KL(true‖teacher) over the same positions."""
     totals = _Totals(calibration=CalibrationBins(ECE_BINS))
     with torch.no_grad(), _eval_mode(student, teacher):
         for batch in batches:
-            _score_batch(totals, student, teacher, batch, vocab, chunk_size)
+            _score_batch(totals, student, teacher, batch, vocab, chunk_size, golden)
     _, calibration = totals.calibration.result()
     return EvalResult(_metrics(totals, teacher is not None), calibration)
 

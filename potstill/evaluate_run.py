@@ -7,8 +7,8 @@ from pathlib import Path
 from potstill import runtime
 from potstill.assemble import load_examples, load_parts
 from potstill.config import RunConfig
-from potstill.data.batches import eval_batches
-from potstill.train import append_metrics, run_eval, to_device
+from potstill.monitor import held_out
+from potstill.train import append_metrics, run_eval
 
 
 def _run_config(path: Path, teacher: str | None, data: str | None) -> tuple[RunConfig, Path | None]:
@@ -23,7 +23,8 @@ def _run_config(path: Path, teacher: str | None, data: str | None) -> tuple[RunC
     else:
         raise FileNotFoundError(f"{path} is neither a potstill run directory (config.yaml + final/) nor a model directory")
     # final/ of a LoRA run holds the merged student: evaluate it as a plain model
-    overrides += [f"student.path={model_dir}", "student.config=", "student.init_from_teacher_layers=", "student.lora.r=0"]
+    overrides += [f"student.path={model_dir}", "student.config=", "student.init_from_teacher_layers=", "student.lora.r=0",
+                  "eval.early_stop=none"]  # evaluating stops nothing
     if teacher:
         overrides.append(f"teacher.path={teacher}")
     if data:
@@ -38,7 +39,7 @@ def evaluate_path(path: Path, teacher: str | None = None, data: str | None = Non
     rt = runtime.setup(cfg.device)
     parts = load_parts(cfg, rt.device)
     _, held_examples = load_examples(cfg, parts.tokenizer, train=False)
-    held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, parts.tokenizer.pad_token_id)]
+    held = held_out(cfg, parts.tokenizer, held_examples, parts.vocab, rt.device)
     step = _last_step(run_dir) if run_dir else 0
     row = run_eval(parts, held, cfg, step)
     if run_dir is not None:

@@ -30,9 +30,13 @@ SUMMARY_ROWS = [
     ("cross-entropy (nats/token)", "student_ce", "teacher_ce"),
     ("perplexity", "student_ppl", "teacher_ppl"),
     ("KL(teacher ‖ student)", "kl_teacher_student", None),
+    ("golden KL(true ‖ model)", "golden_kl_student", "golden_kl_teacher"),
     ("top-1 agreement with teacher", "top1_agreement", None),
     ("ECE (15 bins)", "ece", None),
     ("tokens evaluated", "tokens", None),
+    ("answer accuracy (greedy)", "task_accuracy", None),
+    ("generation length (tokens)", "gen_length", None),
+    ("EOS rate", "eos_rate", None),
 ]
 
 # (metric key, lower is better) of the run comparison.
@@ -42,6 +46,12 @@ COMPARE_METRICS = [
     ("kl_teacher_student", True),
     ("top1_agreement", False),
     ("ece", True),
+]
+# Shown only when some compared run logged them (built-in held-out data, checkable tasks).
+OPTIONAL_COMPARE_METRICS = [
+    ("golden_kl_student", True),
+    ("golden_kl_teacher", True),
+    ("task_accuracy", False),
 ]
 
 
@@ -195,6 +205,10 @@ def write_report(run_dir: Path | str) -> Path:
     plots: dict[str, Path] = {}
     if train or evals:
         plots["loss curves"] = _write_png(plots_dir / "loss.png", _loss_figure(train, evals))
+    if any("golden_kl_student" in e for e in evals):
+        plots["golden vs proxy"] = _write_png(plots_dir / "golden.png", _golden_figure(evals, records))
+    if any("task_accuracy" in e for e in evals):
+        plots["answer accuracy"] = _write_png(plots_dir / "task.png", _task_figure(evals))
     calibrated = [e for e in evals if e.get("calibration")]
     if calibrated:
         plots["reliability diagram"] = _write_png(plots_dir / "calibration.png", _reliability_figure(calibrated[-1]))
@@ -223,6 +237,37 @@ def _loss_figure(train: list[dict], evals: list[dict]) -> Figure:
             axes[1].axhline(teacher_ce[-1], linestyle="--", color="gray", label="teacher CE")
         axes[1].set(xlabel="step", ylabel="nats / token", title="evaluation")
         axes[1].legend()
+    return fig
+
+
+def _golden_figure(evals: list[dict], records: list[dict]) -> Figure:
+    """Golden KL(true‖student) beside the proxy KL(teacher‖student) over steps; the teacher's own golden distance
+    as the floor the proxy cannot see below; the step an early stop kept as best."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for key, label in (("golden_kl_student", "golden KL(true ‖ student)"), ("kl_teacher_student", "proxy KL(teacher ‖ student)"),
+                       ("golden_kl_teacher", "golden KL(true ‖ teacher)")):
+        points = [(e["step"], e[key]) for e in evals if key in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if key == "golden_kl_teacher" else "-")
+    stops = [r for r in records if r.get("kind") == "early_stop"]
+    if stops:
+        ax.axvline(stops[-1]["best_step"], color="gray", linestyle=":", label=f"best golden (step {stops[-1]['best_step']})")
+    ax.set(xlabel="step", ylabel="nats / token", title="golden vs proxy")
+    ax.legend()
+    return fig
+
+
+def _task_figure(evals: list[dict]) -> Figure:
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    keys = sorted({k for e in evals for k in e if k.startswith("task_accuracy") or k.startswith("eos_rate")})
+    for key in keys:
+        ax.plot(*zip(*[(e["step"], e[key]) for e in evals if key in e]), marker="o", label=key)
+    ax.set(xlabel="step", ylabel="fraction of held-out prompts", ylim=(-0.02, 1.02), title="greedy generations")
+    ax.legend()
     return fig
 
 
@@ -255,17 +300,20 @@ def _write_png(path: Path, fig: Figure) -> Path:
 
 def comparison_rows(run_dirs: Iterable[Path | str]) -> tuple[list[str], list[list[str]], list[list[bool]]]:
     """Headers, formatted cells and which cells are the best of their column: the one source both renderers use."""
-    raw = []
+    runs = []
     for run_dir in map(Path, run_dirs):
         records = read_metrics(run_dir)
         evals = records_of_kind(records, "eval")
-        last_eval = evals[-1] if evals else {}
+        runs.append((run_dir, records, evals[-1] if evals else {}))
+    metrics = COMPARE_METRICS + [m for m in OPTIONAL_COMPARE_METRICS if any(m[0] in last for _, _, last in runs)]
+    raw = []
+    for run_dir, records, last_eval in runs:
         steps = max((r["step"] for r in records), default=None)
         objective = _setting_text(read_config(run_dir), "loss", "objective")
-        raw.append([run_dir.resolve().name, objective, steps] + [last_eval.get(key) for key, _ in COMPARE_METRICS])
-    headers = ["run", "objective", "steps"] + [key for key, _ in COMPARE_METRICS]
+        raw.append([run_dir.resolve().name, objective, steps] + [last_eval.get(key) for key, _ in metrics])
+    headers = ["run", "objective", "steps"] + [key for key, _ in metrics]
     best = [[False] * len(headers) for _ in raw]
-    for offset, (_, lower_is_better) in enumerate(COMPARE_METRICS):
+    for offset, (_, lower_is_better) in enumerate(metrics):
         col = 3 + offset
         values = [r[col] for r in raw if isinstance(r[col], (int, float)) and not math.isnan(r[col])]
         if values:

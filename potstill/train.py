@@ -18,7 +18,7 @@ from potstill import checkpoint, lora, precision, runtime
 from potstill.rundir import RunDirError, check_resume_config, check_run_dir, claim_run_dir  # noqa: F401 (re-export)
 from potstill.assemble import Parts, load_examples, load_parts
 from potstill.config import RunConfig
-from potstill.data.batches import Batcher, eval_batches
+from potstill.data.batches import Batcher
 from potstill.evaluate import evaluate, generate_sample
 from potstill.io import atomic_write_text
 from potstill.labels import IGNORE_INDEX
@@ -26,6 +26,7 @@ from potstill.losses.chunked import LossOutput, fused_loss, should_compile
 from potstill.losses.objective import Objective
 from potstill.losses.reduce import count_valid_tokens, normalise
 from potstill.losses.targets import TeacherHidden
+from potstill.monitor import EarlyStop, HeldOut, held_out
 from potstill.progress import TrainProgress
 from potstill.report import write_report
 from potstill.trackers import Trackers
@@ -196,10 +197,12 @@ def nonfinite_error(run_dir: Path, step: int, stats: dict, consecutive: int) -> 
                           "or set train.on_nonfinite=skip to drop such steps")
 
 
-def run_eval(parts: Parts, held, cfg: RunConfig, step: int) -> dict:
-    result = evaluate(parts.student, held, teacher=parts.teacher, vocab=parts.vocab, chunk_size=cfg.loss.chunk_size)
+def run_eval(parts: Parts, held: HeldOut, cfg: RunConfig, step: int) -> dict:
+    result = evaluate(parts.student, held.batches, teacher=parts.teacher, vocab=parts.vocab,
+                      chunk_size=cfg.loss.chunk_size, golden=held.golden)
+    tasks = held.task_metrics(parts.student, parts.tokenizer, cfg.eval.batch_size)
     sample = generate_sample(parts.student, parts.tokenizer, cfg.eval.sample_prompt, cfg.eval.max_new_tokens, seed=cfg.train.seed)
-    return {"step": step, "kind": "eval", **result.metrics, "calibration": result.calibration, "sample": sample}
+    return {"step": step, "kind": "eval", **result.metrics, **tasks, "calibration": result.calibration, "sample": sample}
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
@@ -237,7 +240,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         check_parts_for_packing(parts)
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad, cfg.data.max_length if cfg.data.packing else 0,
                       rank=rt.rank, world_size=rt.world_size)
-    held = [to_device(b, rt.device) for b in eval_batches(held_examples, cfg.eval.batch_size, pad)]
+    held = held_out(cfg, parts.tokenizer, held_examples, parts.vocab, rt.device)
     optimizer, scheduler = make_optimizer(cfg, parts.student)  # after parallelize: FSDP2 made the params DTensors
     regime = regimes.build(cfg, rt, parts, par, amp, train_examples)  # data.regime, teacher.self_distill
     config_yaml = cfg.to_yaml()
@@ -246,7 +249,8 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         claim_run_dir(run_dir, resume, overwrite)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     rt.barrier()
-    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par, regime, amp)
+    loop = Loop(cfg, rt, parts, objective, optimizer, scheduler, batcher, run_dir, config_yaml, par, regime, amp,
+                early_stop=EarlyStop.from_config(cfg))
     if resume:
         loop.restore()
     loop.trackers = Trackers.start(cfg.train.report_to, run_dir, cfg.to_dict(), loop.step if resume else None, rt.is_main)
@@ -294,13 +298,14 @@ class Loop:
     skipped: int = 0  # steps dropped by train.on_nonfinite=skip over the whole run
     consecutive: int = 0  # ... in a row, up to now
     trackers: Trackers = field(default_factory=Trackers)  # train.report_to
+    early_stop: EarlyStop = field(default_factory=lambda: EarlyStop(None))  # eval.early_stop (monitor.py)
 
     def record(self, row: dict) -> None:
         """One metrics row: to metrics.jsonl and to the trackers."""
         append_metrics(self.run_dir, row)
         self.trackers.log(row)
 
-    def run(self, held: list[dict], progress: bool) -> dict:
+    def run(self, held: HeldOut, progress: bool) -> dict:
         """Train up to max_steps; returns the last evaluation's record ({} when no step was left to take)."""
         cfg, parts = self.cfg, self.parts
         # from_pretrained returns eval-mode models: dropout must be on for training steps, off for frozen models.
@@ -310,7 +315,7 @@ class Loop:
                 frozen.eval()
         last_eval: dict = {}
         with TrainProgress(cfg.train.max_steps, self.step, enabled=progress, every=cfg.train.log_every) as bar:
-            while self.step < cfg.train.max_steps:
+            while self.step < cfg.train.max_steps and not self.early_stop.stopped:
                 stats = self.one_step()
                 bar.update(self.step, stats["loss"], stats["tokens_per_s"])
                 if "nonfinite" in stats:
@@ -322,7 +327,9 @@ class Loop:
                     if self.rt.is_main:
                         self.record(last_eval)
                     bar.note(f"step {self.step}: held-out CE {last_eval['student_ce']:.4f}")
-                if _due(self.step, cfg.train.save_every, cfg.train.max_steps):
+                    if self.early_stop.update(last_eval, self.step) and self.rt.is_main:
+                        self.record(self.early_stop.record(self.step))
+                if self.early_stop.stopped or _due(self.step, cfg.train.save_every, cfg.train.max_steps):
                     self.save()
         return last_eval
 
@@ -363,7 +370,8 @@ class Loop:
         state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "rng": runtime.rank_rng_states(self.rt), "data": self.batcher.state(),
                  "objective": self.objective.state_dict(), "skipped": self.skipped, "consecutive": self.consecutive,
-                 "world_size": self.rt.world_size, "amp": self.amp.state_dict(), "onpolicy": self.regime.state_dict()}
+                 "world_size": self.rt.world_size, "amp": self.amp.state_dict(), "onpolicy": self.regime.state_dict(),
+                 "early_stop": self.early_stop.state_dict()}
         if self.rt.is_main:
             checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer,
                                        self.config_yaml, state, self.cfg.train.keep_checkpoints, model_state)
@@ -379,6 +387,7 @@ class Loop:
         self.objective.load_state_dict(state["objective"])
         self.amp.load_state_dict(state.get("amp"))
         self.regime.load_state_dict(state.get("onpolicy"))
+        self.early_stop.load_state_dict(state.get("early_stop"))
         runtime.restore_rank_rng(self.rt, state["rng"], self.cfg.train.seed, int(state["step"]))
         if self.rt.is_main:
             checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])

@@ -18,10 +18,15 @@ Examples keep their record's number as ``example_id`` (see ``loading``). ``encod
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from potstill.data.loading import Record, record_kind, record_location
 from potstill.labels import IGNORE_INDEX
+
+
+# Record fields evaluation needs beyond the tokens (the checker's answer, the prompt to generate from, the task of a
+# multitask record); kept only on records that have an ``answer``.
+TASK_FIELDS = ("prompt", "answer", "task")
 
 
 @dataclass
@@ -30,6 +35,14 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     privileged_ids: list[int] | None = None  # a record's `privileged_context`, for the teacher only (onpolicy/self_distill.py)
+    fields: dict[str, str] = field(default_factory=dict)  # TASK_FIELDS of a checkable record, else empty
+
+
+def task_fields(record: dict) -> dict[str, str]:
+    """The record's TASK_FIELDS when it carries an ``answer`` (a prompt/completion record), else {}."""
+    if "answer" not in record or "prompt" not in record:
+        return {}
+    return {k: str(record[k]) for k in TASK_FIELDS if k in record}
 
 
 @dataclass
@@ -169,7 +182,7 @@ def encode_all(tokenizer, records: list[Record], max_length: int, source: str) -
         else:
             stats.truncated += len(ids) > max_length
             kept.append(Example(number, ids[:max_length], labels[:max_length],
-                                privileged_ids(tokenizer, record, record_location(source, number))))
+                                privileged_ids(tokenizer, record, record_location(source, number)), task_fields(record)))
     stats.kept = len(kept)
     if not kept:
         raise ValueError(f"{source}: no example has any token to train on ({stats.dropped_empty} without a target, "

@@ -1,7 +1,8 @@
 """Reading training data into numbered records, with errors that name the file and the line.
 
 Formats: JSONL (one object per line), Parquet, a directory saved by HF ``datasets`` (``save_to_disk``), or
-``builtin`` (the seeded source shipped with potstill). A record holds ``text``, or ``prompt``/``completion``,
+``builtin`` / ``builtin:<name>`` (the seeded sources shipped with potstill: grammar texts, arithmetic, see
+``builtin/sources.py``). A record holds ``text``, or ``prompt``/``completion``,
 or chat ``messages`` ([{role, content}, ...]).
 
 Every record keeps its position in its source as its number (the example id downstream): the 0-based line index
@@ -14,6 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from potstill.io import iter_jsonl
+
+
+def is_builtin_spec(spec: str | None) -> bool:
+    """``builtin`` or ``builtin:<name>`` (the seeded sources in ``potstill/builtin/sources.py``)."""
+    return spec is not None and (spec == "builtin" or spec.startswith("builtin:"))
 
 RECORD_KINDS = ("text", "prompt/completion", "messages")
 Record = tuple[int, dict]  # (position in its source, fields)
@@ -82,11 +88,11 @@ def read_table(path: Path) -> list[Record]:
 
 
 def load_records(spec: str, split: str = "train", limit: int | None = None) -> list[Record]:
-    """Numbered records from a data spec: a path, or ``builtin`` (split chooses train/validation/test)."""
-    if spec == "builtin":
-        from potstill.builtin import builtin_texts
+    """Numbered records from a data spec: a path, or a built-in source (split chooses train/validation/test)."""
+    if is_builtin_spec(spec):
+        from potstill.builtin.sources import builtin_records
 
-        records = [(i, {"text": t}) for i, t in enumerate(builtin_texts(split, limit))]
+        records = builtin_records(spec, split, limit)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
