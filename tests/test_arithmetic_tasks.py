@@ -2,6 +2,7 @@
 generations during evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -124,7 +125,7 @@ def test_task_accuracy_equals_a_hand_computation_on_real_generations(tokenizer):
     trained, _ = encode_all(tokenizer, load_records("builtin:arithmetic", "train", 4), 128, "train")
     unseen, _ = encode_all(tokenizer, load_records("builtin:arithmetic", "validation", 4), 128, "validation")
     model = overfit_model(tokenizer, trained)
-    unseen = [type(e)(e.example_id + 100, e.input_ids, e.labels, e.fields) for e in unseen]  # distinct ids
+    unseen = [dataclasses.replace(e, example_id=e.example_id + 100) for e in unseen]  # distinct ids
     prompts = task_prompts(trained + unseen, per_task=8)
     assert len(prompts) == 8
     metrics = task_metrics(model, tokenizer, prompts, max_new_tokens=50, batch_size=3)
