@@ -143,7 +143,7 @@ def evaluate_student(run_dir: Path, teacher: str) -> dict:
 def table(results: dict[str, dict]) -> str:
     head = ("| regime | held-out CE | golden KL(true‖student) | proxy KL(teacher‖student) | accuracy | gen length | "
             "EOS rate | rollout length / EOS rate (train) | proxy ↓ while golden ↑ at | seconds |")
-    lines = [head, "|---|" + "---:|" * 7 + "---|---|---:|"]
+    lines = [head, "|---|" + "---:|" * 6 + "---|---|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['student_ce']:.4f} | {r['golden_kl_student']:.4f} | {r['kl_teacher_student']:.4f} | "
                      f"{r['task_accuracy']:.3f} | {r['gen_length']:.1f} | {r['eos_rate']:.3f} | "

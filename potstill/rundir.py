@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from potstill import checkpoint
-from potstill.config import RunConfig, apply_override
+from potstill.config import RunConfig
+from potstill.config_parsing import apply_override
 from potstill.nested import flatten
 from potstill.precision import RESOLVED_ON_RESUME
 

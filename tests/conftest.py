@@ -3,6 +3,7 @@ so every test exercises the real from_pretrained loading path, offline."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,26 @@ def seams(parts):
 
     return runtime.parallelize(runtime.Runtime(torch.device("cpu")), parts.student, (parts.teacher, parts.reference),
                                parts.vocab)
+
+
+def builtin_prompt_completion_jsonl(path: Path, n: int, prompt_words: int, completion_words: int,
+                                    privileged: bool = False) -> Path:
+    """prompt/completion records cut from the first ``n`` built-in training texts (with ``privileged``, the
+    completion is also the record's privileged_context)."""
+    rows = []
+    for text in builtin_texts("train", n):
+        words = text.split()
+        completion = " ".join(words[prompt_words: prompt_words + completion_words])
+        row = {"prompt": " ".join(words[:prompt_words]), "completion": " " + completion}
+        rows.append({**row, "privileged_context": completion} if privileged else row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def simulate_crash(run_dir: Path, lost_checkpoint: int, logged_until: int) -> None:
+    """A run that died after logging step ``logged_until``: its step-``lost_checkpoint`` checkpoint and final/ were
+    never written, and metrics.jsonl holds the lines up to ``logged_until``."""
+    shutil.rmtree(run_dir / "checkpoints" / f"step-{lost_checkpoint:07d}")
+    shutil.rmtree(run_dir / "final")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= logged_until) + "\n")

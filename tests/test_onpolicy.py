@@ -18,7 +18,7 @@ from potstill.onpolicy import regime as regimes
 from potstill.onpolicy.rollouts import rollout_seed
 from potstill.sampling import SamplingSettings, sample
 
-from conftest import after_load, save_tiny_model
+from conftest import after_load, builtin_prompt_completion_jsonl, save_tiny_model, simulate_crash
 
 PROMPT_TOKENS = 3
 MAX_NEW = 6
@@ -41,15 +41,7 @@ def train_rows(run_dir):
 @pytest.fixture(scope="module")
 def pc_jsonl(tmp_path_factory):
     """prompt/completion records (the prompt is the first few words of a built-in document)."""
-    from potstill.builtin import builtin_texts
-
-    path = tmp_path_factory.mktemp("pc") / "train.jsonl"
-    rows = []
-    for text in builtin_texts("train", 40):
-        words = text.split()
-        rows.append({"prompt": " ".join(words[:4]), "completion": " " + " ".join(words[4:10])})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return builtin_prompt_completion_jsonl(tmp_path_factory.mktemp("pc") / "train.jsonl", 40, 4, 6)
 
 
 class Recorder:
@@ -215,10 +207,7 @@ def test_resume_of_an_onpolicy_run_is_exact(tmp_path, model_dirs, text_jsonl, dr
                  "data.regime=onpolicy", *extra, student=str(dropout_student))
     full = potstill.distill(cfg, progress=False)
     before = train_rows(full.run_dir)
-    shutil.rmtree(full.run_dir / "checkpoints" / "step-0000008")
-    shutil.rmtree(full.run_dir / "final")
-    lines = (full.run_dir / "metrics.jsonl").read_text().splitlines()
-    (full.run_dir / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= 6) + "\n")
+    simulate_crash(full.run_dir, 8, 6)
     again = train_rows(potstill.distill(cfg, resume=True, progress=False).run_dir)
     assert [r["step"] for r in again] == list(range(1, 9))
     keys = ["loss", "rollout/on_policy", "rollout/gen_length", "rollout/eos_rate", "rollout/replayed", "rollout/phi"]

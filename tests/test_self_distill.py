@@ -4,7 +4,6 @@ live teachers (docs/onpolicy.md)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from potstill.models import HiddenAndHead
 from potstill.onpolicy import regime as regimes
 from potstill.onpolicy.self_distill import LiveTeacher, ema_update, privileged_signal, with_teacher_view
 
-from conftest import after_load
+from conftest import after_load, builtin_prompt_completion_jsonl, simulate_crash
 
 BOS = 1
 
@@ -28,16 +27,7 @@ BOS = 1
 @pytest.fixture(scope="module")
 def privileged_jsonl(tmp_path_factory):
     """prompt/completion records whose privileged context is the reference completion itself."""
-    from potstill.builtin import builtin_texts
-
-    path = tmp_path_factory.mktemp("priv") / "train.jsonl"
-    rows = []
-    for text in builtin_texts("train", 30):
-        words = text.split()
-        completion = " ".join(words[3:9])
-        rows.append({"prompt": " ".join(words[:3]), "completion": " " + completion, "privileged_context": completion})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return builtin_prompt_completion_jsonl(tmp_path_factory.mktemp("priv") / "train.jsonl", 30, 3, 6, privileged=True)
 
 
 def config(tmp_path, model_dirs, data, *extra, out="run"):
@@ -200,10 +190,7 @@ def test_resume_of_an_onpolicy_ema_self_distillation_is_exact(tmp_path, model_di
                  "train.keep_checkpoints=3")
     full = potstill.distill(cfg, progress=False)
     before = train_rows(full.run_dir)
-    shutil.rmtree(full.run_dir / "checkpoints" / "step-0000006")
-    shutil.rmtree(full.run_dir / "final")
-    lines = (full.run_dir / "metrics.jsonl").read_text().splitlines()
-    (full.run_dir / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= 4) + "\n")
+    simulate_crash(full.run_dir, 6, 4)
     again = train_rows(potstill.distill(cfg, resume=True, progress=False).run_dir)
     assert [r["loss"] for r in again] == [r["loss"] for r in before]
 

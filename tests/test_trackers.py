@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -11,6 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import potstill
 from potstill.config import RunConfig
 from potstill.trackers import flat_config, tracker_names
+
+from conftest import simulate_crash
 
 
 def run_config(tmp_path, model_dirs, data, *extra):
@@ -56,10 +57,7 @@ def test_resumed_run_appends_and_drops_what_metrics_jsonl_dropped(tmp_path, mode
     run_dir = potstill.distill(cfg, progress=False).run_dir
     uninterrupted = jsonl_scalars(run_dir)
     # crashed after step 5: the step-6 checkpoint and final/ never got written, steps 4-5 were logged everywhere
-    shutil.rmtree(run_dir / "checkpoints" / "step-0000006")
-    shutil.rmtree(run_dir / "final")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= 5) + "\n")
+    simulate_crash(run_dir, 6, 5)
     potstill.distill(cfg, resume=True, progress=False)
     logged, _ = tensorboard_scalars(run_dir)
     assert [s for s, _ in logged["train/loss"]] == [1, 2, 3, 4, 5, 6]  # steps 4-5 purged once, then logged again
