@@ -14,7 +14,7 @@ trained completions come from and who scores them:
 | offline | the data's | fkl, teacher-forced |
 | sequence-level | the teacher's samples (`potstill generate`, T = 1) | label CE |
 | on-policy λ | the student's samples with probability λ per step, else the data's | gjsd(β = 0.5) (GKD) |
-| self-distillation | the student's samples (λ = 1) | gjsd(β = 0.5) against the live student reading the reference rationale first (`privileged_context`) |
+| self-distillation | the student's samples (λ = 1) | gjsd(β = 0.5) against the student itself (live, or a frozen copy of the starting student) reading the reference rationale first (`privileged_context`) |
 
 Each final student is evaluated against the same teacher on the built-in validation text (held-out CE, golden
 KL(true ‖ student), proxy KL(teacher ‖ student)) and on built-in addition problems (greedy answer accuracy,
@@ -47,8 +47,11 @@ REGIMES = {
     "on-policy λ=0": {"loss": {"objective": "gjsd(beta=0.5)"}, "data": {"regime": "onpolicy"}, "onpolicy": {"lam": 0.0}},
     "on-policy λ=0.5": {"loss": {"objective": "gjsd(beta=0.5)"}, "data": {"regime": "onpolicy"}, "onpolicy": {"lam": 0.5}},
     "on-policy λ=1": {"loss": {"objective": "gjsd(beta=0.5)"}, "data": {"regime": "onpolicy"}, "onpolicy": {"lam": 1.0}},
-    "self-distillation": {"loss": {"objective": "gjsd(beta=0.5)"}, "data": {"regime": "onpolicy", "train": "{privileged}"},
-                          "onpolicy": {"lam": 1.0}, "teacher": {"path": None, "self_distill": "live"}},
+    "self-distillation (live)": {"loss": {"objective": "gjsd(beta=0.5)"}, "data": {"regime": "onpolicy", "train": "{privileged}"},
+                                 "onpolicy": {"lam": 1.0}, "teacher": {"path": None, "self_distill": "live"}},
+    "self-distillation (frozen)": {"loss": {"objective": "gjsd(beta=0.5)"},
+                                   "data": {"regime": "onpolicy", "train": "{privileged}"},
+                                   "onpolicy": {"lam": 1.0}, "teacher": {"path": None, "self_distill": "frozen"}},
 }
 
 
@@ -110,7 +113,7 @@ def run_regime(name: str, teacher: str, student: Path, data: dict[str, Path], ou
 
 
 def slug(name: str) -> str:
-    return name.replace(" λ=", "-lam").replace(".", "")
+    return name.replace(" λ=", "-lam").replace(".", "").replace(" (", "-").replace(")", "")
 
 
 def curves(run_dir: Path) -> list[tuple[int, float, float]]:
@@ -133,9 +136,9 @@ def train_rollout_means(run_dir: Path) -> tuple[float, float]:
     return (sum(r["rollout/gen_length"] for r in gen) / len(gen), sum(r["rollout/eos_rate"] for r in gen) / len(gen))
 
 
-def evaluate_student(run_dir: Path, teacher: str) -> dict:
-    text = evaluate_path(run_dir / "final", teacher=teacher, data="builtin")
-    arithmetic = evaluate_path(run_dir / "final", data="builtin:arithmetic")
+def evaluate_student(model_dir: Path, teacher: str) -> dict:
+    text = evaluate_path(model_dir, teacher=teacher, data="builtin")
+    arithmetic = evaluate_path(model_dir, data="builtin:arithmetic")
     return {**{k: text[k] for k in ("student_ce", "golden_kl_student", "kl_teacher_student")},
             **{k: arithmetic[k] for k in ("task_accuracy", "gen_length", "eos_rate")}}
 
@@ -165,10 +168,11 @@ def main() -> None:
     data = {"train": write_data(args.out, args.examples, False), "privileged": write_data(args.out, args.examples, True)}
     student = write_student(args.teacher, args.out)
     data["gen"] = teacher_samples(args.teacher, data["train"], args.out)
-    results = {}
+    results = {"starting student (no training)": {**evaluate_student(student, args.teacher), "rollout": (float("nan"),) * 2,
+                                                  "hacking": "-", "seconds": "0"}}
     for name in args.only or REGIMES:
         run_dir = run_regime(name, args.teacher, student, data, args.out, args.steps)
-        results[name] = {**evaluate_student(run_dir, args.teacher), "rollout": train_rollout_means(run_dir),
+        results[name] = {**evaluate_student(run_dir / "final", args.teacher), "rollout": train_rollout_means(run_dir),
                          "hacking": hacking(curves(run_dir)), "seconds": (run_dir / "seconds.txt").read_text().strip()}
         print(f"{name}: {results[name]}", flush=True)
     text = table(results)
