@@ -29,7 +29,11 @@ def _run_config(path: Path, teacher: str | None, data: str | None) -> tuple[RunC
         overrides.append(f"teacher.path={teacher}")
     if data:
         overrides.append(f"data.validation={data}")
-    if not teacher and run_dir is None:
+    # A self-distilled run's teacher was a copy of the student: a copy of final/ would compare it with itself
+    self_taught = raw_path is not None and RunConfig.from_yaml(raw_path, check_run=False).teacher.self_distill != "none"
+    if self_taught:
+        overrides.append("teacher.self_distill=none")
+    if not teacher and (run_dir is None or self_taught):
         overrides.append("loss.objective=ce")  # nothing to compare against: student-only metrics
     return RunConfig.from_yaml(raw_path, overrides), run_dir
 

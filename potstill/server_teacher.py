@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from potstill.api_keys import api_key_from_env
 from potstill.cache.targets import topk_padding  # the cache's filler for padded top-k positions
 from potstill.losses.objective import Objective
 from potstill.losses.targets import TokenLogprobs, TopKTail, tail_mass
@@ -59,8 +60,8 @@ def check_settings(cfg, objective: Objective) -> None:
             raise ValueError("loss.select needs the teacher's distribution: set teacher.server_top_k > 0")
     else:
         objective.check_label_logprobs(what)
-    if t.api_key_env and t.api_key_env not in os.environ:
-        raise ValueError(f"teacher.api_key_env={t.api_key_env}: the environment variable {t.api_key_env} is not set")
+    if t.api_key_env:
+        api_key_from_env("teacher.api_key_env", t.api_key_env)
 
 
 def _token_id(text: str, url: str) -> int:
@@ -144,6 +145,7 @@ class ServerTeacher:
 
         self.url, self.model, self.top_k = url.rstrip("/"), model, top_k
         key = os.environ.get(api_key_env, NO_KEY) if api_key_env else NO_KEY
+        self._redact = lambda text: text.replace(key, "[API key]") if key != NO_KEY else text  # error texts may echo it
         self.client = OpenAI(base_url=f"{self.url}/v1", api_key=key, timeout=timeout, max_retries=max_retries)
 
     @classmethod
@@ -160,7 +162,7 @@ class ServerTeacher:
                 model=self.model, prompt=prompts, max_tokens=0, echo=True, logprobs=self.top_k,
                 extra_body={"return_tokens_as_token_ids": True})
         except OpenAIError as e:
-            raise ServerTeacherError(f"teacher server {self.url}: {type(e).__name__}: {e}") from None
+            raise ServerTeacherError(f"teacher server {self.url}: {type(e).__name__}: {self._redact(str(e))}") from None
         choices = sorted(response.choices, key=lambda c: c.index)
         if len(choices) != len(prompts):
             raise ServerTeacherError(f"teacher server {self.url} answered {len(choices)} choices for {len(prompts)} prompts")

@@ -440,3 +440,13 @@ def test_a_partial_last_line_is_cut_at_the_last_newline_only(tmp_path):
         assert cut_partial_last_line(path) is cut and path.read_bytes() == whole
     path.write_bytes(b'{"only": "partial')
     assert cut_partial_last_line(path) and path.read_bytes() == b""
+
+
+def test_builtin_arithmetic_prompts_are_the_records_distill_reads():
+    """prompt_id N of `generate --data builtin:arithmetic` is example N of `distill data.train=builtin:arithmetic`."""
+    from potstill.data.loading import load_records
+    from potstill.generation.prompts import load_prompts
+
+    records = load_records("builtin:arithmetic", "train", 20)
+    prompts = load_prompts("builtin:arithmetic", 20)
+    assert [(p.prompt_id, p.prompt, p.extra["answer"]) for p in prompts] == [(n, r["prompt"], r["answer"]) for n, r in records]

@@ -229,6 +229,7 @@ def test_resume_of_an_onpolicy_run_is_exact(tmp_path, model_dirs, text_jsonl, dr
     (["data.regime=onpolicy", "onpolicy.top_p=0"], r"^onpolicy.top_p must be in \(0, 1\]"),
     (["data.regime=onpolicy", "onpolicy.replay=true", "onpolicy.replay_steps=0"], r"^onpolicy.replay_capacity and"),
     (["data.regime=onpolicy", "onpolicy.eos_tokens=[]"], r"^onpolicy.eos_tokens must be a non-empty list"),
+    (["data.regime=onpolicy", "onpolicy.eos_tokens=[true]"], r"^onpolicy.eos_tokens must be a non-empty list"),
 ])
 def test_settings_are_refused_at_load_in_one_line(extra, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -340,3 +341,24 @@ def test_replay_follows_distillms_adaptive_rule():
         replay.after_eval(ce)
         phis.append(replay.phi)
     assert phis == [0.5, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_a_short_text_records_prompt_stops_before_its_eos():
+    """BOS + prompt_tokens would swallow a 2-word text and its EOS: the prompt ends before the last token."""
+    from potstill.onpolicy.rollouts import prompts_of
+
+    batch = {"input_ids": torch.tensor([[1, 5, 6, 2, 0], [1, 5, 6, 7, 2]]),
+             "labels": torch.tensor([[1, 5, 6, 2, -100], [1, 5, 6, 7, 2]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])}
+    assert prompts_of(batch, bos_id=1, prompt_tokens=8) == [[1, 5, 6], [1, 5, 6, 7]]
+    assert prompts_of(batch, bos_id=1, prompt_tokens=1) == [[1, 5], [1, 5]]
+
+
+def test_rollouts_longer_than_the_students_positions_are_refused(tmp_path, model_dirs, text_jsonl):
+    """Training examples of up to 24 tokens + 240 new tokens exceed the tiny student's 256 positions: refused before
+    anything is written, naming both settings."""
+    with pytest.raises(ValueError, match=r"rows may reach 264 tokens .* beyond the student's 256 positions; lower "
+                                         r"data.max_length or onpolicy.max_new_tokens"):
+        potstill.distill(config(tmp_path, model_dirs, text_jsonl, "data.regime=onpolicy", "onpolicy.max_new_tokens=240",
+                                out="long"), progress=False)
+    assert not (tmp_path / "long").exists()

@@ -175,12 +175,14 @@ def test_live_teacher_is_the_student_in_eval_mode(tmp_path, model_dirs, privileg
     with torch.no_grad():
         expected = student.model(ids).last_hidden_state
     torch.testing.assert_close(h, expected, rtol=1e-5, atol=0)
-    plain = train_rows(potstill.distill(config(tmp_path, model_dirs, text_jsonl, "teacher.self_distill=live",
-                                               "train.max_steps=2", out="plain"), progress=False).run_dir)
-    assert all(abs(r["loss"]) < 1e-6 for r in plain)
     priv = train_rows(potstill.distill(config(tmp_path, model_dirs, privileged_jsonl, "teacher.self_distill=live",
                                               "train.max_steps=2", out="priv"), progress=False).run_dir)
-    assert all(r["loss"] > 1e-5 for r in priv)  # the plain run's are exactly 0
+    assert all(r["loss"] > 1e-5 for r in priv)
+    # without privileged context the student would be its own exact teacher (loss 0, nothing learnt): refused
+    # before the run directory exists
+    with pytest.raises(ValueError, match=r"^teacher.self_distill=live: none of the \d+ training records has a privileged_context"):
+        potstill.distill(config(tmp_path, model_dirs, text_jsonl, "teacher.self_distill=live", out="plain"), progress=False)
+    assert not (tmp_path / "plain").exists()
 
 
 def test_resume_of_an_onpolicy_ema_self_distillation_is_exact(tmp_path, model_dirs, privileged_jsonl):
@@ -214,3 +216,29 @@ def test_a_non_string_privileged_context_is_refused_naming_the_line(tmp_path, mo
     with pytest.raises(ValueError, match=r"bad.jsonl:1: 'privileged_context' must be a string, got int"):
         potstill.distill(config(tmp_path, model_dirs, path, "teacher.self_distill=frozen", "train.max_steps=1",
                                 "data.validation=" + str(path)), progress=False)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("data.packing=true", "teacher.self_distill=frozen"), "records with privileged_context give the teacher its own rows, which data.packing"),
+    (("teacher.server_url=http://127.0.0.1:9", "teacher.server_model=t", "loss.objective=opd", "data.regime=onpolicy"),
+     r"^\d+ training records carry privileged_context, which a teacher from teacher.server_url cannot read"),
+])
+def test_privileged_context_a_teacher_cannot_read_is_refused_before_anything_is_written(tmp_path, model_dirs,
+                                                                                         privileged_jsonl, extra, message):
+    """A teacher that would silently score the plain row (a server) or rows the context cannot be added to
+    (packing) is refused before the run directory exists."""
+    with pytest.raises(ValueError, match=message):
+        potstill.distill(config(tmp_path, model_dirs, privileged_jsonl, "train.max_steps=1", *extra), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_potstill_eval_of_a_self_distilled_run_has_no_teacher_metrics(tmp_path, model_dirs, privileged_jsonl):
+    """Its teacher was a copy of the student: `potstill eval RUN` must not compare final/ with a copy of itself."""
+    from potstill.evaluate_run import evaluate_path
+
+    run = potstill.distill(config(tmp_path, model_dirs, privileged_jsonl, "teacher.self_distill=frozen",
+                                  "train.max_steps=1"), progress=False)
+    metrics = evaluate_path(run.run_dir)
+    assert "kl_teacher_student" not in metrics and metrics["student_ce"] == pytest.approx(run.metrics["student_ce"], rel=1e-5)
+    with_teacher = evaluate_path(run.run_dir, teacher=str(model_dirs["llama_teacher"]))
+    assert with_teacher["kl_teacher_student"] > 0

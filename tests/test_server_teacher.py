@@ -88,15 +88,20 @@ def _cfg(*extra):
     (["loss.objective=opd", "teacher.server_top_k=-1"], "server_top_k must be ≥ 0"),
     (["loss.objective=opd", "teacher.api_key_env=POTSTILL_TEST_UNSET_KEY"], "POTSTILL_TEST_UNSET_KEY is not set"),
     (["loss.objective=opd", "teacher.server_model="], "needs teacher.server_model"),
+    (["loss.objective=opd", "teacher.api_key_env=sk-pasted-secret-77"], r"must be the NAME of an environment variable .*not shown$"),
     (["loss.objective=fkl", "teacher.server_top_k=4", "loss.select=entropy"], None),
-    (["loss.objective=0.5*ce + opd"], None),
+    (["loss.objective=0.5*ce + opd", "data.regime=onpolicy"], None),
+    (["loss.objective=opd"], "on the student's own samples: set data.regime=onpolicy and onpolicy.lam=1"),
+    (["loss.objective=opd", "data.regime=onpolicy", "onpolicy.lam=0.5"], "set data.regime=onpolicy and onpolicy.lam=1"),
+    (["loss.objective=opd", "data.regime=onpolicy", "onpolicy.temperature=0"], "set onpolicy.temperature > 0"),
 ])
 def test_what_the_server_signal_cannot_serve_is_refused_at_config_load(extra, message):
     if message is None:
         _cfg(*extra)  # served: loads
         return
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         _cfg(*extra)
+    assert "sk-pasted-secret-77" not in str(err.value)  # a key pasted in place of a variable name is never repeated
 
 
 # ---- against a real server: `potstill serve`'s app on a free port, started by the test --------------------------
@@ -129,21 +134,28 @@ def _train_rows(run_dir):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("objective,top_k", [("opd", 0), ("0.5*ce + opd", 0), ("rkl", "V")])
+# opd trains on the student's own samples: one on-policy step, so both runs sample from the same initial weights
+# (later steps' weights differ by the server's float rounding, which could flip a draw); rkl offline, four steps.
+ONPOLICY_STEP = ("data.regime=onpolicy", "onpolicy.max_new_tokens=12", "train.max_steps=1")
+
+
+@pytest.mark.parametrize("objective,top_k,extra", [("opd", 0, ONPOLICY_STEP), ("0.5*ce + opd", 0, ONPOLICY_STEP),
+                                                   ("rkl", "V", ())])
 def test_distill_with_a_served_teacher_equals_the_live_teacher(tmp_path, model_dirs, text_jsonl, tokenizer,
-                                                               teacher_model, objective, top_k):
+                                                               teacher_model, objective, top_k, extra):
     """The same run with the teacher's weights behind `potstill serve`: every step's loss and term values equal the
-    live teacher's at rel 1e-4. Label log-probs only (opd) and the top-k target with k = V (where the k + 1 bins are
-    the dense teacher exactly: rkl)."""
+    live teacher's at rel 1e-4. Label log-probs only (opd, on the student's rollouts) and the top-k target with
+    k = V (where the k + 1 bins are the dense teacher exactly: rkl)."""
     k = len(tokenizer) if top_k == "V" else top_k
-    live = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "live", f"loss.objective={objective}"),
+    live = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "live", f"loss.objective={objective}", *extra),
                             progress=False)
     with running(build_app(teacher_model, tokenizer, "teacher", max_logprobs=max(k, 1))) as url:
         served = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "served", f"loss.objective={objective}",
                                            f"teacher.server_url={url}", "teacher.server_model=teacher",
-                                           f"teacher.server_top_k={k}"), progress=False)
+                                           f"teacher.server_top_k={k}", *extra), progress=False)
     live_rows, served_rows = _train_rows(live.run_dir), _train_rows(served.run_dir)
-    assert len(served_rows) == 4
+    assert len(served_rows) == (1 if extra else 4)
+    assert ("rollout/gen_length" in served_rows[0]) == bool(extra)  # opd: trained on the student's rollout
     for a, b in zip(live_rows, served_rows):
         keys = ["loss", *[key for key in a if key.startswith("term/")]]
         assert len(keys) == 1 + objective.count("+") + 1  # the loss and each term's mean
@@ -177,7 +189,7 @@ def test_the_api_key_is_never_written(tmp_path, model_dirs, text_jsonl, tokenize
     secret = "sk-potstill-test-4f1c9a"
     monkeypatch.setenv("POTSTILL_TEST_TEACHER_KEY", secret)
     with caplog.at_level(logging.DEBUG), running(build_app(teacher_model, tokenizer, "teacher")) as url:
-        run = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "keyed", "loss.objective=opd",
+        run = potstill.distill(_run_cfg(tmp_path, model_dirs, text_jsonl, "keyed", "loss.objective=opd", "data.regime=onpolicy",
                                         "train.max_steps=2", f"teacher.server_url={url}", "teacher.server_model=teacher",
                                         "teacher.api_key_env=POTSTILL_TEST_TEACHER_KEY"), progress=False)
     files = [p for p in run.run_dir.rglob("*") if p.is_file()]

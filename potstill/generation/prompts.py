@@ -5,8 +5,8 @@
 - chat ``messages`` → the conversation up to its last assistant turn (the whole conversation when it has none);
   the output appends the generated assistant turn.
 - ``text`` records have no prompt and are refused.
-- ``builtin:arithmetic`` → the built-in addition problems (``builtin.arithmetic.arithmetic_examples``, train
-  split), prompt/completion records with an ``answer`` for the arithmetic checker.
+- ``builtin:arithmetic`` → the built-in addition problems (``builtin/sources.py``, train split, the records
+  ``distill`` reads), prompt/completion records with an ``answer`` for the arithmetic checker.
 
 A prompt's id is its record's number in ``data.train`` (``data.loading``), so it names the same prompt in every
 run over the same file; the output's ``(prompt_id, sample)`` pairs are what a resumed run skips.
@@ -51,15 +51,11 @@ class Prompt:
 
 def load_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
     """The prompts of a data spec (a file, a datasets dir, or builtin:arithmetic), at most ``limit``."""
-    if spec == BUILTIN_ARITHMETIC:
-        from potstill.builtin.arithmetic import arithmetic_examples
-
-        records = list(enumerate(arithmetic_examples("train", limit)))
-    elif spec == "builtin":
+    if spec == "builtin":
         raise ValueError("data.train=builtin holds text documents, which have no prompt to complete; use "
                          f"data.train={BUILTIN_ARITHMETIC} or a file of prompt/completion or chat records")
-    else:
-        records = load_records(spec, "train", limit)
+    # built-in sources (builtin:arithmetic, ...) read as `distill` reads them: the same problems, the same ids
+    records = load_records(spec, "train", limit)
     return [prompt_of(record, number, record_location(spec, number)) for number, record in records]
 
 

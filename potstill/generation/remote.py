@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
+from potstill.api_keys import api_key_from_env
 from potstill.generation.filters import Completion
 from potstill.generation.local import derived_seed
 from potstill.generation.prompts import Prompt
@@ -38,10 +38,8 @@ class OpenAIBackend:
         if g.endpoint == "completions" and any(p.messages is not None for p in prompts):
             raise ValueError("generate.endpoint=completions sends prompt text; data.train has chat records, use "
                              "generate.endpoint=chat")
-        key = os.environ.get(g.api_key_env)
-        if not key:
-            raise ValueError(f"generate.api_key_env: the environment variable {g.api_key_env} is not set; put the API key "
-                             "there (for a local potstill serve any value works)")
+        key = api_key_from_env("generate.api_key_env", g.api_key_env,
+                               "; put the API key there (for a local potstill serve any value works)")
         self.g, self._key = g, key
         self.fatal: Exception | None = None
 

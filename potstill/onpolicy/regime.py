@@ -116,12 +116,42 @@ class Regime:
             self.ema_teacher.load_state_dict(state["ema"])
 
 
+def check_rollout_length(cfg, student, privileged: dict, longest_example: int) -> None:
+    """Rows that grow beyond the data (rollouts, a teacher view with the privileged context) must still fit the
+    student's positions: past them a learned position table fails and RoPE extrapolates silently."""
+    context = getattr(student.config, "max_position_embeddings", None)
+    new_tokens = cfg.onpolicy.max_new_tokens if cfg.data.regime == "onpolicy" else 0
+    longest = longest_example + new_tokens + max((len(p) for p in privileged.values()), default=0)
+    if context is not None and (new_tokens or privileged) and longest > context:
+        raise ValueError(f"rows may reach {longest} tokens (the longest training example, {longest_example}, + "
+                         f"onpolicy.max_new_tokens {new_tokens} + the longest privileged_context), beyond the student's "
+                         f"{context} positions; lower data.max_length or onpolicy.max_new_tokens")
+
+
+def check_privileged_data(cfg, parts, privileged: dict, n_examples: int) -> None:
+    """Before anything is written: records' privileged_context must reach a teacher that reads it, and a
+    self-distilling student needs some (without, its own copy teaches it nothing)."""
+    source = "teacher.cache" if parts.cache is not None else "teacher.server_url" if parts.server is not None else None
+    if privileged and source:
+        raise ValueError(f"{len(privileged)} training records carry privileged_context, which a teacher from {source} "
+                         "cannot read; use a live teacher (teacher.path) or teacher.self_distill, or drop the field")
+    if privileged and cfg.data.packing:
+        raise ValueError("records with privileged_context give the teacher its own rows, which data.packing cannot "
+                         "pack; set data.packing=false")
+    if cfg.teacher.self_distill != "none" and not privileged:
+        raise ValueError(f"teacher.self_distill={cfg.teacher.self_distill}: none of the {n_examples} training records "
+                         "has a privileged_context, so the teacher would read exactly what the student reads; add the "
+                         "field (e.g. the reference solution) to the records")
+
+
 def build(cfg, rt: runtime.Runtime, parts, par, amp, train_examples) -> Regime:
     """The run's regime, after every check; with teacher.self_distill=live the student's own seam becomes
     ``par.teacher``."""
     tok = parts.tokenizer
-    regime = Regime(cfg, rt, parts.student, amp, tok.pad_token_id, tok.bos_token_id,
-                    privileged={e.example_id: e.privileged_ids for e in train_examples if e.privileged_ids},
+    privileged = {e.example_id: e.privileged_ids for e in train_examples if e.privileged_ids}
+    check_privileged_data(cfg, parts, privileged, len(train_examples))
+    check_rollout_length(cfg, parts.student, privileged, max(len(e.input_ids) for e in train_examples))
+    regime = Regime(cfg, rt, parts.student, amp, tok.pad_token_id, tok.bos_token_id, privileged=privileged,
                     ema_teacher=parts.teacher if cfg.teacher.self_distill == "ema" else None,
                     lam_rng=random.Random(f"{cfg.train.seed}/{LAMBDA_STREAM}"))
     if cfg.teacher.self_distill == "live":

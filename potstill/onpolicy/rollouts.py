@@ -31,7 +31,8 @@ def prompts_of(batch: dict, bos_id: int | None, prompt_tokens: int) -> list[list
     for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()):
         length = sum(mask)
         if labels[0] != IGNORE_INDEX:  # a text record: every token is trained
-            n = (1 if bos_id is not None and ids[0] == bos_id else 0) + prompt_tokens
+            # never its last token (the EOS encoding appends): a rollout must not continue past a finished text
+            n = min((1 if bos_id is not None and ids[0] == bos_id else 0) + prompt_tokens, length - 1)
         else:
             n = next((i for i, lab in enumerate(labels[:length]) if lab != IGNORE_INDEX), length)
         prompts.append(ids[: max(1, min(n, length))])

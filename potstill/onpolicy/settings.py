@@ -17,6 +17,21 @@ def check_settings(cfg) -> None:
         _check_self_distill(cfg)
     if d.regime == "onpolicy":
         _check_onpolicy(cfg)
+    _check_sampled_token_terms(cfg)
+
+
+def _check_sampled_token_terms(cfg) -> None:
+    """Sampled-token terms (opd) estimate KL(q‖p) only on tokens the student sampled: every step must roll out
+    (λ = 1) from a sampler with a density (temperature > 0), so that ρ = q/q_sampler is defined."""
+    names = [t.name for t in cfg.objective().terms if t.token is not None]
+    if not names:
+        return
+    what = f"loss.objective term {', '.join(names)} (sampled-token distillation)"
+    if cfg.data.regime != "onpolicy" or cfg.onpolicy.lam < 1:
+        raise ValueError(f"{what} estimates KL(student‖teacher) on the student's own samples: set data.regime=onpolicy "
+                         "and onpolicy.lam=1 (for the data's tokens use rkl, or fkl)")
+    if cfg.onpolicy.temperature == 0:
+        raise ValueError(f"{what} needs a sampler with a density for its importance weight: set onpolicy.temperature > 0")
 
 
 def _check_self_distill(cfg) -> None:
@@ -46,7 +61,8 @@ def _check_onpolicy(cfg) -> None:
     if o.replay and (o.replay_capacity < 1 or o.replay_steps < 1):
         raise ValueError(f"onpolicy.replay_capacity and onpolicy.replay_steps must be ≥ 1, got "
                          f"{o.replay_capacity} and {o.replay_steps}")
-    if o.eos_tokens is not None and not (o.eos_tokens and all(isinstance(e, (int, str)) for e in o.eos_tokens)):
+    if o.eos_tokens is not None and not (o.eos_tokens and all(isinstance(e, (int, str)) and not isinstance(e, bool)
+                                                              for e in o.eos_tokens)):
         raise ValueError(f"onpolicy.eos_tokens must be a non-empty list of token ids or token strings, got {o.eos_tokens}")
     from potstill.sampling import SamplingSettings
 
