@@ -312,7 +312,9 @@ def test_generate_through_a_potstill_serve_subprocess(tmp_path, served, model_di
         prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": records[r["prompt_id"]]["prompt"]}])
         tokens = sample(model, [prompt], SamplingSettings(6, 1.0), eos_ids=[2], pad_id=0,
                         seed=derived_seed(9, r["prompt_id"], r["sample"])).tokens[0]
-        assert r["completion"] == completion_text(tokenizer, prompt, tokens) and r["answer"] == records[r["prompt_id"]]["answer"]
+        user = {"role": "user", "content": records[r["prompt_id"]]["prompt"]}  # the turn the teacher answered
+        assert r["messages"] == [user, {"role": "assistant", "content": completion_text(tokenizer, prompt, tokens)}]
+        assert r["answer"] == records[r["prompt_id"]]["answer"]
     generate(remote(url, chat_file, tmp_path / "chat.jsonl", "generate.temperature=0"))
     assert [len(r["messages"]) for r in lines(tmp_path / "chat.jsonl")] == [2, 3]
     deadline = time.monotonic() + 30  # the server's output is read by a thread: wait for its lines

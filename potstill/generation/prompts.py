@@ -40,10 +40,12 @@ class Prompt:
         """What an OpenAI chat endpoint is sent: the conversation, or the prompt as one user message."""
         return self.messages if self.messages is not None else [{"role": "user", "content": self.prompt}]
 
-    def record(self, completion: str, sample: int) -> dict:
-        """The output line: a record `potstill distill` trains on, with the prompt's id and the sample index."""
-        if self.messages is not None:
-            body = {"messages": [*self.messages, {"role": "assistant", "content": completion}]}
+    def record(self, completion: str, sample: int, as_chat: bool = False) -> dict:
+        """The output line: a record `potstill distill` trains on, with the prompt's id and the sample index. A
+        reply the teacher wrote to a chat conversation (``as_chat``: a prompt record sent to a chat endpoint as one
+        user turn) is written as that conversation, so training reads it under the chat template it answered."""
+        if self.messages is not None or as_chat:
+            body = {"messages": [*self.chat_messages(), {"role": "assistant", "content": completion}]}
         else:
             body = {"prompt": self.prompt, "completion": completion}
         return {**body, "prompt_id": self.prompt_id, "sample": sample, **self.extra}

@@ -89,8 +89,9 @@ def make_backend(cfg, prompts: list[Prompt]):
 class Sink:
     """Where a backend's results go: filtered, appended to the output, counted."""
 
-    def __init__(self, out: Output, filters: Filters, prompts: list[Prompt], summary: Summary, total: int):
-        self.out, self.filters, self.summary, self.total = out, filters, summary, total
+    def __init__(self, out: Output, filters: Filters, prompts: list[Prompt], summary: Summary, total: int,
+                 as_chat: bool = False):
+        self.out, self.filters, self.summary, self.total, self.as_chat = out, filters, summary, total, as_chat
         self.prompts = {p.prompt_id: p for p in prompts}
         self.last_report = time.monotonic()
 
@@ -102,7 +103,7 @@ class Sink:
         if reason is not None:
             self.reject(completion.prompt_id, completion.sample, reason)
             return
-        self.out.keep(prompt.record(completion.text, completion.sample))
+        self.out.keep(prompt.record(completion.text, completion.sample, self.as_chat))
         kept.add(completion.text)
         self.summary.kept += 1
         self._report()
@@ -140,7 +141,8 @@ def generate(cfg, overwrite: bool = False) -> Summary:
         log.info("generate: %d prompts × %d samples, %d done before, %d to generate → %s", len(prompts), g.n,
                  summary.already_done, len(pending), out.path)
         if pending:
-            backend.run(prompts, pending, Sink(out, filters, prompts, summary, len(pending)))
+            as_chat = cfg.generate.backend == "openai" and cfg.generate.endpoint == "chat"  # replies to a chat turn
+            backend.run(prompts, pending, Sink(out, filters, prompts, summary, len(pending), as_chat))
         summary.lines = out.progress.lines
     summary.seconds = time.perf_counter() - started
     return summary
