@@ -37,7 +37,10 @@ def test_the_students_own_samples_at_t1_give_rho_one(model_dirs):
     logq, labelled = _student_label_logprobs(model, batch)
     sampler = shifted_sampler_logprobs(batch)
     assert labelled.sum() >= 6
-    torch.testing.assert_close(sampler[labelled], logq[labelled], rtol=1e-5, atol=1e-5)  # ρ = q/q_sampler = 1
+    # two forwards (KV-cached steps vs one pass) differ by fp32 reassociation of the logits: an error on the scale
+    # of the log-probs, so the absolute part is sized to their magnitude
+    scale = 1e-5 * logq[labelled].abs().max().item()
+    torch.testing.assert_close(sampler[labelled], logq[labelled], rtol=1e-5, atol=scale)  # ρ = q/q_sampler = 1
     assert (sampler[~labelled] == 0).all()
 
 
@@ -50,7 +53,8 @@ def test_another_temperature_is_corrected_by_rho(model_dirs):
     labels = shifted(batch)
     labelled = labels != IGNORE_INDEX
     cold = F.log_softmax(logits / 0.5, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
-    torch.testing.assert_close(shifted_sampler_logprobs(batch)[labelled], cold[labelled], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shifted_sampler_logprobs(batch)[labelled], cold[labelled], rtol=1e-5,
+                               atol=1e-5 * cold[labelled].abs().max().item())  # scale: see the test above
     logq, _ = _student_label_logprobs(model, batch)
     assert not torch.allclose(logq[labelled], cold[labelled], rtol=1e-3)  # so ρ ≠ 1 here
 
