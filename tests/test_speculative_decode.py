@@ -153,8 +153,8 @@ def test_sampled_sequences_are_distributed_as_the_target_samples(temperature, to
     """2000 seeded runs, 3 new tokens over a 5-token vocabulary (EOS = 0), γ = 2: rounds with rejections (residual
     draws), with all drafts accepted (bonus draws) and short final rounds all occur. The G-test against the exact
     enumeration passes here at p ≈ 0.5; each of these one-line bugs fails it (checked by hand, p < 1e-12 where
-    computed): accepting with min(1, q/p); the residual |p − q| instead of max(0, p − q); the correction drawn from p
-    instead of the residual; the bonus drawn from p_γ, from max(0, p_{γ+1} − q_γ) or from q_γ; counting every
+    computed): accepting with min(1, q/p); the residual |p − q| instead of max(0, p − q); the correction drawn from
+    p instead of the residual; the bonus drawn from p_γ, from max(0, p_{γ+1} − q_γ) or from q_γ; counting every
     acceptance instead of the leading ones; and (at T = 0.7, top-p 0.8 only, as it must be) recording the draft's
     untransformed softmax as q while drawing from the transformed one."""
     target = tiny_llama(1, vocab=5, layers=1, hidden=16, init=0.2)

@@ -55,8 +55,8 @@ class SpeculativeSettings:
         if self.gamma_max < 1:
             raise ValueError(f"{where}.gamma_max must be ≥ 1, got {self.gamma_max}")
         if self.adaptive and self.gamma > self.gamma_max:
-            raise ValueError(f"{where}.gamma (the first round's, {self.gamma}) must be ≤ gamma_max = {self.gamma_max} "
-                             "when adaptive")
+            raise ValueError(f"{where}.gamma (the first round's, {self.gamma}) must be ≤ gamma_max = "
+                             f"{self.gamma_max} when adaptive")
 
 
 @dataclass
@@ -229,45 +229,6 @@ class _Speculator:
         host = torch.cat([drafted, token, accepted.view(1)]).tolist()  # the round's one synchronisation
         return _Round(drafted=host[:g], accepted=host[g + 1], token=host[g], expected=expected)
 
-
-    @torch.no_grad()
-    def run(self, eos: set[int], on_round: Callable[[_Speculator], None] | None = None) -> SpeculativeResult:
-        """Prefill, then rounds until an EOS is committed or max_new_tokens are; ``on_round`` (tests) sees the state
-        after each round's bookkeeping."""
-        settings = self.settings
-        self.prefill()
-        result = SpeculativeResult(tokens=[], finished=False)
-        gammas = _GammaChooser(settings)
-        expected = torch.zeros((), device=self.device)
-        while len(result.tokens) < settings.max_new_tokens and not result.finished:
-            g = min(gammas.next(), settings.max_new_tokens - len(result.tokens) - 1)  # commits ≤ g + 1 tokens
-            start = _clock(self.device)
-            rows = self.propose(g)
-            middle = _clock(self.device)
-            decided = self.verify(g, rows)
-            end = _clock(self.device)
-            self.draft.seconds += middle - start
-            self.target.seconds += end - middle
-            new, accepted = decided.drafted[: decided.accepted] + [decided.token], decided.accepted
-            verified = accepted + (accepted < g)  # positions after the first rejection were never tested
-            stop = _first_eos(new, eos)
-            if stop is not None:  # tokens after the EOS are dropped, and so are their acceptances
-                new, accepted, verified = new[: stop + 1], min(accepted, stop + 1), min(verified, stop + 1)
-                result.finished = True
-            result.tokens += new
-            result.rounds.append((g, accepted))
-            result.verified += verified
-            expected += decided.expected[:verified].sum()
-            gammas.record(g, accepted, verified, middle - start, end - middle)
-            self.committed += len(new)
-            self.target.truncate(self.committed - 1)  # all committed tokens but the last, which it has not seen
-            self.draft.truncate(self.committed - 1)  # what it saw of the accepted drafts
-            if on_round is not None:
-                on_round(self)
-        result.expected_accepted = float(expected)
-        result.draft_seconds, result.target_seconds = self.draft.seconds, self.target.seconds
-        return result
-
     def _verify_sampled(self, logits: Tensor, drafted: Tensor, rows: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Rejection rule: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)) (u·q < p with u ~ U[0, 1), so a
         token the target gives probability 0 is never accepted); then draw from max(0, p_n − q_n) at the first
@@ -287,6 +248,38 @@ class _Speculator:
         token = draw(residual.log(), self.generator)  # draw normalises: unnormalised log-weights are fine
         return accepted, token, expected_acceptance(logq[:g], logp[:g])
 
+    @torch.no_grad()
+    def run(self, eos: set[int], on_round: Callable[[_Speculator], None] | None = None) -> SpeculativeResult:
+        """Prefill, then rounds until an EOS is committed or max_new_tokens are; ``on_round`` (tests) sees the state
+        after each round's bookkeeping."""
+        limit = self.settings.max_new_tokens
+        self.prefill()
+        result = SpeculativeResult(tokens=[], finished=False)
+        gammas = _GammaChooser(self.settings)
+        expected = torch.zeros((), device=self.device)
+        while len(result.tokens) < limit and not result.finished:
+            g = min(gammas.next(), limit - len(result.tokens) - 1)  # a round commits at most g + 1 tokens
+            start = _clock(self.device)  # (the previous round's sync has already emptied the queue)
+            rows = self.propose(g)
+            middle = _clock(self.device)
+            decided = self.verify(g, rows)
+            end = _clock(self.device)
+            self.draft.seconds += middle - start
+            self.target.seconds += end - middle
+            new, accepted, verified, result.finished = _settle(decided, g, eos)
+            result.tokens += new
+            result.rounds.append((g, accepted))
+            result.verified += verified
+            expected += decided.expected[:verified].sum()
+            gammas.record(g, accepted, verified, middle - start, end - middle)
+            self.committed += len(new)
+            self.target.truncate(self.committed - 1)  # all committed tokens but the last, which it has not seen
+            self.draft.truncate(self.committed - 1)  # what it saw of the accepted drafts
+            if on_round is not None:
+                on_round(self)
+        result.expected_accepted = float(expected)
+        result.draft_seconds, result.target_seconds = self.draft.seconds, self.target.seconds
+        return result
 
 class _GammaChooser:
     """γ for the next round. Fixed: ``settings.gamma``. Adaptive: ``best_gamma(α̂, ĉ, gamma_max)``, the γ that
@@ -322,8 +315,15 @@ class _GammaChooser:
         return best_gamma(alpha, cost, s.gamma_max)
 
 
-def _first_eos(tokens: list[int], eos: set[int]) -> int | None:
-    return next((i for i, t in enumerate(tokens) if t in eos), None)
+def _settle(decided: _Round, g: int, eos: set[int]) -> tuple[list[int], int, int, bool]:
+    """(tokens committed, drafts accepted, positions verified, finished) of a round: the accepted drafts and the
+    correction or bonus token, cut after the first EOS (drafts past it count as neither accepted nor verified)."""
+    new, accepted = decided.drafted[: decided.accepted] + [decided.token], decided.accepted
+    verified = accepted + (accepted < g)  # positions after the first rejection were never tested
+    stop = next((i for i, t in enumerate(new) if t in eos), None)
+    if stop is None:
+        return new, accepted, verified, False
+    return new[: stop + 1], min(accepted, stop + 1), min(verified, stop + 1), True
 
 
 def speculate(target: nn.Module, draft: nn.Module, prompt: list[int], settings: SpeculativeSettings, *,
