@@ -326,3 +326,25 @@ def test_result_statistics():
     assert out.acceptance_rate == 3 / 8 and out.alpha_measured == 3 / 5 and out.alpha_expected == 0.5
     assert out.tokens_per_call == 3.0
 
+
+
+def test_each_model_is_fed_only_what_it_has_not_seen(target, drafts):
+    """Forward hooks count what each model is given: the target one prefill and then one forward of γ + 1 tokens
+    per round (γ + 1 logits kept), the draft one prefill and then one forward of 1 or 2 tokens per proposal (one
+    logit kept); so no prefix is ever run again."""
+    seen = {"target": [], "draft": []}
+    hooks = [model.register_forward_hook(lambda m, args, kwargs, out, who=who: seen[who].append(
+        (kwargs["input_ids"].shape[1], out.logits.shape[1])), with_kwargs=True)
+        for who, model in (("target", target), ("draft", drafts["close"]))]
+    try:
+        prompt = PROMPTS[2]
+        settings = SpeculativeSettings(max_new_tokens=30, gamma=3, temperature=1.0)
+        out = speculate(target, drafts["close"], prompt, settings, eos_ids=NO_EOS, seed=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen["target"][0][0] == seen["draft"][0][0] == len(prompt) - 1  # the prefills
+    assert seen["target"][1:] == [(g + 1, g + 1) for g, _ in out.rounds]
+    assert len(seen["draft"]) == 1 + out.proposed and all(kept == 1 for _, kept in seen["draft"])
+    fed = [n for n, _ in seen["draft"][1:]]
+    assert set(fed) == {1, 2}  # 2: a round after one whose drafts were all accepted

@@ -221,7 +221,7 @@ class _Speculator:
             best = logits.argmax(-1)  # (g + 1,)
             agree = drafted == best[:g]
             accepted = (~agree).cumsum(0).eq(0).sum()  # leading agreements
-            token = best[accepted].view(1)
+            token = best.index_select(0, accepted.view(1))  # (1,); best[accepted] would read it on the host
             expected = agree.float()  # Σ min(p, q) of two point masses: 1 if they coincide, else 0
         else:
             accepted, token, expected = self._verify_sampled(logits, drafted, rows)
