@@ -305,14 +305,11 @@ class _GammaChooser:
         self.target_forwards += 1
 
     def next(self) -> int:
-        s = self.settings
-        if not s.adaptive:
-            return s.gamma
-        if self.draft_forwards == 0 or self.target_seconds <= 0:
-            return s.gamma
+        if not self.settings.adaptive or self.draft_forwards == 0 or self.target_seconds <= 0:
+            return self.settings.gamma  # fixed, or nothing timed yet
         alpha = (self.accepted + 1) / (self.verified + 2)
         cost = (self.draft_seconds / self.draft_forwards) / (self.target_seconds / self.target_forwards)
-        return best_gamma(alpha, cost, s.gamma_max)
+        return best_gamma(alpha, cost, self.settings.gamma_max)
 
 
 def _settle(decided: _Round, g: int, eos: set[int]) -> tuple[list[int], int, int, bool]:
