@@ -64,7 +64,8 @@ def assert_same_greedy(model, prompt: list[int], got: list[int], ref: list[int])
     if got == ref:
         return
     i = next(k for k, (a, b) in enumerate(zip(got, ref)) if a != b)
-    top2 = model(torch.tensor([prompt + ref[:i]])).logits[0, -1].topk(2).values
+    with torch.no_grad():
+        top2 = model(torch.tensor([prompt + ref[:i]])).logits[0, -1].topk(2).values
     assert float(top2[0] - top2[1]) < 1e-4, f"diverged at new token {i}: {got} vs {ref}"
 
 
@@ -79,8 +80,7 @@ def test_greedy_equals_target_greedy(target, drafts, draft_name, gamma, adaptive
     committed_ids_beyond_the_draft = False
     for prompt in PROMPTS:
         out = speculate(target, drafts[draft_name], prompt, settings, eos_ids=NO_EOS)
-        assert out.tokens == greedy_reference(target, prompt, 24)  # exact on this CPU (seeds chosen so)
-        assert_same_greedy(target, prompt, out.tokens, greedy_reference(target, prompt, 24))
+        assert_same_greedy(target, prompt, out.tokens, greedy_reference(target, prompt, 24))  # here: equal
         assert sum(a + 1 for _, a in out.rounds) == len(out.tokens) == 24  # each round: accepted + 1 committed
         accepted += out.accepted
         rejected += out.verified - out.accepted
