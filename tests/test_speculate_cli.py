@@ -79,7 +79,7 @@ def test_a_one_layer_draft_is_lossless_and_its_numbers_add_up(tmp_path, model_di
     results, _, _ = speculate(tmp_path, model_dirs["llama_teacher"], one_layer_draft, prompts_file, "--gamma", "2,4",
                               "--eval-data", str(prompts_file))
     held = results["held_out"]["alpha"]
-    assert 0 < held < 1 and results["held_out"]["metric"] == "top1_agreement"
+    assert 0 < held < 1 and held == results["held_out"]["top1_agreement"]  # greedy: α is the argmax agreement
     for gamma, row in rows_by_gamma(results).items():
         assert row["greedy_mismatches"] == 0 and row["hf_greedy_mismatches"] == 0
         assert 0 < row["alpha_measured"] < 1
@@ -94,11 +94,20 @@ def test_a_one_layer_draft_is_lossless_and_its_numbers_add_up(tmp_path, model_di
 
 def test_sampling_runs_and_reports_no_greedy_check(tmp_path, model_dirs, one_layer_draft, prompts_file):
     results, out, _ = speculate(tmp_path, model_dirs["llama_teacher"], one_layer_draft, prompts_file, "--gamma", "3",
-                                "--temperature", "1", "--top-p", "0.9", "--no-hf-assisted")
+                                "--temperature", "1", "--top-p", "0.9", "--eval-data", str(prompts_file))
     (row,) = results["rows"]
-    assert row["greedy_mismatches"] is None and "hf_tokens_per_s" not in row
+    assert row["greedy_mismatches"] is None and row["hf_greedy_mismatches"] is None and row["hf_tokens_per_s"] > 0
     assert 0 < row["acceptance_rate"] <= 1 and 0 < row["alpha_analytic"] <= 1
-    assert results["held_out"] is None and "Not computed" in (out / "report.md").read_text()
+    assert 0 < results["held_out"]["alpha"] < 1
+
+
+def test_without_eval_data_or_hf_the_report_says_so(tmp_path, model_dirs, prompts_file):
+    target = model_dirs["llama_teacher"]
+    results, out, _ = speculate(tmp_path, target, target, prompts_file, "--gamma", "2", "--no-hf-assisted")
+    (row,) = results["rows"]
+    assert "hf_tokens_per_s" not in row and results["held_out"] is None
+    report = (out / "report.md").read_text()
+    assert "Not computed" in report and "HF tokens/s" not in report
 
 
 @pytest.mark.parametrize("spec, expected", [("4", (4,)), ("1-8", tuple(range(1, 9))), ("4,1,2,2", (1, 2, 4)),

@@ -159,16 +159,15 @@ def time_methods(inputs: Inputs, settings: MeasureSettings, chosen: list[Method]
 
 
 def held_out_alpha(inputs: Inputs, settings: MeasureSettings) -> dict | None:
-    """The α predicted from teacher-forced held-out data (--eval-data): the mean over labelled positions of
-    Σ_v min(p, q) = 1 − TVD between the target's and the draft's next-token distributions at the decoding
-    temperature; greedy: top-1 agreement (the point masses agree or not)."""
+    """The α predicted from teacher-forced held-out data (--eval-data): evaluate's acceptance_alpha, the mean over
+    labelled positions of Σ_v min(p, q) = 1 − TVD between the target's and the draft's next-token distributions
+    after the decoding's temperature and top-p (greedy: the argmax agreement)."""
     if not inputs.eval_batches:
         return None
-    metrics = evaluate(inputs.draft, inputs.eval_batches, teacher=inputs.target, vocab=inputs.vocab).metrics
-    if settings.temperature == 0:
-        return {"alpha": metrics["top1_agreement"], "metric": "top1_agreement", "tokens": metrics["tokens"],
-                "data": settings.eval_data}
-    raise NotImplementedError("the held-out α at --temperature > 0 needs evaluate's acceptance_alpha (wt-accept)")
+    metrics = evaluate(inputs.draft, inputs.eval_batches, teacher=inputs.target, vocab=inputs.vocab,
+                       acceptance_temperature=settings.temperature, acceptance_top_p=settings.top_p).metrics
+    return {"alpha": metrics["acceptance_alpha"], "metric": "acceptance_alpha", "tokens": metrics["tokens"],
+            "top1_agreement": metrics["top1_agreement"], "data": settings.eval_data}
 
 
 # ---- the report's numbers --------------------------------------------------------------------------------------

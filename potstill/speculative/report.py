@@ -115,7 +115,8 @@ def _held_out_section(results: dict) -> str:
                 "teacher-forced held-out data).")
     fixed = [r for r in results["rows"] if r["gamma"] is not None]
     measured = sum(r["accepted"] for r in fixed) / max(sum(r["verified"] for r in fixed), 1)
-    what = "top-1 agreement (greedy)" if held["metric"] == "top1_agreement" else "mean Σ min(p, q) = 1 − TVD"
+    greedy = results["settings"]["temperature"] == 0
+    what = "argmax agreement, greedy" if greedy else "mean Σ min(p, q) = 1 − TVD at the decoding temperature and top-p"
     return (f"## Held-out α\n\nPredicted from `{held['data']}` ({held['tokens']} teacher-forced positions, {what}): "
             f"**α = {_fmt(held['alpha'])}**, beside the measured α over all fixed-γ runs = {_fmt(measured)}.")
 
