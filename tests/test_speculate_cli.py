@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 from typer.testing import CliRunner
 
 from potstill.cli import app
@@ -29,6 +30,18 @@ def one_layer_draft(tmp_path_factory, model_dirs, tokenizer):
     path = tmp_path_factory.mktemp("drafts") / "one_layer"
     truncated_copy(AutoModelForCausalLM.from_pretrained(model_dirs["llama_teacher"]), 1).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def target_with_sampling_defaults(tmp_path_factory, model_dirs):
+    """The target with a shipped generation config that would change HF's decoding if HF read it (as chat models
+    ship sampling defaults and a repetition penalty, Whisper suppressed tokens): potstill must time HF on the same
+    distribution as target-only decoding."""
+    path = tmp_path_factory.mktemp("targets") / "with_defaults"
+    shutil.copytree(model_dirs["llama_teacher"], path)
+    GenerationConfig(do_sample=True, temperature=0.3, top_k=3, repetition_penalty=5.0, suppress_tokens=list(range(3, 300)),
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)
     return path
 
 
@@ -73,10 +86,12 @@ def test_the_target_as_its_own_draft_accepts_everything(tmp_path, model_dirs, pr
     assert "bonus" in report and "plots/speculate.png" in report
 
 
-def test_a_one_layer_draft_is_lossless_and_its_numbers_add_up(tmp_path, model_dirs, one_layer_draft, prompts_file):
-    """A draft that is sometimes wrong: greedy output still equals the target's, greedy α from Σ min(p, q) (point
-    masses) equals the counted α exactly, and the counts are consistent."""
-    results, _, _ = speculate(tmp_path, model_dirs["llama_teacher"], one_layer_draft, prompts_file, "--gamma", "2,4",
+def test_a_one_layer_draft_is_lossless_and_its_numbers_add_up(tmp_path, target_with_sampling_defaults,
+                                                              one_layer_draft, prompts_file):
+    """A draft that is sometimes wrong: greedy output still equals the target's (potstill's decoder, and HF's
+    despite the target's shipped sampling defaults), greedy α from Σ min(p, q) (point masses) equals the counted α
+    exactly, and the counts are consistent."""
+    results, _, _ = speculate(tmp_path, target_with_sampling_defaults, one_layer_draft, prompts_file, "--gamma", "2,4",
                               "--eval-data", str(prompts_file))
     held = results["held_out"]["alpha"]
     assert 0 < held < 1 and held == results["held_out"]["top1_agreement"]  # greedy: α is the argmax agreement

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 import platform
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from transformers import GenerationConfig
 
 from potstill.evaluate import _private_rng, evaluate
 from potstill.sampling import SamplingSettings, sample
 from potstill.speculative.acceptance import predicted_speedup, tokens_per_call
+from potstill.speculative.decode import SpeculativeSettings, speculate
+from potstill.speculative.decode import _clock as clock  # perf_counter after the GPU's queued work
 from potstill.speculative.inputs import Inputs, MeasureSettings
 
 log = logging.getLogger("potstill")
@@ -41,13 +43,6 @@ class Method:
     run: Callable[[list[int], int], Decoded]  # (prompt ids, seed) → Decoded with seconds = 0 (timed by the caller)
 
 
-def clock(device: torch.device) -> float:
-    """``time.perf_counter`` after the device's queued work has finished (asynchronous CUDA kernels)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 # ---- the decoding methods --------------------------------------------------------------------------------------
 
 
@@ -65,8 +60,6 @@ def plain(model, inputs: Inputs, settings: MeasureSettings) -> Callable[[list[in
 
 def speculative(inputs: Inputs, settings: MeasureSettings, gamma: int | None) -> Callable[[list[int], int], Decoded]:
     """potstill's decoder at a fixed γ, or adaptive γ when ``gamma`` is None (its own first γ and γ_max)."""
-    from potstill.speculative.decode import SpeculativeSettings, speculate
-
     fixed = {"gamma": gamma} if gamma is not None else {"adaptive": True}
     spec_settings = SpeculativeSettings(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                         top_p=settings.top_p, **fixed)
@@ -80,21 +73,20 @@ def speculative(inputs: Inputs, settings: MeasureSettings, gamma: int | None) ->
 
 
 @contextmanager
-def fixed_assistant_gamma(draft, gamma: int) -> Iterator[None]:
-    """HF assisted generation reads γ from the *assistant's* generation config (``AssistedCandidateGenerator``;
-    the same names passed to ``generate`` would only set the target's): γ candidates every round, no heuristic
-    schedule, no confidence-threshold early stop. Restored afterwards."""
-    config = draft.generation_config
-    wanted = {"num_assistant_tokens": gamma, "num_assistant_tokens_schedule": "constant",
-              "assistant_confidence_threshold": 0.0}
-    saved = {key: getattr(config, key, None) for key in wanted}
-    for key, value in wanted.items():
-        setattr(config, key, value)
+def plain_generation_configs(target, draft, gamma: int) -> Iterator[None]:
+    """HF's ``generate`` fills every option a call leaves unset from the model's own generation config (a shipped
+    repetition_penalty, top_k or temperature would decode another distribution than target-only decoding), and
+    assisted generation reads γ from the *assistant's* config (``AssistedCandidateGenerator``), not from
+    ``generate``'s arguments. For the call both models get a fresh config: the draft's proposes γ candidates every
+    round (no heuristic schedule, no confidence-threshold early stop). The models' own configs are restored after."""
+    saved = target.generation_config, draft.generation_config
+    target.generation_config = GenerationConfig()
+    draft.generation_config = GenerationConfig(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",
+                                               assistant_confidence_threshold=0.0)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            setattr(config, key, value)
+        target.generation_config, draft.generation_config = saved
 
 
 def hf_assisted(inputs: Inputs, settings: MeasureSettings, gamma: int) -> Callable[[list[int], int], Decoded]:
@@ -113,7 +105,7 @@ def hf_assisted(inputs: Inputs, settings: MeasureSettings, gamma: int) -> Callab
         calls[0] = 0
         handle = inputs.target.register_forward_pre_hook(count_call, with_kwargs=True)
         try:
-            with torch.no_grad(), fixed_assistant_gamma(inputs.draft, gamma), _private_rng(inputs.device, seed):
+            with torch.no_grad(), plain_generation_configs(inputs.target, inputs.draft, gamma), _private_rng(inputs.device, seed):
                 out = inputs.target.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                              assistant_model=inputs.draft, max_new_tokens=settings.max_new_tokens,
                                              eos_token_id=inputs.eos, pad_token_id=inputs.pad, **sampling)

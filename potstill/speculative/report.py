@@ -65,8 +65,8 @@ def table_rows(results: dict, chosen: list[tuple[str, str]] | None = None) -> tu
 
 # The terminal's table: the headline columns under short headers (report.md has them all).
 TERMINAL_COLUMNS = [("γ", "gamma"), ("α", "alpha_measured"), ("τ", "tau"), ("τ pred", "tau_predicted"),
-                    ("tokens/s", "tokens_per_s"), ("speed-up", "speedup"), ("pred", "speedup_predicted"),
-                    ("vs HF", "speedup_vs_hf"), ("mismatch", "greedy_mismatches")]
+                    ("tok/s", "tokens_per_s"), ("speedup", "speedup"), ("pred", "speedup_predicted"),
+                    ("vs HF", "speedup_vs_hf"), ("mism.", "greedy_mismatches")]
 
 
 def results_table_rich(results: dict) -> Table:
