@@ -24,32 +24,35 @@ PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog. 12345 + 678 = ?", "
                "café naïve 日本語 emoji 🙂")
 
 
-def _first_difference(teacher_tok, student_tok, probes) -> str | None:
+def _first_difference(teacher_tok, student_tok, probes, names: tuple[str, str]) -> str | None:
     """Same vocabulary is not enough: the same text must become the same ids (pre-tokenizer, normaliser, BOS)."""
     for text in list(probes) + list(PROBE_TEXTS):
         a, b = teacher_tok(text)["input_ids"], student_tok(text)["input_ids"]
         if a != b:
-            return f"they tokenize {text[:60]!r} differently (teacher {a[:12]}, student {b[:12]})"
+            return f"they tokenize {text[:60]!r} differently ({names[0]} {a[:12]}, {names[1]} {b[:12]})"
     return None
 
 
-def compare_tokenizers(teacher_tok, student_tok, probes: tuple[str, ...] | list[str] = ()) -> list[str]:
+def compare_tokenizers(teacher_tok, student_tok, probes: tuple[str, ...] | list[str] = (),
+                       names: tuple[str, str] = ("teacher", "student")) -> list[str]:
     """Human-readable differences that make token-level KD wrong (empty list = compatible). ``probes`` are texts
-    (e.g. a few training records) that both must encode to the same ids."""
+    (e.g. a few training records) that both must encode to the same ids; ``names`` call the two sides in the
+    messages (a draft check says target/draft)."""
+    first, second = names
     problems = []
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     if tv != sv:
         only_t, only_s = set(tv) - set(sv), set(sv) - set(tv)
         moved = {k for k in set(tv) & set(sv) if tv[k] != sv[k]}
-        detail = [f"{len(only_t)} tokens only in the teacher's ({_sample(only_t)})" if only_t else "",
-                  f"{len(only_s)} only in the student's ({_sample(only_s)})" if only_s else "",
+        detail = [f"{len(only_t)} tokens only in the {first}'s ({_sample(only_t)})" if only_t else "",
+                  f"{len(only_s)} only in the {second}'s ({_sample(only_s)})" if only_s else "",
                   f"{len(moved)} with different ids ({_sample(moved)})" if moved else ""]
         problems.append(f"vocabularies differ ({len(tv)} vs {len(sv)} tokens): " + "; ".join(d for d in detail if d))
     for name in _SPECIALS:
         t, s = getattr(teacher_tok, name, None), getattr(student_tok, name, None)
         if name == "eos_token_id" and t != s or (name != "eos_token_id" and t is not None and s is not None and t != s):
-            problems.append(f"{name} differs: teacher {t}, student {s}")
-    behaviour = None if problems else _first_difference(teacher_tok, student_tok, probes)
+            problems.append(f"{name} differs: {first} {t}, {second} {s}")
+    behaviour = None if problems else _first_difference(teacher_tok, student_tok, probes, names)
     return problems + ([behaviour] if behaviour else [])
 
 

@@ -38,8 +38,11 @@ def test_distill_eval_report_round_trip(tmp_path, model_dirs, text_jsonl):
     assert again.exit_code == 2 and "already holds a run" in again.output
     evaluated = runner.invoke(app, ["eval", str(out)])
     assert evaluated.exit_code == 0, evaluated.output
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last, trained = rows[-1], [r for r in rows if r["kind"] == "eval" and "source" not in r]
     assert last["source"] == "potstill eval" and last["step"] == 4 and "kl_teacher_student" in last
+    assert [r["step"] for r in trained] == [2, 4] and all("acceptance_alpha" in r for r in trained)  # every evaluation
+    assert last["acceptance_alpha"] == pytest.approx(trained[-1]["acceptance_alpha"], rel=1e-5)  # final/ = step 4's model
     reported = runner.invoke(app, ["report", str(out), str(out)], terminal_width=200)
     assert reported.exit_code == 0, reported.output
     assert "report.md" in reported.output
