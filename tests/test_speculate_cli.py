@@ -144,7 +144,8 @@ def test_bad_inputs_end_in_one_line_and_create_nothing(tmp_path, model_dirs, tok
         (["--gamma", "9"], "each γ must be between 1 and 8"),
         (["--gamma", "4-2"], "the range 4-2 is empty"),
         (["--gamma", "two"], "write one γ (4), a range (1-8) or a list (1,2,4)"),
-        (["--draft", str(other_vocab)], "its output layer has 495 rows (vocab_size) but the target's has 479"),
+        (["--draft", str(other_vocab)], f"draft {other_vocab} cannot serve target {target} in speculative decoding: "
+                                        "vocab_size differs: target 479, draft 495"),
         (["--prompts", str(empty)], "empty.jsonl: the dataset is empty"),
         (["--prompts", str(no_prompt)], "no_prompt.jsonl:2: a record needs 'text', 'prompt' and 'completion'"),
         (["--max-new-tokens", "300"], "exceed the models' context of 256 positions"),

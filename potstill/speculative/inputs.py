@@ -19,6 +19,7 @@ from potstill.data.loading import is_builtin_spec, load_records, record_kind, re
 from potstill.generation.prompts import Prompt, prompt_of
 from potstill.generation.text import eos_ids
 from potstill.precision import resolve_model_dtype
+from potstill.speculative.compat import check_draft
 
 GAMMA_MAX = 8  # the largest γ a fixed-γ row may ask for (the issue's sweep is 1..8)
 TEXT_PROMPT_WORDS = 8  # a text record (e.g. --prompts builtin) is continued from its first this many words
@@ -114,7 +115,7 @@ def load_inputs(settings: MeasureSettings) -> Inputs:
     target = models.load_causal_lm(target_path, dtype, key="--target").to(device).eval()
     draft = models.load_causal_lm(draft_path, dtype, key="--draft").to(device).eval()
     tokenizer = models.load_tokenizer(target_path)
-    vocab = check_pair(tokenizer, draft_path, target, draft)
+    vocab = check_pair(target, draft, tokenizer, target_path, draft_path)
     eos = eos_ids(target, tokenizer)
     ids = [prompt_token_ids(p, tokenizer, settings) for p in prompts]
     context = min(_context(target), _context(draft))
@@ -126,26 +127,17 @@ def load_inputs(settings: MeasureSettings) -> Inputs:
                   target_path, draft_path)
 
 
-def check_pair(tokenizer, draft_path: str, target: nn.Module, draft: nn.Module) -> int:
-    """The shared vocabulary size of a usable (target, draft) pair, else one line saying what differs.
-
-    Seam: ``potstill.speculative.compat.check_draft`` (vocabulary size, tokenizer, special tokens, as HF
-    assisted generation and vLLM need them) when that module is present; until then equal output sizes (a draft
-    with more rows could propose an id the target cannot embed) and the KD pair check (``guardrails.check_pair``:
-    tokenizers by behaviour, special tokens, heads covering the tokenizer)."""
+def check_pair(target: nn.Module, draft: nn.Module, tokenizer, target_path: str, draft_path: str) -> int:
+    """The vocabulary both heads are trimmed to for the held-out α (the tokenizer's length), after
+    ``compat.check_draft`` refused, in one line, any draft a serving engine would reject or run wrongly (vocab_size
+    and embedding rows, tokenizer behaviour, special ids). A local directory is passed by its path, so the line
+    names it (a hub id by its loaded model)."""
     from potstill.assemble import _student_tokenizer
-    from potstill.guardrails import check_pair as kd_check_pair
 
     draft_tokenizer = _student_tokenizer(draft_path, tokenizer)  # a draft dir without tokenizer files borrows the target's
-    try:
-        from potstill.speculative.compat import check_draft
-    except ImportError:
-        target_rows, draft_rows = models.output_size(target), models.output_size(draft)
-        if target_rows != draft_rows:
-            raise ValueError(f"--draft {draft_path}: its output layer has {draft_rows} rows (vocab_size) but the "
-                             f"target's has {target_rows}; speculative decoding needs the target's vocabulary size") from None
-        return kd_check_pair(tokenizer, draft_tokenizer, target, draft)
-    return check_draft(tokenizer, draft_tokenizer, target, draft)
+    named = [path if (Path(path).expanduser() / "config.json").exists() else model
+             for path, model in ((target_path, target), (draft_path, draft))]
+    return check_draft(*named, target_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer).tokens
 
 
 def read_prompts(spec: str, limit: int) -> list[Prompt]:

@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 from potstill.evaluate import _private_rng, evaluate
 from potstill.sampling import SamplingSettings, sample
 from potstill.speculative.acceptance import predicted_speedup, tokens_per_call
+from potstill.speculative.compat import configure_hf_assistant
 from potstill.speculative.decode import SpeculativeSettings, speculate
 from potstill.speculative.decode import _clock as clock  # perf_counter after the GPU's queued work
 from potstill.speculative.inputs import Inputs, MeasureSettings
@@ -76,13 +77,11 @@ def speculative(inputs: Inputs, settings: MeasureSettings, gamma: int | None) ->
 def plain_generation_configs(target, draft, gamma: int) -> Iterator[None]:
     """HF's ``generate`` fills every option a call leaves unset from the model's own generation config (a shipped
     repetition_penalty, top_k or temperature would decode another distribution than target-only decoding), and
-    assisted generation reads γ from the *assistant's* config (``AssistedCandidateGenerator``), not from
-    ``generate``'s arguments. For the call both models get a fresh config: the draft's proposes γ candidates every
-    round (no heuristic schedule, no confidence-threshold early stop). The models' own configs are restored after."""
+    assisted generation reads γ from the *assistant's* config. For the call both models get a fresh config, the
+    draft's set to propose γ candidates every round (``compat.configure_hf_assistant``); restored after."""
     saved = target.generation_config, draft.generation_config
-    target.generation_config = GenerationConfig()
-    draft.generation_config = GenerationConfig(num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",
-                                               assistant_confidence_threshold=0.0)
+    target.generation_config, draft.generation_config = GenerationConfig(), GenerationConfig()
+    configure_hf_assistant(draft, gamma)
     try:
         yield
     finally:
