@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from potstill.cli import app
 from potstill.models import truncated_copy
-from potstill.speculative.inputs import parse_gammas
+from potstill.builtin import builtin_texts
+from potstill.speculative.inputs import parse_gammas, read_prompts
 from tests.conftest import builtin_prompt_completion_jsonl, save_tiny_model
 from tests.test_cli import error_line
 
@@ -131,6 +132,14 @@ def test_gamma_specs(spec, expected):
     assert parse_gammas(spec) == expected
 
 
+def test_text_records_are_continued_from_their_first_eight_words(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"text": "a b c d e f g h i j"}) + "\n\n" + json.dumps({"prompt": "x y", "completion": " z"}) + "\n")
+    assert [(p.prompt_id, p.prompt) for p in read_prompts(str(path), 10)] == [(0, "a b c d e f g h"), (2, "x y")]
+    # built-in sources: their validation split (text no draft recipe trains on)
+    assert [p.prompt for p in read_prompts("builtin", 2)] == [" ".join(t.split()[:8]) for t in builtin_texts("validation", 2)]
+
+
 def test_bad_inputs_end_in_one_line_and_create_nothing(tmp_path, model_dirs, tokenizer, prompts_file):
     target = str(model_dirs["llama_teacher"])
     other_vocab = save_tiny_model(tmp_path / "other_vocab", "llama", tokenizer, layers=1, vocab=len(tokenizer) + 16)
@@ -140,6 +149,7 @@ def test_bad_inputs_end_in_one_line_and_create_nothing(tmp_path, model_dirs, tok
     no_prompt.write_text(json.dumps({"prompt": "the cat", "completion": " sat"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
     cases = [
         (["--prompts", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
+        (["--eval-data", str(tmp_path / "held.jsonl")], "held.jsonl does not exist"),
         (["--gamma", "0"], "each γ must be between 1 and 8"),
         (["--gamma", "9"], "each γ must be between 1 and 8"),
         (["--gamma", "4-2"], "the range 4-2 is empty"),

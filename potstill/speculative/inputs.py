@@ -109,6 +109,7 @@ def load_inputs(settings: MeasureSettings) -> Inputs:
     held-out data: cheapest checks first, so a typo fails before any model is loaded."""
     settings.check()
     prompts = read_prompts(settings.prompts, settings.max_prompts)
+    eval_records = load_records(settings.eval_data, _split(settings.eval_data), EVAL_EXAMPLES) if settings.eval_data else []
     device = runtime.resolve_device(settings.device)
     dtype = resolve_model_dtype(settings.dtype, device)
     target_path, draft_path = models.resolve_model_path(settings.target), models.resolve_model_path(settings.draft)
@@ -118,10 +119,10 @@ def load_inputs(settings: MeasureSettings) -> Inputs:
     vocab = check_pair(target, draft, tokenizer, target_path, draft_path)
     eos = eos_ids(target, tokenizer)
     ids = [prompt_token_ids(p, tokenizer, settings) for p in prompts]
-    context = min(_context(target), _context(draft))
+    context = min((c for c in (_context(target), _context(draft)) if c is not None), default=None)
     for prompt, prompt_ids in zip(prompts, ids):
         _check_fits(prompt, prompt_ids, settings, context)
-    batches = held_out_batches(settings.eval_data, tokenizer) if settings.eval_data else []
+    batches = held_out_batches(eval_records, settings.eval_data, tokenizer) if eval_records else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return Inputs(target, draft, tokenizer, vocab, eos, pad, device, [p.prompt_id for p in prompts], ids, batches,
                   target_path, draft_path)
@@ -144,12 +145,8 @@ def read_prompts(spec: str, limit: int) -> list[Prompt]:
     """The prompts of --prompts, at most ``limit``: prompt/completion and chat records as `potstill generate`
     reads them (``generation.prompts.prompt_of``); a text record (``builtin`` is the built-in language's texts)
     becomes its first TEXT_PROMPT_WORDS words. Built-in sources give their validation split (held-out prompts)."""
-    split = "validation" if is_builtin_spec(spec) else "train"
-    records = load_records(spec, split, limit)
-    if not records:
-        raise ValueError(f"--prompts {spec}: no prompts")
     prompts = []
-    for number, record in records:
+    for number, record in load_records(spec, _split(spec), limit):
         where = record_location(spec, number)
         if record_kind(record, where) == "text":
             words = record["text"].split()
@@ -185,10 +182,14 @@ def _check_fits(prompt: Prompt, ids: list[int], settings: MeasureSettings, conte
                          f"context of {context} positions; lower --max-new-tokens or shorten the prompt")
 
 
-def held_out_batches(spec: str, tokenizer) -> list[dict]:
-    """Teacher-forced batches of the first EVAL_EXAMPLES records of --eval-data (a built-in source's validation
-    split), encoded with the target's tokenizer as training encodes them (labels on completions / assistant turns)."""
-    split = "validation" if is_builtin_spec(spec) else "train"
-    examples, _ = encode_all(tokenizer, load_records(spec, split, EVAL_EXAMPLES), EVAL_MAX_LENGTH, spec)
+def _split(spec: str) -> str:
+    """Built-in sources are read from their validation split (text no draft recipe trains on); files whole."""
+    return "validation" if is_builtin_spec(spec) else "train"
+
+
+def held_out_batches(records: list, spec: str, tokenizer) -> list[dict]:
+    """Teacher-forced batches of --eval-data's first EVAL_EXAMPLES records, encoded with the target's tokenizer as
+    training encodes them (labels on completions / assistant turns)."""
+    examples, _ = encode_all(tokenizer, records, EVAL_MAX_LENGTH, spec)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return eval_batches(examples, EVAL_BATCH_SIZE, pad)
