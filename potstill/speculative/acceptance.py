@@ -29,7 +29,7 @@ def _check(alpha: float, gamma: int) -> None:
 
 
 def tokens_per_call(alpha: float, gamma: int) -> float:
-    """τ = (1 − α^(γ+1)) / (1 − α): expected tokens committed per target call when γ are proposed (γ + 1 at α = 1).
+    """τ = (1 − α^(γ+1)) / (1 − α): expected tokens committed per target call, γ proposed (γ + 1 at α = 1).
     Summed as the geometric series Σ_{k=0}^{γ} α^k, which has no 0/0 at α = 1 and no cancellation near it."""
     _check(alpha, gamma)
     return float(sum(alpha ** k for k in range(gamma + 1)))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -54,8 +55,8 @@ class SpeculativeSettings:
         if self.gamma_max < 1:
             raise ValueError(f"{where}.gamma_max must be ≥ 1, got {self.gamma_max}")
         if self.adaptive and self.gamma > self.gamma_max:
-            raise ValueError(f"{where}.gamma (the first round's, {self.gamma}) must be ≤ gamma_max = {self.gamma_max} "
-                             "when adaptive")
+            raise ValueError(f"{where}.gamma (the first round's, {self.gamma}) must be ≤ gamma_max = "
+                             f"{self.gamma_max} when adaptive")
 
 
 @dataclass
@@ -118,26 +119,34 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _vocab_width(model: nn.Module) -> int:
-    head = model.get_output_embeddings()
-    return head.weight.shape[0] if head is not None else model.config.vocab_size
+def _rows(module: nn.Module | None) -> int | None:
+    return None if module is None else module.weight.shape[0]
 
 
 class _CachedModel:
     """A causal LM with its KV cache and the number of committed tokens the cache holds (``length``)."""
 
     def __init__(self, model: nn.Module, width: int):
-        self.model, self.width = model, width  # width: the common vocabulary width (-inf beyond this model's own)
+        self.model, self.width = model, width  # width: the target's vocabulary width, which logits are brought to
         self.cache = None
         self.length = 0
         self.seconds = 0.0
+        # The target may commit an id this model has no embedding for (a padded row of the target's head, e.g. a
+        # 151,936-row draft for a 152,064-row target): it is shown its last id instead. Only the draft can be
+        # narrower, and what it is shown only shapes its proposals, which the rule verifies, so the output stays exact.
+        rows = _rows(model.get_input_embeddings())
+        self.last_id = rows - 1 if rows is not None and rows < width else None
 
     def forward(self, ids: Tensor, keep: int) -> Tensor:
         """fp32 logits (keep, width) of the last ``keep`` positions of ``ids`` (1, n), which follow the cache."""
+        if self.last_id is not None:
+            ids = ids.clamp_max(self.last_id)
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         self.cache = out.past_key_values
         logits = out.logits[0].float()
-        if logits.shape[-1] < self.width:  # a smaller vocabulary: its missing ids have probability 0
+        if logits.shape[-1] > self.width:  # ids the target cannot emit: never worth proposing
+            logits = logits[:, : self.width]
+        elif logits.shape[-1] < self.width:  # ids this model cannot emit: probability 0
             logits = torch.nn.functional.pad(logits, (0, self.width - logits.shape[-1]), value=float("-inf"))
         return logits
 
@@ -167,7 +176,7 @@ class _Speculator:
         if next(draft.parameters()).device != self.device:
             raise ValueError(f"speculate: the draft is on {next(draft.parameters()).device} but the target on "
                              f"{self.device}; move both to one device")
-        width = max(_vocab_width(target), _vocab_width(draft))
+        width = _rows(target.get_output_embeddings()) or target.config.vocab_size
         self.target, self.draft = _CachedModel(target, width), _CachedModel(draft, width)
         self.settings, self.sampling = settings, settings.sampling()
         self.greedy = settings.temperature == 0
@@ -239,6 +248,38 @@ class _Speculator:
         token = draw(residual.log(), self.generator)  # draw normalises: unnormalised log-weights are fine
         return accepted, token, expected_acceptance(logq[:g], logp[:g])
 
+    @torch.no_grad()
+    def run(self, eos: set[int], on_round: Callable[[_Speculator], None] | None = None) -> SpeculativeResult:
+        """Prefill, then rounds until an EOS is committed or max_new_tokens are; ``on_round`` (tests) sees the state
+        after each round's bookkeeping."""
+        limit = self.settings.max_new_tokens
+        self.prefill()
+        result = SpeculativeResult(tokens=[], finished=False)
+        gammas = _GammaChooser(self.settings)
+        expected = torch.zeros((), device=self.device)
+        while len(result.tokens) < limit and not result.finished:
+            g = min(gammas.next(), limit - len(result.tokens) - 1)  # a round commits at most g + 1 tokens
+            start = _clock(self.device)  # (the previous round's sync has already emptied the queue)
+            rows = self.propose(g)
+            middle = _clock(self.device)
+            decided = self.verify(g, rows)
+            end = _clock(self.device)
+            self.draft.seconds += middle - start
+            self.target.seconds += end - middle
+            new, accepted, verified, result.finished = _settle(decided, g, eos)
+            result.tokens += new
+            result.rounds.append((g, accepted))
+            result.verified += verified
+            expected += decided.expected[:verified].sum()
+            gammas.record(g, accepted, verified, middle - start, end - middle)
+            self.committed += len(new)
+            self.target.truncate(self.committed - 1)  # all committed tokens but the last, which it has not seen
+            self.draft.truncate(self.committed - 1)  # what it saw of the accepted drafts
+            if on_round is not None:
+                on_round(self)
+        result.expected_accepted = float(expected)
+        result.draft_seconds, result.target_seconds = self.draft.seconds, self.target.seconds
+        return result
 
 class _GammaChooser:
     """γ for the next round. Fixed: ``settings.gamma``. Adaptive: ``best_gamma(α̂, ĉ, gamma_max)``, the γ that
@@ -274,11 +315,17 @@ class _GammaChooser:
         return best_gamma(alpha, cost, s.gamma_max)
 
 
-def _first_eos(tokens: list[int], eos: set[int]) -> int | None:
-    return next((i for i, t in enumerate(tokens) if t in eos), None)
+def _settle(decided: _Round, g: int, eos: set[int]) -> tuple[list[int], int, int, bool]:
+    """(tokens committed, drafts accepted, positions verified, finished) of a round: the accepted drafts and the
+    correction or bonus token, cut after the first EOS (drafts past it count as neither accepted nor verified)."""
+    new, accepted = decided.drafted[: decided.accepted] + [decided.token], decided.accepted
+    verified = accepted + (accepted < g)  # positions after the first rejection were never tested
+    stop = next((i for i, t in enumerate(new) if t in eos), None)
+    if stop is None:
+        return new, accepted, verified, False
+    return new[: stop + 1], min(accepted, stop + 1), min(verified, stop + 1), True
 
 
-@torch.no_grad()
 def speculate(target: nn.Module, draft: nn.Module, prompt: list[int], settings: SpeculativeSettings, *,
               eos_ids: list[int] | int, seed: int = 0) -> SpeculativeResult:
     """Continue ``prompt`` (token ids, batch 1) with the target's distribution, proposals from ``draft``: greedy
@@ -287,40 +334,9 @@ def speculate(target: nn.Module, draft: nn.Module, prompt: list[int], settings: 
     generator seeded by ``seed`` (the global RNG state is untouched). Stops at the first committed token in
     ``eos_ids`` (kept) or after ``max_new_tokens``; a round near that limit proposes fewer drafts, so no token past
     it is ever computed. Both models are used as they are (train/eval mode is the caller's business) and must share
-    the tokenizer; a vocabulary narrower than the other's gives its missing ids probability 0."""
+    the tokenizer; their output widths may differ (padded rows): the draft's logits are brought to the target's."""
     settings.check()
     if not prompt:
         raise ValueError("speculate: the prompt needs at least one token (e.g. BOS)")
-    eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)
-    run = _Speculator(target, draft, prompt, settings, seed)
-    run.prefill()
-    result = SpeculativeResult(tokens=[], finished=False)
-    gammas = _GammaChooser(settings)
-    expected = torch.zeros((), device=run.device)
-    while len(result.tokens) < settings.max_new_tokens and not result.finished:
-        g = min(gammas.next(), settings.max_new_tokens - len(result.tokens) - 1)  # commits ≤ g + 1 tokens
-        start = _clock(run.device)
-        rows = run.propose(g)
-        middle = _clock(run.device)
-        decided = run.verify(g, rows)
-        end = _clock(run.device)
-        run.draft.seconds += middle - start
-        run.target.seconds += end - middle
-        new = decided.drafted[: decided.accepted] + [decided.token]
-        accepted = decided.accepted
-        verified = accepted + (accepted < g)  # positions after the first rejection were never tested
-        stop = _first_eos(new, eos)
-        if stop is not None:  # tokens after the EOS are dropped, and so are their acceptances
-            new, accepted, verified = new[: stop + 1], min(accepted, stop + 1), min(verified, stop + 1)
-            result.finished = True
-        result.tokens += new
-        result.rounds.append((g, accepted))
-        result.verified += verified
-        expected += decided.expected[:verified].sum()
-        gammas.record(g, accepted, verified, middle - start, end - middle)
-        run.committed += len(new)
-        run.target.truncate(run.committed - 1)  # all committed tokens but the last, which it has not seen
-        run.draft.truncate(run.committed - 1)  # what it saw of the accepted drafts
-    result.expected_accepted = float(expected)
-    result.draft_seconds, result.target_seconds = run.draft.seconds, run.target.seconds
-    return result
+    return _Speculator(target, draft, prompt, settings, seed).run({eos_ids} if isinstance(eos_ids, int) else
+                                                                  set(eos_ids))
