@@ -82,8 +82,10 @@ def test_the_target_as_its_own_draft_accepts_everything(tmp_path, model_dirs, pr
         calls = sum(p["target_calls"] for p in results["per_prompt"][f"potstill:{gamma}"])
         assert rows[gamma]["tau"] == pytest.approx(rows[gamma]["tokens"] / calls, rel=1e-12)
         assert rows[gamma]["tokens"] == results["baselines"]["target"]["tokens"]
+    adaptive_rounds = [r for p in results["per_prompt"]["potstill:adaptive"] for r in p["rounds"]]
     report = (out / "report.md").read_text()
-    assert "| 1 | 1.0000 |" in report and "| 3 |" in report and "| adaptive (" in report
+    assert "| 1 | 1.0000 |" in report and "| 3 |" in report
+    assert f"| adaptive ({rows[None]['proposed'] / len(adaptive_rounds):.2f}) |" in report
     assert "bonus" in report and "plots/speculate.png" in report
 
 

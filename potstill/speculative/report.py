@@ -129,6 +129,8 @@ def _main_table(results: dict) -> str:
              "Speed-up = tokens/s ÷ target-only tokens/s over the same prompts; vs HF = tokens/s ÷ HF assisted "
              "tokens/s at the same γ.",
              "Predicted columns use the measured α: τ = (1 − α^(γ+1)) / (1 − α), speed-up = τ / (γ·c + 1)."]
+    if any(r["gamma"] is None for r in results["rows"]):
+        notes.append("adaptive (m): the decoder picks γ each round; m is the mean γ it proposed.")
     if any(r.get("greedy_mismatches") is not None for r in results["rows"]):
         notes.append("Greedy mismatches: prompts whose output differs from target-only greedy decoding (0 = lossless).")
     return "## Speculative decoding per γ\n\n" + _table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
