@@ -69,7 +69,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     student_tok_path = cfg.student.path if cfg.student.path else None
     torch.manual_seed(cfg.train.seed)  # the same seed gives the same fresh student, whatever the objective
     student = build_student(cfg, teacher, tokenizer).to(device)
-    student_tok = _student_tokenizer(student_tok_path, tokenizer)
+    student_tok = student_tokenizer(student_tok_path, tokenizer)
     if teacher is not None:
         vocab = check_pair(tokenizer, student_tok, teacher, student, probe_texts(cfg))
     else:
@@ -77,7 +77,7 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     reference = None
     if cfg.loss.reference:
         reference = models.load_causal_lm(cfg.loss.reference, teacher_dtype, "loss.reference").to(device).eval().requires_grad_(False)
-        check_pair(tokenizer, _student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
+        check_pair(tokenizer, student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
     # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
     teacher = teacher if teacher is not None else self_distill.student_copy(cfg, student)  # teacher.self_distill
     return Parts(tokenizer if tokenizer is not None else student_tok, teacher, student, vocab, reference)
@@ -89,7 +89,7 @@ def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
     tokenizer = cached_tokenizer(cfg.teacher.cache)
     torch.manual_seed(cfg.train.seed)
     student = build_student(cfg, _teacher_to_copy(cfg), tokenizer).to(device)
-    student_tok = _student_tokenizer(cfg.student.path, tokenizer)
+    student_tok = student_tokenizer(cfg.student.path, tokenizer)
     problems = compare_tokenizers(tokenizer, student_tok, probe_texts(cfg))
     if problems:
         raise TokenizerMismatch(f"the student's tokenizer differs from the one the cache was built with: {'; '.join(problems)}")
@@ -103,7 +103,7 @@ def _load_server_parts(cfg: RunConfig, device: torch.device) -> Parts:
     tokenizer = load_tokenizer(resolve_model_path(cfg.teacher.path)) if cfg.teacher.path else None
     torch.manual_seed(cfg.train.seed)
     student = build_student(cfg, _teacher_to_copy(cfg), tokenizer).to(device)
-    student_tok = _student_tokenizer(cfg.student.path, tokenizer)
+    student_tok = student_tokenizer(cfg.student.path, tokenizer)
     problems = compare_tokenizers(tokenizer, student_tok, probe_texts(cfg)) if tokenizer is not None else []
     if problems:
         raise TokenizerMismatch(f"the student's tokenizer differs from teacher.path's: {'; '.join(problems)}")
@@ -133,7 +133,7 @@ def probe_texts(cfg: RunConfig, n: int = 8) -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _student_tokenizer(path: str | None, teacher_tok):
+def student_tokenizer(path: str | None, teacher_tok):
     """The student's own tokenizer when its directory (or hub repo) has one, else the teacher's. A local directory
     without tokenizer files must not be handed to AutoTokenizer: for some model types it silently builds an empty
     default tokenizer instead of failing."""

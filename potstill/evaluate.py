@@ -246,7 +246,7 @@ def evaluate(student: nn.Module, batches: Iterable[dict], *, teacher: nn.Module 
 
 
 @contextmanager
-def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
+def private_rng(device: torch.device, seed: int) -> Iterator[None]:
     """A fixed seed for the CPU and ``device`` inside; the caller's RNG states restored on exit, so a resumed
     run draws exactly the numbers it would have drawn. Only ``device`` is forked and seeded (not every GPU, as
     a bare ``torch.manual_seed`` would), which keeps other ranks' GPUs untouched under torchrun."""
@@ -268,7 +268,7 @@ def generate_sample(model: nn.Module, tokenizer, prompt: str, max_new_tokens: in
     device = _device(model)
     input_ids = _prompt_ids(tokenizer, prompt).to(device)  # (1, T_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad(), _eval_mode(model), _private_rng(device, seed):
+    with torch.no_grad(), _eval_mode(model), private_rng(device, seed):
         out = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
             max_new_tokens=max_new_tokens, pad_token_id=pad_id,

@@ -103,7 +103,7 @@ def _setting_text(config: dict, section: str, key: str) -> str:
 # ---- formatting ------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return MISSING
     if isinstance(value, int):  # bools and counts
@@ -123,7 +123,7 @@ def _code(text: str) -> str:
     return f"`{text}`" if text != MISSING else text
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -160,11 +160,11 @@ def _summary_section(last_eval: dict | None) -> str:
     for label, student_key, teacher_key in SUMMARY_ROWS:
         if student_key not in last_eval:
             continue
-        row = [label, _fmt(last_eval[student_key])]
+        row = [label, fmt(last_eval[student_key])]
         if with_teacher:
-            row.append(_fmt(last_eval.get(teacher_key)) if teacher_key else "")
+            row.append(fmt(last_eval.get(teacher_key)) if teacher_key else "")
         rows.append(row)
-    return f"## Final evaluation (step {last_eval['step']})\n\n" + _table(headers, rows) + _draft_line(last_eval)
+    return f"## Final evaluation (step {last_eval['step']})\n\n" + markdown_table(headers, rows) + _draft_line(last_eval)
 
 
 REPORT_GAMMA = 4  # draft tokens per round the report's τ is quoted at
@@ -190,12 +190,12 @@ def _settings_section(config: dict, train: list[dict]) -> str:
         ["teacher", _setting_text(config, "teacher", "path")],
         ["student", _student_source(config)],
     ]
-    text = "## Settings\n\n" + _table(["setting", "value"], rows)
+    text = "## Settings\n\n" + markdown_table(["setting", "value"], rows)
     if train:
         last = train[-1]
         speed = last.get("tokens_per_s")
         speed_text = f", {speed:,.0f} tokens/s" if isinstance(speed, (int, float)) else ""
-        text += f"\n\nLast logged train step {last['step']}: loss {_fmt(last.get('loss'))}{speed_text}."
+        text += f"\n\nLast logged train step {last['step']}: loss {fmt(last.get('loss'))}{speed_text}."
     return text
 
 
@@ -221,16 +221,16 @@ def write_report(run_dir: Path | str) -> Path:
     plots_dir.mkdir(exist_ok=True)
     plots: dict[str, Path] = {}
     if train or evals:
-        plots["loss curves"] = _write_png(plots_dir / "loss.png", _loss_figure(train, evals))
+        plots["loss curves"] = write_png(plots_dir / "loss.png", _loss_figure(train, evals))
     if any("golden_kl_student" in e for e in evals):
-        plots["golden vs proxy"] = _write_png(plots_dir / "golden.png", _golden_figure(evals, records))
+        plots["golden vs proxy"] = write_png(plots_dir / "golden.png", _golden_figure(evals, records))
     if any("task_accuracy" in e for e in evals):
-        plots["answer accuracy"] = _write_png(plots_dir / "task.png", _task_figure(evals))
+        plots["answer accuracy"] = write_png(plots_dir / "task.png", _task_figure(evals))
     if any("acceptance_alpha" in e for e in evals):
-        plots["draft acceptance"] = _write_png(plots_dir / "acceptance.png", _acceptance_figure(evals))
+        plots["draft acceptance"] = write_png(plots_dir / "acceptance.png", _acceptance_figure(evals))
     calibrated = [e for e in evals if e.get("calibration")]
     if calibrated:
-        plots["reliability diagram"] = _write_png(plots_dir / "calibration.png", _reliability_figure(calibrated[-1]))
+        plots["reliability diagram"] = write_png(plots_dir / "calibration.png", _reliability_figure(calibrated[-1]))
     # The markdown goes last, so it never links to an image that is not there yet.
     return atomic_write_bytes(run_dir / "report.md", _markdown(run_dir, config, train, evals, plots).encode())
 
@@ -317,12 +317,12 @@ def _reliability_figure(last_eval: dict) -> Figure:
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     ece = last_eval.get("ece")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max student probability)", ylabel="accuracy")
-    ax.set_title(f"reliability at step {last_eval['step']}: ECE = {_fmt(ece)}")
+    ax.set_title(f"reliability at step {last_eval['step']}: ECE = {fmt(ece)}")
     ax.legend(loc="upper left")
     return fig
 
 
-def _write_png(path: Path, fig: Figure) -> Path:
+def write_png(path: Path, fig: Figure) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return atomic_write_bytes(path, buffer.getvalue())
@@ -353,7 +353,7 @@ def comparison_rows(run_dirs: Iterable[Path | str]) -> tuple[list[str], list[lis
             target = min(values) if lower_is_better else max(values)
             for i, r in enumerate(raw):
                 best[i][col] = r[col] == target
-    cells = [[_fmt(v) for v in r] for r in raw]
+    cells = [[fmt(v) for v in r] for r in raw]
     return headers, cells, best
 
 
@@ -364,7 +364,7 @@ def compare_runs(run_dirs: Iterable[Path | str]) -> str:
     for row, row_best in zip(cells, best):
         row = [row[0], _code(row[1])] + row[2:]
         rows.append([f"**{c}**" if b else c for c, b in zip(row, row_best)])
-    return _table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def compare_table_rich(run_dirs: Iterable[Path | str]) -> Table:

@@ -112,7 +112,7 @@ def _truncate(cache, length: int) -> None:
         cache.crop(-remove)
 
 
-def _clock(device: torch.device) -> float:
+def device_clock(device: torch.device) -> float:
     """perf_counter after the device's queued work is done (CUDA kernels run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,10 +190,10 @@ class _Speculator:
         """Both caches take all prompt tokens but the last (the first input of the first round)."""
         for model in (self.target, self.draft):
             if self.committed > 1:
-                start = _clock(self.device)
+                start = device_clock(self.device)
                 model.forward(self.seq[None, : self.committed - 1], keep=1)
                 model.length = self.committed - 1
-                model.seconds += _clock(self.device) - start
+                model.seconds += device_clock(self.device) - start
 
     def propose(self, g: int) -> list[Tensor]:
         """Draw d_1..d_g from the draft into seq[committed:]; returns the rows log q_i (1, V) (greedy: none)."""
@@ -259,11 +259,11 @@ class _Speculator:
         expected = torch.zeros((), device=self.device)
         while len(result.tokens) < limit and not result.finished:
             g = min(gammas.next(), limit - len(result.tokens) - 1)  # a round commits at most g + 1 tokens
-            start = _clock(self.device)  # (the previous round's sync has already emptied the queue)
+            start = device_clock(self.device)  # (the previous round's sync has already emptied the queue)
             rows = self.propose(g)
-            middle = _clock(self.device)
+            middle = device_clock(self.device)
             decided = self.verify(g, rows)
-            end = _clock(self.device)
+            end = device_clock(self.device)
             self.draft.seconds += middle - start
             self.target.seconds += end - middle
             new, accepted, verified, result.finished = _settle(decided, g, eos)

@@ -133,9 +133,9 @@ def check_pair(target: nn.Module, draft: nn.Module, tokenizer, target_path: str,
     ``compat.check_draft`` refused, in one line, any draft a serving engine would reject or run wrongly (vocab_size
     and embedding rows, tokenizer behaviour, special ids). A local directory is passed by its path, so the line
     names it (a hub id by its loaded model)."""
-    from potstill.assemble import _student_tokenizer
+    from potstill.assemble import student_tokenizer
 
-    draft_tokenizer = _student_tokenizer(draft_path, tokenizer)  # a draft dir without tokenizer files borrows the target's
+    draft_tokenizer = student_tokenizer(draft_path, tokenizer)  # a draft dir without tokenizer files borrows the target's
     named = [path if (Path(path).expanduser() / "config.json").exists() else model
              for path, model in ((target_path, target), (draft_path, draft))]
     return check_draft(*named, target_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer).tokens

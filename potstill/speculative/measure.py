@@ -17,12 +17,12 @@ from typing import Callable, Iterator
 import torch
 from transformers import GenerationConfig
 
-from potstill.evaluate import _private_rng, evaluate
+from potstill.evaluate import private_rng, evaluate
 from potstill.sampling import SamplingSettings, sample
 from potstill.speculative.acceptance import predicted_speedup, tokens_per_call
 from potstill.speculative.compat import configure_hf_assistant
 from potstill.speculative.decode import SpeculativeSettings, speculate
-from potstill.speculative.decode import _clock as clock  # perf_counter after the GPU's queued work
+from potstill.speculative.decode import device_clock as clock  # perf_counter after the GPU's queued work
 from potstill.speculative.inputs import Inputs, MeasureSettings
 
 log = logging.getLogger("potstill")
@@ -104,7 +104,7 @@ def hf_assisted(inputs: Inputs, settings: MeasureSettings, gamma: int) -> Callab
         calls[0] = 0
         handle = inputs.target.register_forward_pre_hook(count_call, with_kwargs=True)
         try:
-            with torch.no_grad(), plain_generation_configs(inputs.target, inputs.draft, gamma), _private_rng(inputs.device, seed):
+            with torch.no_grad(), plain_generation_configs(inputs.target, inputs.draft, gamma), private_rng(inputs.device, seed):
                 out = inputs.target.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                              assistant_model=inputs.draft, max_new_tokens=settings.max_new_tokens,
                                              eos_token_id=inputs.eos, pad_token_id=inputs.pad, **sampling)

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from rich.table import Table
 
 from potstill.io import atomic_write_bytes
-from potstill.report import MISSING, _fmt, _table, _write_png
+from potstill.report import MISSING, fmt, markdown_table, write_png
 
 RESULTS_FILE, REPORT_FILE, PLOT_FILE = "results.json", "report.md", "plots/speculate.png"
 
@@ -54,7 +54,7 @@ def _cell(row: dict, key: str) -> str:
     value = row.get(key)
     if key == "tokens_per_s" or key == "hf_tokens_per_s":
         return MISSING if value is None else f"{value:,.1f}"
-    return _fmt(value)
+    return fmt(value)
 
 
 def table_rows(results: dict, chosen: list[tuple[str, str]] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -74,7 +74,7 @@ def results_table_rich(results: dict) -> Table:
     headers, rows = table_rows(results, shown)
     base = results["baselines"]
     table = Table(title=f"speculative decoding, {results['prompts']} prompts: target only "
-                        f"{base['target']['tokens_per_s']:,.1f} tokens/s, c = {_fmt(base['cost_ratio'])}")
+                        f"{base['target']['tokens_per_s']:,.1f} tokens/s, c = {fmt(base['cost_ratio'])}")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right")
     for row in rows:
@@ -95,7 +95,7 @@ def _settings_section(results: dict) -> str:
             ["warm-up", f"{s['warmup']} decodes of the first prompt per method, untimed"],
             ["device", f"{env['device']} ({env['device_name']}), {env['torch_threads']} torch threads"],
             ["versions", f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}"]]
-    return "## Settings\n\n" + _table(["setting", "value"], rows)
+    return "## Settings\n\n" + markdown_table(["setting", "value"], rows)
 
 
 def _baseline_section(results: dict) -> str:
@@ -103,9 +103,9 @@ def _baseline_section(results: dict) -> str:
     rows = [[name, str(base[key]["tokens"]), f"{base[key]['seconds']:.3f}", f"{base[key]['tokens_per_s']:,.1f}"]
             for name, key in (("target only", "target"), ("draft only", "draft"))]
     return ("## Baselines (plain KV-cached decoding, `sampling.sample`)\n\n"
-            + _table(["model", "tokens", "seconds", "tokens/s"], rows)
+            + markdown_table(["model", "tokens", "seconds", "tokens/s"], rows)
             + f"\n\nMeasured cost ratio c = draft seconds per token ÷ target seconds per token = "
-              f"{_fmt(base['cost_ratio'])}; the predicted speed-up is τ / (γ·c + 1).")
+              f"{fmt(base['cost_ratio'])}; the predicted speed-up is τ / (γ·c + 1).")
 
 
 def _held_out_section(results: dict) -> str:
@@ -118,7 +118,7 @@ def _held_out_section(results: dict) -> str:
     greedy = results["settings"]["temperature"] == 0
     what = "argmax agreement, greedy" if greedy else "mean Σ min(p, q) = 1 − TVD at the decoding temperature and top-p"
     return (f"## Held-out α\n\nPredicted from `{held['data']}` ({held['tokens']} teacher-forced positions, {what}): "
-            f"**α = {_fmt(held['alpha'])}**, beside the measured α over all fixed-γ runs = {_fmt(measured)}.")
+            f"**α = {fmt(held['alpha'])}**, beside the measured α over all fixed-γ runs = {fmt(measured)}.")
 
 
 def _main_table(results: dict) -> str:
@@ -133,7 +133,7 @@ def _main_table(results: dict) -> str:
         notes.append("adaptive (m): the decoder picks γ each round; m is the mean γ it proposed.")
     if any(r.get("greedy_mismatches") is not None for r in results["rows"]):
         notes.append("Greedy mismatches: prompts whose output differs from target-only greedy decoding (0 = lossless).")
-    return "## Speculative decoding per γ\n\n" + _table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return "## Speculative decoding per γ\n\n" + markdown_table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
 def markdown(results: dict, plot: Path | None) -> str:
@@ -203,5 +203,5 @@ def write_outputs(results: dict, out_dir: Path | str) -> Path:
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     text = json.dumps(_finite(results), indent=2, allow_nan=False)
     atomic_write_bytes(out_dir / RESULTS_FILE, (text + "\n").encode())
-    plot = _write_png(out_dir / PLOT_FILE, figure(results)) if any(r["gamma"] is not None for r in results["rows"]) else None
+    plot = write_png(out_dir / PLOT_FILE, figure(results)) if any(r["gamma"] is not None for r in results["rows"]) else None
     return atomic_write_bytes(out_dir / REPORT_FILE, markdown(results, plot).encode())
