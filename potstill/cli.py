@@ -293,8 +293,10 @@ def speculate(
     from potstill.speculative.measure import measure
     from potstill.speculative.report import results_table_rich, write_outputs
 
-    settings = MeasureSettings(target, draft, prompts, str(out), parse_gammas(gamma), adaptive, temperature, top_p,
-                               max_new_tokens, max_prompts, hf_assisted, eval_data, seed, device, dtype, warmup)
+    settings = MeasureSettings(target=target, draft=draft, prompts=prompts, out=str(out), gammas=parse_gammas(gamma),
+                               adaptive=adaptive, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                               max_prompts=max_prompts, hf_assisted=hf_assisted, eval_data=eval_data, seed=seed,
+                               device=device, dtype=dtype, warmup=warmup)
     results = measure(settings, load_inputs(settings))
     console.print(results_table_rich(results))
     console.print(f"wrote {write_outputs(results, out)}")

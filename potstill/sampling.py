@@ -12,6 +12,7 @@ row's first real token, so a padded row sees the same positions as it would alon
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +31,27 @@ class SamplingSettings:
     def check(self, where: str = "sampling") -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"{where}.max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"{where}.temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"{where}.top_p must be in (0, 1], got {self.top_p}")
+        check_temperature(self.temperature, f"{where}.temperature")
+        check_top_p(self.top_p, f"{where}.top_p")
         if self.n < 1:
             raise ValueError(f"{where}.n must be ≥ 1, got {self.n}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"{where}.min_new_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], "
                              f"got {self.min_new_tokens}")
+
+
+MIN_TEMPERATURE = 1e-3  # below this, logits ÷ T overflows fp32 for ordinary logit gaps: 0 (greedy) is meant
+
+
+def check_temperature(value: float, key: str) -> None:
+    """0 (greedy) or a finite temperature ≥ MIN_TEMPERATURE; NaN, inf and tiny values are refused by ``key``."""
+    if value != 0 and not (math.isfinite(value) and value >= MIN_TEMPERATURE):
+        raise ValueError(f"{key} must be 0 (greedy) or a finite number ≥ {MIN_TEMPERATURE}, got {value}")
+
+
+def check_top_p(value: float, key: str) -> None:
+    if not 0 < value <= 1:  # NaN fails both comparisons
+        raise ValueError(f"{key} must be in (0, 1], got {value}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from typer.testing import CliRunner
 
 from potstill.cli import app
-from potstill.models import truncated_copy
+from potstill.models import load_tokenizer, truncated_copy
 from potstill.builtin import builtin_texts
 from potstill.speculative.inputs import parse_gammas, read_prompts
 from tests.conftest import builtin_prompt_completion_jsonl, save_tiny_model
@@ -162,6 +162,11 @@ def test_bad_inputs_end_in_one_line_and_create_nothing(tmp_path, model_dirs, tok
         (["--prompts", str(no_prompt)], "no_prompt.jsonl:2: a record needs 'text', 'prompt' and 'completion'"),
         (["--max-new-tokens", "300"], "exceed the models' context of 256 positions"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "nan"], "--top-p must be in (0, 1]"),
+        (["--temperature", "nan"], "--temperature must be 0 (greedy) or a finite number ≥ 0.001, got nan"),
+        (["--temperature", "inf"], "--temperature must be 0 (greedy) or a finite number ≥ 0.001, got inf"),
+        (["--temperature", "1e-30"], "--temperature must be 0 (greedy) or a finite number ≥ 0.001, got 1e-30"),
+        (["--temperature", "-1"], "--temperature must be 0 (greedy) or a finite number ≥ 0.001, got -1.0"),
     ]
     for args, expected in cases:
         base = {"--target": target, "--draft": target, "--prompts": str(prompts_file)}
@@ -172,3 +177,34 @@ def test_bad_inputs_end_in_one_line_and_create_nothing(tmp_path, model_dirs, tok
         assert result.exit_code == 2, (args, result.output)
         assert expected in error_line(result), (args, result.output)
         assert not out.exists(), args
+
+
+def test_a_padded_draft_is_measured_without_hf_and_lossless(tmp_path, model_dirs, tokenizer, prompts_file):
+    """A draft whose head has more rows than the target's over the same tokenizer (Qwen2.5 0.5B for 7B) is refused
+    only where HF assisted generation would need equal sizes: without it, potstill's decoder measures the pair and
+    its greedy output is the target's."""
+    padded = save_tiny_model(tmp_path / "padded", "llama", tokenizer, layers=1, vocab=len(tokenizer) + 16)
+    results, _, _ = speculate(tmp_path, model_dirs["llama_teacher"], padded, prompts_file, "--gamma", "2",
+                              "--no-hf-assisted")
+    row = rows_by_gamma(results)[2]
+    assert row["greedy_mismatches"] == 0 and row["verified"] > 0 and "hf_tau" not in row
+
+
+def test_a_prompt_filling_the_context_but_for_max_new_tokens_is_accepted(tmp_path, model_dirs, prompts_file):
+    """Neither decoder feeds a position past prompt + max_new_tokens − 1, whatever γ: a prompt that leaves exactly
+    max_new_tokens positions is measured, at the largest γ too."""
+    prompt_tokens = len(read_prompts(str(prompts_file), 1)[0].token_ids(load_tokenizer(str(model_dirs["llama_teacher"]))))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["speculate", "--target", str(model_dirs["llama_teacher"]), "--draft",
+                                 str(model_dirs["llama_teacher"]), "--prompts", str(prompts_file), "--out", str(out),
+                                 "--gamma", "8", "--max-prompts", "1", "--warmup", "0", "--device", "cpu",
+                                 "--max-new-tokens", str(256 - prompt_tokens), "--no-hf-assisted"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+
+
+def test_nothing_verified_gives_no_alpha(tmp_path, model_dirs, one_layer_draft, prompts_file):
+    """With --max-new-tokens 1 every round proposes nothing: the measured α is undefined (null), not 0."""
+    results, out, _ = speculate(tmp_path, model_dirs["llama_teacher"], one_layer_draft, prompts_file, "--gamma", "2",
+                                "--max-new-tokens", "1", "--eval-data", str(prompts_file), "--no-hf-assisted")
+    assert results["alpha_measured_fixed_gamma"] is None and rows_by_gamma(results)[2]["verified"] == 0
+    assert "measured α over all fixed-γ runs = nan" in (out / "report.md").read_text()

@@ -31,6 +31,7 @@ def test_different_vocab_size_is_refused(tmp_path, tokenizer, target_dir):
     with pytest.raises(DraftMismatch, match=rf"vocab_size differs: target {len(tokenizer)}, draft {len(tokenizer) + 8} "
                                             r"\(vLLM requires equal vocabulary sizes"):
         check_draft(target_dir, padded)
+    assert check_draft(target_dir, padded, equal_vocab_size=False).tokens == len(tokenizer)  # potstill's own decoder
 
 
 def test_embedding_rows_other_than_vocab_size_are_refused(tokenizer, target_dir, model_dirs):

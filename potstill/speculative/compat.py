@@ -76,7 +76,7 @@ def _side(name: str, model, tokenizer) -> _Side:
     return _Side(name, config.get_text_config(), generation, tokenizer if tokenizer is not None else load_tokenizer(path), [])
 
 
-def _vocab_problems(target: _Side, draft: _Side) -> list[str]:
+def _vocab_problems(target: _Side, draft: _Side, equal_vocab_size: bool) -> list[str]:
     problems = []
     for side in (target, draft):
         for what, rows in side.rows:
@@ -85,7 +85,7 @@ def _vocab_problems(target: _Side, draft: _Side) -> list[str]:
         if len(side.tokenizer) > side.config.vocab_size:
             problems.append(f"the {side.name}'s tokenizer has {len(side.tokenizer)} tokens, more than its vocab_size "
                             f"{side.config.vocab_size}")
-    if target.config.vocab_size != draft.config.vocab_size:
+    if equal_vocab_size and target.config.vocab_size != draft.config.vocab_size:
         problems.append(f"vocab_size differs: target {target.config.vocab_size}, draft {draft.config.vocab_size} "
                         "(vLLM requires equal vocabulary sizes; HF assisted generation would treat them as different "
                         f"tokenizers): give the draft vocab_size {target.config.vocab_size}, e.g. "
@@ -107,13 +107,15 @@ def _special_problems(target: _Side, draft: _Side) -> list[str]:
 
 
 def check_draft(target: str | Path | PreTrainedModel, draft: str | Path | PreTrainedModel, *,
-                target_tokenizer=None, draft_tokenizer=None) -> DraftInfo:
+                target_tokenizer=None, draft_tokenizer=None, equal_vocab_size: bool = True) -> DraftInfo:
     """Refuse a draft that engines would reject or, worse, run wrongly: different vocab_size (config or embedding
     rows), different tokenizers (by vocabulary, special tokens and behaviour: ``guardrails.compare_tokenizers``),
     different BOS/EOS/PAD ids in the model configs. Paths are read without weights; loaded models need their
-    tokenizers passed. Returns what the two share."""
+    tokenizers passed. ``equal_vocab_size=False`` accepts padded heads of different widths over one tokenizer
+    (e.g. Qwen2.5 0.5B's 151,936 rows for 7B's 152,064), which potstill's own decoder handles but HF assisted
+    generation and vLLM refuse. Returns what the two share."""
     t, d = _side("target", target, target_tokenizer), _side("draft", draft, draft_tokenizer)
-    problems = _vocab_problems(t, d)
+    problems = _vocab_problems(t, d, equal_vocab_size)
     problems += [f"tokenizers differ: {p}" for p in compare_tokenizers(t.tokenizer, d.tokenizer, names=("target", "draft"))]
     problems += _special_problems(t, d)
     if problems:

@@ -19,6 +19,7 @@ from potstill.data.loading import is_builtin_spec, load_records, record_kind, re
 from potstill.generation.prompts import Prompt, prompt_of
 from potstill.generation.text import eos_ids
 from potstill.precision import resolve_model_dtype
+from potstill.sampling import check_temperature, check_top_p
 from potstill.speculative.compat import check_draft
 
 GAMMA_MAX = 8  # the largest γ a fixed-γ row may ask for (the issue's sweep is 1..8)
@@ -56,10 +57,8 @@ class MeasureSettings:
             raise ValueError(f"--max-new-tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.max_prompts < 1:
             raise ValueError(f"--max-prompts must be ≥ 1, got {self.max_prompts}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        check_temperature(self.temperature, "--temperature")
+        check_top_p(self.top_p, "--top-p")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be ≥ 0, got {self.warmup}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
@@ -116,19 +115,19 @@ def load_inputs(settings: MeasureSettings) -> Inputs:
     target = models.load_causal_lm(target_path, dtype, key="--target").to(device).eval()
     draft = models.load_causal_lm(draft_path, dtype, key="--draft").to(device).eval()
     tokenizer = models.load_tokenizer(target_path)
-    vocab = check_pair(target, draft, tokenizer, target_path, draft_path)
+    vocab = check_pair(target, draft, tokenizer, target_path, draft_path, equal_vocab_size=settings.hf_assisted)
     eos = eos_ids(target, tokenizer)
     ids = [prompt_token_ids(p, tokenizer, settings) for p in prompts]
     context = min((c for c in (_context(target), _context(draft)) if c is not None), default=None)
     for prompt, prompt_ids in zip(prompts, ids):
         _check_fits(prompt, prompt_ids, settings, context)
     batches = held_out_batches(eval_records, settings.eval_data, tokenizer) if eval_records else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    return Inputs(target, draft, tokenizer, vocab, eos, pad, device, [p.prompt_id for p in prompts], ids, batches,
+    return Inputs(target, draft, tokenizer, vocab, eos, _pad_id(tokenizer), device, [p.prompt_id for p in prompts], ids, batches,
                   target_path, draft_path)
 
 
-def check_pair(target: nn.Module, draft: nn.Module, tokenizer, target_path: str, draft_path: str) -> int:
+def check_pair(target: nn.Module, draft: nn.Module, tokenizer, target_path: str, draft_path: str, *,
+               equal_vocab_size: bool = True) -> int:
     """The vocabulary both heads are trimmed to for the held-out α (the tokenizer's length), after
     ``compat.check_draft`` refused, in one line, any draft a serving engine would reject or run wrongly (vocab_size
     and embedding rows, tokenizer behaviour, special ids). A local directory is passed by its path, so the line
@@ -138,7 +137,8 @@ def check_pair(target: nn.Module, draft: nn.Module, tokenizer, target_path: str,
     draft_tokenizer = student_tokenizer(draft_path, tokenizer)  # a draft dir without tokenizer files borrows the target's
     named = [path if (Path(path).expanduser() / "config.json").exists() else model
              for path, model in ((target_path, target), (draft_path, draft))]
-    return check_draft(*named, target_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer).tokens
+    return check_draft(*named, target_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer,
+                       equal_vocab_size=equal_vocab_size).tokens
 
 
 def read_prompts(spec: str, limit: int) -> list[Prompt]:
@@ -173,13 +173,13 @@ def _context(model: nn.Module) -> int | None:
 
 
 def _check_fits(prompt: Prompt, ids: list[int], settings: MeasureSettings, context: int | None) -> None:
-    # the verification pass reads up to γ tokens past the last committed one
-    largest = GAMMA_MAX if settings.adaptive else max(settings.gammas)
-    needed = len(ids) + settings.max_new_tokens + largest
+    # Both decoders cap a round's drafts at the tokens still allowed, so no position past prompt + max_new - 1 is
+    # ever fed, whatever γ is.
+    needed = len(ids) + settings.max_new_tokens
     if context is not None and needed > context:
         raise ValueError(f"{record_location(settings.prompts, prompt.prompt_id)}: {len(ids)} prompt tokens + "
-                         f"--max-new-tokens {settings.max_new_tokens} + γ {largest} exceed the models' "
-                         f"context of {context} positions; lower --max-new-tokens or shorten the prompt")
+                         f"--max-new-tokens {settings.max_new_tokens} exceed the models' context of {context} "
+                         "positions; lower --max-new-tokens or shorten the prompt")
 
 
 def _split(spec: str) -> str:
@@ -191,5 +191,9 @@ def held_out_batches(records: list, spec: str, tokenizer) -> list[dict]:
     """Teacher-forced batches of --eval-data's first EVAL_EXAMPLES records, encoded with the target's tokenizer as
     training encodes them (labels on completions / assistant turns)."""
     examples, _ = encode_all(tokenizer, records, EVAL_MAX_LENGTH, spec)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return eval_batches(examples, EVAL_BATCH_SIZE, pad)
+    return eval_batches(examples, EVAL_BATCH_SIZE, _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS (padding is never attended to or scored)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -246,10 +246,17 @@ def summarise(inputs: Inputs, settings: MeasureSettings, runs: dict[str, list[De
         "prompts": len(inputs.prompt_ids),
         "baselines": {"target": target, "draft": draft, "cost_ratio": cost_ratio},
         "held_out": held,
-        "rows": [speculative_row(g, runs, cost_ratio, held_alpha, greedy) for g in gammas],
+        "rows": (rows := [speculative_row(g, runs, cost_ratio, held_alpha, greedy) for g in gammas]),
+        "alpha_measured_fixed_gamma": _pooled_alpha(rows),
         "per_prompt": {key: [_prompt_record(n, d) for n, d in zip(inputs.prompt_numbers, decoded)]
                        for key, decoded in runs.items()},
     }
+
+
+def _pooled_alpha(rows: list[dict]) -> float:
+    """accepted ÷ verified over every fixed-γ row (NaN when nothing was verified, e.g. --max-new-tokens 1)."""
+    fixed = [r for r in rows if r["gamma"] is not None]
+    return _ratio(sum(r["accepted"] for r in fixed), sum(r["verified"] for r in fixed))
 
 
 def _prompt_record(number: int, decoded: Decoded) -> dict:

@@ -113,8 +113,7 @@ def _held_out_section(results: dict) -> str:
     if not held:
         return ("## Held-out α\n\nNot computed (pass `--eval-data FILE` or `--eval-data builtin` to predict α from "
                 "teacher-forced held-out data).")
-    fixed = [r for r in results["rows"] if r["gamma"] is not None]
-    measured = sum(r["accepted"] for r in fixed) / max(sum(r["verified"] for r in fixed), 1)
+    measured = results["alpha_measured_fixed_gamma"]
     greedy = results["settings"]["temperature"] == 0
     what = "argmax agreement, greedy" if greedy else "mean Σ min(p, q) = 1 − TVD at the decoding temperature and top-p"
     return (f"## Held-out α\n\nPredicted from `{held['data']}` ({held['tokens']} teacher-forced positions, {what}): "
