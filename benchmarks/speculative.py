@@ -143,12 +143,22 @@ def summarise(per: dict, results: list, gamma: int, mismatches: dict) -> dict:
     draft_per_forward = sum(r.draft_seconds for r in results) / max(sum(r.proposed for r in results), 1)
     target_per_call = sum(r.target_seconds for r in results) / max(calls, 1)
     alpha = accepted / verified if verified else math.nan
+    rounds = [rd for r in results for rd in r.rounds]
     cost = draft_per_forward / target_per_call
     row.update({"alpha_measured": alpha, "alpha_analytic": sum(r.expected_accepted for r in results) / max(verified, 1),
                 "acceptance_rate": accepted / max(sum(r.proposed for r in results), 1), "tau": committed / max(calls, 1),
-                "cost_ratio": cost,
+                "cost_ratio": cost, "alpha_by_position": alpha_by_position(rounds, gamma),
                 "predicted_speedup": predicted_speedup(alpha, gamma, cost) if not math.isnan(alpha) else math.nan})
     return row
+
+
+def alpha_by_position(rounds: list[tuple[int, int]], gamma: int) -> list[float]:
+    """Acceptance at draft position k of a round (1..γ), among rounds that reached it (accepted ≥ k − 1)."""
+    rates = []
+    for k in range(1, gamma + 1):
+        reached = [a for g, a in rounds if g >= k and a >= k - 1]
+        rates.append(sum(a >= k for a in reached) / len(reached) if reached else math.nan)
+    return rates
 
 
 def load(path: str | Path):
@@ -184,6 +194,14 @@ def tables(report: dict) -> str:
             p = r["potstill"]
             lines.append(f"| {name} | {r['gamma']} | {r['alpha_measured']:.3f} | {r['alpha_analytic']:.3f} | {r['tau']:.2f} | "
                          f"{r['cost_ratio']:.3f} | {r['predicted_speedup']:.2f} | {p['speedup_median']:.2f} ({p['speedup_pooled']:.2f}) |")
+    widest = max(report["settings"]["gammas"])
+    lines += ["", f"Acceptance by draft position within a round at γ = {widest} (k = 1..{widest}; among rounds that reached k)",
+              "", "| draft | T | " + " | ".join(f"k={k}" for k in range(1, widest + 1)) + " |", "|---|---|" + "---:|" * widest]
+    for name, d in report["drafts"].items():
+        for key in ("greedy", "t1"):
+            row = next((r for r in d.get(key, []) if r["gamma"] == widest), None)
+            if row:
+                lines.append(f"| {name} | {key} | " + " | ".join(f"{a:.3f}" for a in row["alpha_by_position"]) + " |")
     return "\n".join(lines)
 
 
