@@ -269,6 +269,37 @@ def serve(
         announce=lambda line: print(line, flush=True))
 
 
+@verb()
+def speculate(
+    target: str = typer.Option(..., help="Target model: local HF dir, hub id, or 'builtin'."),
+    draft: str = typer.Option(..., help="Draft model (same tokenizer): local HF dir or hub id."),
+    prompts: str = typer.Option(..., help="Prompts: prompt/completion or chat records (.jsonl, .parquet, datasets dir), 'builtin' or 'builtin:arithmetic'."),
+    out: Path = typer.Option(Path("runs/speculate"), help="Where results.json, report.md and plots/ go."),
+    gamma: str = typer.Option("1-8", help="Draft tokens per round: one (4), a range (1-8) or a list (1,2,4)."),
+    adaptive: bool = typer.Option(False, help="Also decode with adaptive γ."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (outputs checked against target-only); > 0 = speculative sampling."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (temperature > 0)."),
+    max_new_tokens: int = typer.Option(64, help="New tokens per prompt at most."),
+    max_prompts: int = typer.Option(32, help="Prompts to decode (the first ones of --prompts)."),
+    hf_assisted: bool = typer.Option(True, help="Also time HF assisted generation at each γ."),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out data (file or 'builtin') for the α predicted from 1 − TVD."),
+    seed: int = typer.Option(0, help="Sampling seed (prompt i uses seed + i)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on a GPU with native bf16, else float32), float32, bfloat16 or float16."),
+    warmup: int = typer.Option(2, help="Untimed decodes of the first prompt per method."),
+) -> None:
+    """Measure speculative decoding of a target with a draft: acceptance, τ and wall-clock speed-up per γ."""
+    from potstill.speculative.inputs import MeasureSettings, load_inputs, parse_gammas
+    from potstill.speculative.measure import measure
+    from potstill.speculative.report import results_table_rich, write_outputs
+
+    settings = MeasureSettings(target, draft, prompts, str(out), parse_gammas(gamma), adaptive, temperature, top_p,
+                               max_new_tokens, max_prompts, hf_assisted, eval_data, seed, device, dtype, warmup)
+    results = measure(settings, load_inputs(settings))
+    console.print(results_table_rich(results))
+    console.print(f"wrote {write_outputs(results, out)}")
+
+
 def _print_metrics(metrics: dict, title: str) -> None:
     table = Table(title=title)
     table.add_column("metric")

@@ -3,6 +3,11 @@
 Hidden states come from the decoder body; only the labelled positions are kept, and both models' logits are
 projected chunk by chunk over those same positions (``project_chunks``), so peak extra memory is O(chunk × V).
 Every metric is a running sum over chunks, divided once at the end: the numbers do not depend on chunk size.
+
+With a teacher, acceptance_alpha = token-mean Σ_v min(p, q) is the speculative-sampling acceptance probability of
+the student as a draft for the teacher (``speculative.acceptance.expected_acceptance``), with both distributions
+after the decoding's sampling transform (``sampling.sampling_logprobs``: temperature, top-p; temperature 0 is
+greedy, where it is the argmax agreement).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from potstill.labels import IGNORE_INDEX
 from potstill.losses.chunked import project_chunks
 from potstill.losses.divergences import kl, label_logprob
 from potstill.models import hidden_states, output_head
+from potstill.sampling import SamplingSettings, sampling_logprobs
+from potstill.speculative.acceptance import expected_acceptance
 
 ECE_BINS = 15
 
@@ -92,7 +99,7 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, n_bins: int 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]  # student_ce, student_ppl, ece, tokens (+ teacher_ce, teacher_ppl, kl_teacher_student, top1_agreement; golden_kl_*)
+    metrics: dict[str, float]  # student_ce, student_ppl, ece, tokens (+ teacher_ce, teacher_ppl, kl_teacher_student, top1_agreement, acceptance_alpha; golden_kl_*)
     calibration: list[list[float]] = field(default_factory=list)  # per bin: [mean_confidence, accuracy, count]
 
 
@@ -137,10 +144,16 @@ def _valid_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     return hidden[:, :-1][valid.to(device)]  # (n_valid, H)
 
 
+def _decoding_logp(logits: Tensor, logp: Tensor, decoding: SamplingSettings) -> Tensor:
+    """(n, V) log-probs tokens are drawn from under ``decoding``; plain sampling is ``logp`` itself."""
+    plain = decoding.temperature == 1 and decoding.top_p == 1
+    return logp if plain else sampling_logprobs(logits, decoding)
+
+
 def _score_chunk(totals: _Totals, z_student: Tensor, labels: Tensor, z_teacher: Tensor | None,
-                 true_logp: Tensor | None = None) -> None:
+                 true_logp: Tensor | None = None, decoding: SamplingSettings = SamplingSettings()) -> None:
     """One chunk: z_student (n, V) fp32, labels (n,), z_teacher (n, V) fp32 or None, true_logp (n, V) the true
-    next-token log-probs (golden metrics) or None."""
+    next-token log-probs (golden metrics) or None; ``decoding`` the sampling acceptance_alpha is measured for."""
     logq = F.log_softmax(z_student, -1)  # (n, V)
     totals.add("student_ce", -label_logprob(logq, labels))
     max_logq, predicted = logq.max(-1)  # (n,), (n,)
@@ -152,11 +165,14 @@ def _score_chunk(totals: _Totals, z_student: Tensor, labels: Tensor, z_teacher: 
         totals.add("teacher_ce", -label_logprob(logp, labels))
         totals.add("kl_teacher_student", kl(logp, logq))  # KL(p‖q) at T = 1, -inf-safe
         totals.add("top1_agreement", predicted == logp.argmax(-1))
+        totals.add("acceptance_alpha", expected_acceptance(_decoding_logp(z_student, logq, decoding),
+                                                           _decoding_logp(z_teacher, logp, decoding)))
         if true_logp is not None:
             totals.add("golden_kl_teacher", kl(true_logp, logp))
 
 
-def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chunk_size: int, golden=None) -> None:
+def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chunk_size: int, golden=None,
+                 decoding: SamplingSettings = SamplingSettings()) -> None:
     labels = batch["labels"][:, 1:]  # (B, T-1): the label each position t-1 predicts
     valid = labels != IGNORE_INDEX  # (B, T-1)
     n_valid = int(valid.sum())
@@ -180,7 +196,7 @@ def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chu
         # Same positions, same chunk_size -> the two generators yield the same slices in lockstep.
         teacher_chunks = project_chunks(_valid_hidden(teacher, ids, mask, valid), *output_head(teacher, vocab), chunk_size)
         for (sl, z_s), (_, z_t) in zip(student_chunks, teacher_chunks):
-            _score_chunk(totals, z_s, targets[sl], z_t.to(device), truth(sl))
+            _score_chunk(totals, z_s, targets[sl], z_t.to(device), truth(sl), decoding)
     totals.tokens += n_valid
 
 
@@ -197,6 +213,7 @@ def _metrics(totals: _Totals, with_teacher: bool) -> dict[str, float]:
         out["teacher_ppl"] = _perplexity(out["teacher_ce"])
         out["kl_teacher_student"] = totals.mean("kl_teacher_student")
         out["top1_agreement"] = totals.mean("top1_agreement")
+        out["acceptance_alpha"] = totals.mean("acceptance_alpha")
     for key in ("golden_kl_student", "golden_kl_teacher"):
         if key in totals.sums:
             out[key] = totals.mean(key)
@@ -206,16 +223,21 @@ def _metrics(totals: _Totals, with_teacher: bool) -> dict[str, float]:
 
 
 def evaluate(student: nn.Module, batches: Iterable[dict], *, teacher: nn.Module | None = None, vocab: int,
-             chunk_size: int = 0, golden=None) -> EvalResult:
+             chunk_size: int = 0, golden=None, acceptance_temperature: float = 1.0,
+             acceptance_top_p: float = 1.0) -> EvalResult:
     """Token-mean metrics over every labelled position of ``batches`` (dicts of input_ids, attention_mask,
     labels, each (B, T); HF label convention, -100 = not scored). ``vocab`` is the shared vocabulary size both
     output heads are trimmed to. Metrics are NaN when no position is labelled. With ``golden`` (a
     ``golden.GoldenTable`` of these examples; batches then carry ``example_id``) also golden_kl_student =
-    KL(true‖student) and golden_kl_teacher = KL(true‖teacher) over the same positions."""
+    KL(true‖student) and golden_kl_teacher = KL(true‖teacher) over the same positions. acceptance_alpha (with a
+    teacher) is measured for sampling at ``acceptance_temperature`` / ``acceptance_top_p`` (0 = greedy decoding:
+    the argmax agreement), so a speculative decoder's α can be predicted at its own settings."""
+    decoding = SamplingSettings(temperature=acceptance_temperature, top_p=acceptance_top_p)
+    decoding.check("acceptance")
     totals = _Totals(calibration=CalibrationBins(ECE_BINS))
     with torch.no_grad(), _eval_mode(student, teacher):
         for batch in batches:
-            _score_batch(totals, student, teacher, batch, vocab, chunk_size, golden)
+            _score_batch(totals, student, teacher, batch, vocab, chunk_size, golden, decoding)
     _, calibration = totals.calibration.result()
     return EvalResult(_metrics(totals, teacher is not None), calibration)
 

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from potstill.io import atomic_write_bytes, iter_jsonl
+from potstill.speculative.acceptance import tokens_per_call
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -32,6 +33,7 @@ SUMMARY_ROWS = [
     ("KL(teacher ‖ student)", "kl_teacher_student", None),
     ("golden KL(true ‖ model)", "golden_kl_student", "golden_kl_teacher"),
     ("top-1 agreement with teacher", "top1_agreement", None),
+    ("draft acceptance α = Σ min(p, q) (T = 1)", "acceptance_alpha", None),
     ("ECE (15 bins)", "ece", None),
     ("tokens evaluated", "tokens", None),
     ("answer accuracy (greedy)", "task_accuracy", None),
@@ -49,6 +51,7 @@ COMPARE_METRICS = [
 ]
 # Shown only when some compared run logged them (built-in held-out data, checkable tasks).
 OPTIONAL_COMPARE_METRICS = [
+    ("acceptance_alpha", False),
     ("golden_kl_student", True),
     ("golden_kl_teacher", True),
     ("task_accuracy", False),
@@ -161,7 +164,21 @@ def _summary_section(last_eval: dict | None) -> str:
         if with_teacher:
             row.append(_fmt(last_eval.get(teacher_key)) if teacher_key else "")
         rows.append(row)
-    return f"## Final evaluation (step {last_eval['step']})\n\n" + _table(headers, rows)
+    return f"## Final evaluation (step {last_eval['step']})\n\n" + _table(headers, rows) + _draft_line(last_eval)
+
+
+REPORT_GAMMA = 4  # draft tokens per round the report's τ is quoted at
+
+
+def _draft_line(last_eval: dict) -> str:
+    """The student as a speculative-decoding draft for the teacher: τ from α (docs/drafts.md)."""
+    alpha = last_eval.get("acceptance_alpha")
+    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        return ""
+    tau = tokens_per_call(float(alpha), REPORT_GAMMA)
+    return (f"\n\nAs a speculative-decoding draft for the teacher (sampling at T = 1): α = {alpha:.4f} per token, so "
+            f"τ = {tau:.2f} expected tokens per target call at γ = {REPORT_GAMMA} (the target's bonus/correction "
+            "token counted).")
 
 
 def _settings_section(config: dict, train: list[dict]) -> str:
@@ -209,6 +226,8 @@ def write_report(run_dir: Path | str) -> Path:
         plots["golden vs proxy"] = _write_png(plots_dir / "golden.png", _golden_figure(evals, records))
     if any("task_accuracy" in e for e in evals):
         plots["answer accuracy"] = _write_png(plots_dir / "task.png", _task_figure(evals))
+    if any("acceptance_alpha" in e for e in evals):
+        plots["draft acceptance"] = _write_png(plots_dir / "acceptance.png", _acceptance_figure(evals))
     calibrated = [e for e in evals if e.get("calibration")]
     if calibrated:
         plots["reliability diagram"] = _write_png(plots_dir / "calibration.png", _reliability_figure(calibrated[-1]))
@@ -267,6 +286,20 @@ def _task_figure(evals: list[dict]) -> Figure:
     for key in keys:
         ax.plot(*zip(*[(e["step"], e[key]) for e in evals if key in e]), marker="o", label=key)
     ax.set(xlabel="step", ylabel="fraction of held-out prompts", ylim=(-0.02, 1.02), title="greedy generations")
+    ax.legend()
+    return fig
+
+
+def _acceptance_figure(evals: list[dict]) -> Figure:
+    """The student as a draft over steps: α (speculative sampling at T = 1) and top-1 agreement (greedy)."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for key, label in (("acceptance_alpha", "α = Σ min(p, q) (sampling, T = 1)"), ("top1_agreement", "top-1 agreement (greedy)")):
+        points = [(e["step"], e[key]) for e in evals if key in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set(xlabel="step", ylabel="acceptance per draft token", ylim=(-0.02, 1.02), title="draft acceptance")
     ax.legend()
     return fig
 

@@ -91,7 +91,7 @@ def make_batches() -> list[dict]:
 
 def dense_reference(student, teacher, batches, vocab: int) -> dict[str, float]:
     """Metrics from the full (B, T, V) logits of ``model(...)``: what the chunked path must reproduce."""
-    nll_s, nll_t, kls, agree, conf, correct = [], [], [], [], [], []
+    nll_s, nll_t, kls, agree, accept, conf, correct = [], [], [], [], [], [], []
     with torch.no_grad():
         for batch in batches:
             zs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
@@ -103,6 +103,7 @@ def dense_reference(student, teacher, batches, vocab: int) -> dict[str, float]:
             nll_t.append(-logp.gather(-1, y[:, None]).squeeze(-1))
             kls.append((logp.exp() * (logp - logq)).sum(-1))
             agree.append(logq.argmax(-1) == logp.argmax(-1))
+            accept.append(torch.minimum(logp.exp(), logq.exp()).sum(-1))  # Σ_v min(p, q) at T = 1
             conf.append(logq.exp().max(-1).values)
             correct.append(logq.argmax(-1) == y)
     cat = lambda xs: torch.cat(xs).double()  # noqa: E731
@@ -111,6 +112,7 @@ def dense_reference(student, teacher, batches, vocab: int) -> dict[str, float]:
         "teacher_ce": cat(nll_t).mean().item(),
         "kl_teacher_student": cat(kls).mean().item(),
         "top1_agreement": cat(agree).mean().item(),
+        "acceptance_alpha": cat(accept).mean().item(),
         "ece": naive_ece(cat(conf).tolist(), cat(correct).tolist(), 15),
         "tokens": len(cat(nll_s)),
     }
@@ -125,7 +127,7 @@ def test_evaluate_matches_dense_reference(teacher_vocab):
     ref = dense_reference(student, teacher, batches, VOCAB)
     m = result.metrics
     assert m["tokens"] == ref["tokens"] == 9 + 9
-    for key in ("student_ce", "teacher_ce", "kl_teacher_student", "top1_agreement", "ece"):
+    for key in ("student_ce", "teacher_ce", "kl_teacher_student", "top1_agreement", "acceptance_alpha", "ece"):
         assert m[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), key
     assert m["student_ppl"] == pytest.approx(math.exp(ref["student_ce"]), rel=1e-5)
     assert m["teacher_ppl"] == pytest.approx(math.exp(ref["teacher_ce"]), rel=1e-5)
@@ -140,11 +142,80 @@ def test_evaluate_result_does_not_depend_on_chunk_size():
     assert small == pytest.approx(large, rel=1e-5, abs=1e-9)  # relative: fp32 reassociation differs by CPU
 
 
+def naive_sampling_probs(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """From the definition: greedy = point mass on the argmax; else softmax(z / T), keep the most likely tokens
+    while the mass ranked above a token is < top_p, renormalise."""
+    if temperature == 0:
+        best = max(range(len(logits)), key=lambda i: logits[i])
+        return [1.0 if i == best else 0.0 for i in range(len(logits))]
+    weights = [math.exp((z - max(logits)) / temperature) for z in logits]
+    probs = [w / sum(weights) for w in weights]
+    kept, above = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if above < top_p:
+            kept.add(i)
+        above += probs[i]
+    total = sum(probs[i] for i in kept)
+    return [probs[i] / total if i in kept else 0.0 for i in range(len(probs))]
+
+
+def naive_acceptance(student, teacher, batches, temperature: float, top_p: float) -> float:
+    """Token mean of Σ_v min(p, q) over labelled positions, one position at a time, in float64 Python."""
+    values = []
+    with torch.no_grad():
+        for batch in batches:
+            zs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            zt = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            valid = batch["labels"][:, 1:] != -100
+            for z_s, z_t in zip(zs[valid].double().tolist(), zt[valid].double().tolist()):
+                q, p = (naive_sampling_probs(z, temperature, top_p) for z in (z_s, z_t))
+                values.append(sum(min(a, b) for a, b in zip(p, q)))
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8), (0.5, 0.3)])
+def test_acceptance_alpha_matches_naive_reference_at_the_decoding_settings(temperature, top_p):
+    student, teacher = tiny_llama(0), tiny_llama(1)
+    batches = make_batches()
+    m = evaluate(student, batches, teacher=teacher, vocab=VOCAB, chunk_size=4, acceptance_temperature=temperature,
+                 acceptance_top_p=top_p).metrics
+    assert m["acceptance_alpha"] == pytest.approx(naive_acceptance(student, teacher, batches, temperature, top_p), rel=1e-5)
+    plain = evaluate(student, batches, teacher=teacher, vocab=VOCAB, chunk_size=4).metrics
+    drop = lambda d: {k: v for k, v in d.items() if k != "acceptance_alpha"}  # noqa: E731
+    assert drop(m) == drop(plain)  # the other metrics stay at T = 1
+
+
+def test_greedy_acceptance_is_top1_agreement():
+    teacher = tiny_llama(1)
+    student = tiny_llama(1)  # the teacher with a perturbed head: it agrees on some argmaxes, not all
+    with torch.no_grad():
+        student.lm_head.weight.add_(0.005 * torch.randn(student.lm_head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    m = evaluate(student, make_batches(), teacher=teacher, vocab=VOCAB, chunk_size=5, acceptance_temperature=0.0).metrics
+    assert m["acceptance_alpha"] == m["top1_agreement"]
+    assert 0.2 < m["top1_agreement"] < 0.9  # agreement on some positions only, so this compares something
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_acceptance_alpha_does_not_depend_on_chunk_size(temperature, top_p):
+    student, teacher = tiny_llama(0), tiny_llama(1)
+    alphas = [evaluate(student, make_batches(), teacher=teacher, vocab=VOCAB, chunk_size=c, acceptance_temperature=temperature,
+                       acceptance_top_p=top_p).metrics["acceptance_alpha"] for c in (1, 3, 4096)]
+    assert alphas == pytest.approx([alphas[0]] * 3, rel=1e-6)
+
+
+def test_acceptance_settings_are_checked():
+    with pytest.raises(ValueError, match=r"acceptance.top_p must be in \(0, 1\]"):
+        evaluate(tiny_llama(0), make_batches(), teacher=tiny_llama(1), vocab=VOCAB, acceptance_top_p=0.0)
+    with pytest.raises(ValueError, match="acceptance.temperature must be ≥ 0"):
+        evaluate(tiny_llama(0), make_batches(), teacher=tiny_llama(1), vocab=VOCAB, acceptance_temperature=-1.0)
+
+
 def test_evaluate_student_as_its_own_teacher():
     student = tiny_llama(0)
     m = evaluate(student, make_batches(), teacher=student, vocab=VOCAB, chunk_size=3).metrics
     assert m["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6)
     assert m["top1_agreement"] == 1.0
+    assert m["acceptance_alpha"] == pytest.approx(1.0, rel=1e-6)
     assert m["teacher_ce"] == pytest.approx(m["student_ce"], rel=1e-6)
 
 

@@ -117,3 +117,32 @@ def test_compare_table_rich_has_the_same_rows(tmp_path):
     console.print(table)
     printed = console.file.getvalue()
     assert "good" in printed and "0.0200" in printed
+
+
+def test_report_shows_draft_acceptance_and_tau(tmp_path):
+    """acceptance_alpha: a summary row, τ at γ = 4 from it, the acceptance plot and a comparison column."""
+    runs = []
+    for name, alpha in (("ce-draft", 0.5), ("kd-draft", 0.75)):
+        run = make_run(tmp_path, name, student_ce=2.5, kl=0.125, top1=0.625, ece=0.0375)
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for line in lines:
+            if line["kind"] == "eval":
+                line["acceptance_alpha"] = alpha - 0.25 if line["step"] == 10 else alpha
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        runs.append(run)
+    text = write_report(runs[1]).read_text()
+    assert "| draft acceptance α = Σ min(p, q) (T = 1) | 0.7500 |  |" in text
+    # τ = 1 + α + α² + α³ + α⁴ at α = 0.75: 3.05078125
+    assert "α = 0.7500 per token, so τ = 3.05 expected tokens per target call at γ = 4" in text
+    assert "![draft acceptance](plots/acceptance.png)" in text
+    assert (runs[1] / "plots" / "acceptance.png").read_bytes().startswith(b"\x89PNG")
+    lines = compare_runs(runs).splitlines()
+    assert lines[0].endswith("| acceptance_alpha |")
+    assert lines[2].endswith("| 0.5000 |") and lines[3].endswith("| **0.7500** |")
+
+
+def test_report_without_acceptance_has_no_draft_line(tmp_path):
+    run = make_run(tmp_path, "old-run", student_ce=2.5, kl=0.125, top1=0.625, ece=0.0375)
+    text = write_report(run).read_text()
+    assert "draft acceptance" not in text and "τ =" not in text and not (run / "plots" / "acceptance.png").exists()
+    assert "acceptance_alpha" not in compare_runs([run])
