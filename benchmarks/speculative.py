@@ -1,27 +1,20 @@
-"""Acceptance and wall-clock speed-up of speculative decoding drafts (issue #15), potstill's decoder beside HF
-assisted generation with the same draft and γ.
+"""Acceptance and wall-clock speed-up of the speculative-decoding drafts of `benchmarks/speculative_drafts.py`
+(issue #15): `potstill speculate`'s measurement (``potstill.speculative.measure``) run for every draft, greedy and
+at T = 1, then one comparison across the drafts.
 
     python benchmarks/speculative.py --target runs/spec/target/model --drafts runs/spec/drafts --out runs/spec/measure \
-        [--prompts 32] [--new-tokens 64] [--gammas 1 2 3 4 5 6 7 8]
+        [--prompts 32] [--new-tokens 64] [--gamma 1-8] [--temperatures 0 1]
 
-Prompts: the first `--prompts` built-in validation texts cut to BOS + their first 8 tokens (held out: no draft or
-target trained on them). Every run is batch 1 on one CPU thread (torch.set_num_threads(1)). For each draft
-(`benchmarks/speculative_drafts.py` writes them: DRAFTS/<name>/final) and γ:
+Per draft and temperature this is `potstill speculate --target T --draft DRAFTS/<name>/final --prompts builtin
+--eval-data builtin --gamma 1-8 --adaptive --temperature T --max-prompts 32 --max-new-tokens 64 --device cpu
+--dtype float32` on one CPU thread (torch.set_num_threads(1)): held-out built-in prompts (the first 32 validation
+texts' first 8 words), batch 1, every method (target-only, draft-only, potstill at each γ and adaptive, HF assisted
+at each γ) on prompt i before any on prompt i + 1, so a slow spell of the shared machine falls on all of them; its
+report goes to OUT/<name>/<greedy|t1>/. HF assisted generation runs greedy only unless --hf-sampling.
 
-- greedy (T = 0): target-only `potstill.sampling.sample`, potstill's `speculate`, HF `target.generate(
-  assistant_model=draft)` at a constant γ (the draft's generation_config: num_assistant_tokens = γ,
-  num_assistant_tokens_schedule = "constant", assistant_confidence_threshold = 0) and HF target-only `generate`;
-  all four run prompt by prompt, interleaved in a rotating order, so load noise hits them alike. The outputs must
-  be the target's greedy continuation: mismatches are counted.
-- sampling (T = 1): target-only `sample` and `speculate`, interleaved the same way.
-
-Speed-up = median over prompts of (target-only seconds per new token) / (method's seconds per new token), each
-prompt's pair timed back to back; the pooled ratio (Σ seconds / Σ tokens) is reported too. α measured = accepted /
-verified draft positions; α analytic = Σ_v min(p, q) over the verified positions / verified (sampling); τ =
-committed tokens / target verification calls (the correction or bonus token counted). α predicted = teacher-forced
-on held-out built-in text (validation texts after the prompts): the share of positions where draft and target
-argmax agree (greedy), mean 1 − TVD(p, q) (T = 1). c = the draft's forward time / the target's, from the
-decoder's own timers; predicted speed-up = τ(α measured, γ) / (γ·c + 1). Writes OUT/measure.json and OUT/table.md.
+Added here across drafts: the speed-up as the median over prompts of the per-prompt ratio (target-only seconds per
+token ÷ the method's, timed back to back) beside measure's pooled ratio, and the acceptance by draft position in
+a round. Writes OUT/summary.json and OUT/table.md.
 """
 from __future__ import annotations
 
@@ -30,130 +23,39 @@ import json
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from potstill.builtin.sources import builtin_records
-from potstill.models import load_causal_lm, load_tokenizer
-from potstill.sampling import SamplingSettings, sample, sampling_logprobs
-from potstill.speculative.acceptance import expected_acceptance, predicted_speedup
-from potstill.speculative.decode import SpeculativeSettings, speculate
+from potstill.speculative.inputs import MeasureSettings, load_inputs, parse_gammas
+from potstill.speculative.measure import measure
+from potstill.speculative.report import write_outputs
 
-PROMPT_TOKENS = 8
 DRAFT_ORDER = ("ce", "kd", "distillspec", "adaspec")
 
 
-def held_out(tokenizer, n_prompts: int, n_texts: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompts: BOS + the first PROMPT_TOKENS tokens of the first n_prompts validation texts, the next n_texts
-    validation texts tokenised whole for the teacher-forced α)."""
-    records = [r["text"] for _, r in builtin_records("builtin", "validation", n_prompts + n_texts)]
-    bos = tokenizer.bos_token_id
-    prompts = [[bos] + tokenizer.encode(t, add_special_tokens=False)[:PROMPT_TOKENS] for t in records[:n_prompts]]
-    texts = [tokenizer(t)["input_ids"] for t in records[n_prompts:]]
-    return prompts, texts
+def run_draft(target: str, draft: Path, out: Path, temperature: float, args) -> dict:
+    settings = MeasureSettings(target=target, draft=str(draft), prompts="builtin", out=str(out),
+                               gammas=parse_gammas(args.gamma), adaptive=True, temperature=temperature,
+                               max_new_tokens=args.new_tokens, max_prompts=args.prompts,
+                               hf_assisted=temperature == 0 or args.hf_sampling, eval_data="builtin", seed=0,
+                               device="cpu", dtype="float32", warmup=1)
+    results = measure(settings, load_inputs(settings))
+    write_outputs(results, out)
+    return results
 
 
-@torch.no_grad()
-def predicted_alpha(target, draft, texts: list[list[int]]) -> dict:
-    """Teacher-forced on whole texts: greedy agreement and mean 1 − TVD at T = 1 over every predicted position."""
-    settings = SamplingSettings(temperature=1.0)
-    agree = tvd_alpha = positions = 0.0
-    for ids in texts:
-        x = torch.tensor([ids])
-        p_logits, q_logits = target(input_ids=x).logits[0, :-1].float(), draft(input_ids=x).logits[0, :-1].float()
-        agree += (p_logits.argmax(-1) == q_logits.argmax(-1)).sum().item()
-        tvd_alpha += expected_acceptance(sampling_logprobs(q_logits, settings), sampling_logprobs(p_logits, settings)).sum().item()
-        positions += p_logits.shape[0]
-    return {"greedy": agree / positions, "t1": tvd_alpha / positions, "positions": int(positions)}
+def median_speedup(results: dict, key: str) -> float:
+    """Median over prompts of (target-only s/token) ÷ (method s/token), each prompt's pair timed back to back."""
+    per = results["per_prompt"]
+    ratios = [(b["seconds"] / b["tokens"]) / (m["seconds"] / m["tokens"])
+              for b, m in zip(per["target"], per[key]) if b["tokens"] and m["tokens"]]
+    return statistics.median(ratios) if ratios else math.nan
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def configure_assistant(draft, gamma: int) -> None:
-    """HF assisted generation at a fixed γ: no heuristic schedule, no confidence-based early stop."""
-    draft.generation_config.num_assistant_tokens = gamma
-    draft.generation_config.num_assistant_tokens_schedule = "constant"
-    draft.generation_config.assistant_confidence_threshold = 0.0
-
-
-def hf_tokens(out: torch.Tensor, prompt_len: int, eos: int) -> list[int]:
-    tokens = out[0, prompt_len:].tolist()
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-
-
-def methods(target, draft, prompt: list[int], gamma: int, temperature: float, new_tokens: int, eos: int, pad: int,
-            seed: int) -> dict:
-    """name → zero-argument callable returning the new tokens (and the speculative result where there is one)."""
-    spec = SpeculativeSettings(max_new_tokens=new_tokens, temperature=temperature, gamma=gamma)
-    base = SamplingSettings(max_new_tokens=new_tokens, temperature=temperature)
-    ids = torch.tensor([prompt])
-    hf_kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "do_sample": False,
-                 "max_new_tokens": new_tokens, "eos_token_id": eos, "pad_token_id": pad}
-    calls = {
-        "target": lambda: (sample(target, [prompt], base, eos_ids=eos, pad_id=pad, seed=seed).tokens[0], None),
-        "potstill": lambda: (lambda r: (r.tokens, r))(speculate(target, draft, prompt, spec, eos_ids=eos, seed=seed)),
-    }
-    if temperature == 0:
-        calls["hf_assisted"] = lambda: (hf_tokens(target.generate(assistant_model=draft, **hf_kwargs), len(prompt), eos), None)
-        calls["hf_target"] = lambda: (hf_tokens(target.generate(**hf_kwargs), len(prompt), eos), None)
-    return calls
-
-
-@torch.no_grad()
-def measure_cell(target, draft, prompts, gamma: int, temperature: float, new_tokens: int, eos: int, pad: int) -> dict:
-    """Every method on every prompt, interleaved prompt by prompt (the order rotates)."""
-    configure_assistant(draft, gamma)
-    per = {}  # method → list of (seconds, tokens)
-    results, mismatches = [], {}
-    for i, prompt in enumerate(prompts):
-        calls = methods(target, draft, prompt, gamma, temperature, new_tokens, eos, pad, seed=i)
-        names = list(calls)
-        names = names[i % len(names):] + names[: i % len(names)]
-        outputs = {}
-        for name in names:
-            (tokens, result), seconds = timed(calls[name])
-            per.setdefault(name, []).append((seconds, len(tokens)))
-            outputs[name] = tokens
-            if result is not None:
-                results.append(result)
-        if temperature == 0:
-            for name in outputs:
-                mismatches[name] = mismatches.get(name, 0) + (outputs[name] != outputs["target"])
-    return summarise(per, results, gamma, mismatches)
-
-
-def summarise(per: dict, results: list, gamma: int, mismatches: dict) -> dict:
-    base = per["target"]
-    row = {"gamma": gamma, "mismatches": mismatches, "tokens": sum(n for _, n in base)}
-    for name, runs in per.items():
-        ratios = [(bs / bn) / (s / n) for (bs, bn), (s, n) in zip(base, runs) if n and bn]
-        row[name] = {"seconds": sum(s for s, _ in runs), "tokens": sum(n for _, n in runs),
-                     "ms_per_token": 1000 * sum(s for s, _ in runs) / sum(n for _, n in runs),
-                     "speedup_median": statistics.median(ratios),
-                     "speedup_pooled": (sum(s for s, _ in base) / sum(n for _, n in base))
-                     / (sum(s for s, _ in runs) / sum(n for _, n in runs))}
-    accepted, verified = sum(r.accepted for r in results), sum(r.verified for r in results)
-    calls, committed = sum(r.target_calls for r in results), sum(len(r.tokens) for r in results)
-    draft_per_forward = sum(r.draft_seconds for r in results) / max(sum(r.proposed for r in results), 1)
-    target_per_call = sum(r.target_seconds for r in results) / max(calls, 1)
-    alpha = accepted / verified if verified else math.nan
-    rounds = [rd for r in results for rd in r.rounds]
-    cost = draft_per_forward / target_per_call
-    row.update({"alpha_measured": alpha, "alpha_analytic": sum(r.expected_accepted for r in results) / max(verified, 1),
-                "acceptance_rate": accepted / max(sum(r.proposed for r in results), 1), "tau": committed / max(calls, 1),
-                "cost_ratio": cost, "alpha_by_position": alpha_by_position(rounds, gamma),
-                "predicted_speedup": predicted_speedup(alpha, gamma, cost) if not math.isnan(alpha) else math.nan})
-    return row
-
-
-def alpha_by_position(rounds: list[tuple[int, int]], gamma: int) -> list[float]:
+def alpha_by_position(results: dict, gamma: int) -> list[float]:
     """Acceptance at draft position k of a round (1..γ), among rounds that reached it (accepted ≥ k − 1)."""
+    rounds = [r for p in results["per_prompt"][f"potstill:{gamma}"] for r in p["rounds"]]
     rates = []
     for k in range(1, gamma + 1):
         reached = [a for g, a in rounds if g >= k and a >= k - 1]
@@ -161,47 +63,68 @@ def alpha_by_position(rounds: list[tuple[int, int]], gamma: int) -> list[float]:
     return rates
 
 
-def load(path: str | Path):
-    model = load_causal_lm(str(path)).eval()
-    return model
+def pooled_alpha(results: dict) -> float:
+    rows = [r for r in results["rows"] if r["gamma"] is not None]
+    return sum(r["accepted"] for r in rows) / max(sum(r["verified"] for r in rows), 1)
 
 
-def tables(report: dict) -> str:
-    lines = ["| draft | train steps | train s | held-out CE | KL(target‖draft) | α pred. greedy | α meas. greedy | "
-             "α pred. T=1 (1−TVD) | α meas. T=1 | α analytic T=1 |", "|---|" + "---:|" * 9]
-    for name, d in report["drafts"].items():
-        g, s = d["greedy"], d["t1"]
-        pooled = lambda rows, key: statistics.fmean(r[key] for r in rows)  # noqa: E731 (mean over γ)
-        lines.append(f"| {name} | {d['train'].get('steps', '')} | {d['train'].get('seconds', '')} | "
-                     f"{d['train'].get('student_ce', math.nan):.3f} | {d['train'].get('kl_teacher_student', math.nan):.3f} | "
-                     f"{d['predicted']['greedy']:.3f} | {pooled(g, 'alpha_measured'):.3f} | {d['predicted']['t1']:.3f} | "
-                     f"{pooled(s, 'alpha_measured'):.3f} | {pooled(s, 'alpha_analytic'):.3f} |")
-    lines += ["", "Greedy (T = 0): speed-up vs target-only `sample` (median of per-prompt ratios; pooled in brackets)", "",
-              "| draft | γ | α | τ | c | predicted | potstill | HF assisted | HF target-only | potstill / HF assisted | mismatches (potstill, HF) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for name, d in report["drafts"].items():
-        for r in d["greedy"]:
-            p, h, ht = r["potstill"], r["hf_assisted"], r["hf_target"]
-            lines.append(f"| {name} | {r['gamma']} | {r['alpha_measured']:.3f} | {r['tau']:.2f} | {r['cost_ratio']:.3f} | "
-                         f"{r['predicted_speedup']:.2f} | {p['speedup_median']:.2f} ({p['speedup_pooled']:.2f}) | "
-                         f"{h['speedup_median']:.2f} ({h['speedup_pooled']:.2f}) | {ht['speedup_median']:.2f} | "
-                         f"{h['ms_per_token'] / p['ms_per_token']:.2f} | {r['mismatches'].get('potstill', 0)}, "
-                         f"{r['mismatches'].get('hf_assisted', 0)} |")
-    lines += ["", "Sampling (T = 1): speed-up vs target-only `sample` at T = 1", "",
-              "| draft | γ | α measured | α analytic | τ | c | predicted | potstill |", "|---|" + "---:|" * 7]
-    for name, d in report["drafts"].items():
-        for r in d["t1"]:
-            p = r["potstill"]
-            lines.append(f"| {name} | {r['gamma']} | {r['alpha_measured']:.3f} | {r['alpha_analytic']:.3f} | {r['tau']:.2f} | "
-                         f"{r['cost_ratio']:.3f} | {r['predicted_speedup']:.2f} | {p['speedup_median']:.2f} ({p['speedup_pooled']:.2f}) |")
-    widest = max(report["settings"]["gammas"])
-    lines += ["", f"Acceptance by draft position within a round at γ = {widest} (k = 1..{widest}; among rounds that reached k)",
-              "", "| draft | T | " + " | ".join(f"k={k}" for k in range(1, widest + 1)) + " |", "|---|---|" + "---:|" * widest]
-    for name, d in report["drafts"].items():
+def condensed(results: dict) -> dict:
+    """What the cross-draft tables need from one measure() result."""
+    rows = []
+    for r in results["rows"]:
+        key = r["method"]
+        rows.append({"gamma": r["gamma"] if r["gamma"] is not None else f"adaptive ({r['mean_gamma']:.2f})",
+                     "alpha_measured": r["alpha_measured"], "alpha_analytic": r["alpha_analytic"], "tau": r["tau"],
+                     "speedup": r["speedup"], "speedup_median": median_speedup(results, key),
+                     "speedup_predicted": r.get("speedup_predicted"), "hf_speedup": _hf_speedup(results, r),
+                     "hf_speedup_median": median_speedup(results, f"hf:{r['gamma']}") if r.get("hf_tokens_per_s") else None,
+                     "speedup_vs_hf": r.get("speedup_vs_hf"), "mismatches": r.get("greedy_mismatches"),
+                     "hf_mismatches": r.get("hf_greedy_mismatches")})
+    widest = max(g for g in (r["gamma"] for r in results["rows"]) if g is not None)
+    return {"held_out_alpha": results["held_out"]["alpha"], "alpha_pooled": pooled_alpha(results),
+            "cost_ratio": results["baselines"]["cost_ratio"],
+            "target_tokens_per_s": results["baselines"]["target"]["tokens_per_s"], "rows": rows,
+            "alpha_by_position": alpha_by_position(results, widest), "widest": widest}
+
+
+def _hf_speedup(results: dict, row: dict) -> float | None:
+    hf = row.get("hf_tokens_per_s")
+    return hf / results["baselines"]["target"]["tokens_per_s"] if hf else None
+
+
+def _f(value, digits: int = 2) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def tables(summary: dict) -> str:
+    drafts = summary["drafts"]
+    lines = ["| draft | train steps | train s | held-out CE | KL(target‖draft) | α held-out greedy (top-1 agree) | "
+             "α measured greedy | α held-out T=1 (1 − TVD) | α measured T=1 | c (draft/target s per token) |",
+             "|---|" + "---:|" * 9]
+    for name, d in drafts.items():
+        t, g, s = d["train"], d.get("greedy"), d.get("t1")
+        lines.append(f"| {name} | {t.get('steps', '–')} | {t.get('seconds', '–')} | {_f(t.get('student_ce'), 3)} | "
+                     f"{_f(t.get('kl_teacher_student'), 3)} | {_f(g and g['held_out_alpha'], 3)} | "
+                     f"{_f(g and g['alpha_pooled'], 3)} | {_f(s and s['held_out_alpha'], 3)} | "
+                     f"{_f(s and s['alpha_pooled'], 3)} | {_f(g and g['cost_ratio'], 3)} |")
+    for key, title in (("greedy", "Greedy (T = 0)"), ("t1", "Sampling (T = 1)")):
+        lines += ["", f"{title}: speed-up vs target-only `sample` = median of per-prompt ratios (pooled tokens/s "
+                      "ratio in brackets); potstill ÷ HF = tokens/s ratio at the same γ", "",
+                  "| draft | γ | α measured | α analytic | τ | predicted | potstill | HF assisted | potstill ÷ HF | "
+                  "mismatches (potstill, HF) |", "|---|---|" + "---:|" * 7 + "---|"]
+        for name, d in drafts.items():
+            for r in (d.get(key) or {}).get("rows", []):
+                lines.append(f"| {name} | {r['gamma']} | {_f(r['alpha_measured'], 3)} | {_f(r['alpha_analytic'], 3)} | "
+                             f"{_f(r['tau'])} | {_f(r['speedup_predicted'])} | {_f(r['speedup_median'])} "
+                             f"({_f(r['speedup'])}) | {_f(r['hf_speedup_median'])} ({_f(r['hf_speedup'])}) | "
+                             f"{_f(r['speedup_vs_hf'])} | {r['mismatches']}, {r['hf_mismatches']} |")
+    widest = next(d[k]["widest"] for d in drafts.values() for k in ("greedy", "t1") if d.get(k))
+    lines += ["", f"Acceptance by draft position k within a round at γ = {widest} (among rounds that reached k)", "",
+              "| draft | T | " + " | ".join(f"k={k}" for k in range(1, widest + 1)) + " |", "|---|---|" + "---:|" * widest]
+    for name, d in drafts.items():
         for key in ("greedy", "t1"):
-            row = next((r for r in d.get(key, []) if r["gamma"] == widest), None)
-            if row:
-                lines.append(f"| {name} | {key} | " + " | ".join(f"{a:.3f}" for a in row["alpha_by_position"]) + " |")
+            if d.get(key):
+                lines.append(f"| {name} | {key} | " + " | ".join(_f(a, 3) for a in d[key]["alpha_by_position"]) + " |")
     return "\n".join(lines)
 
 
@@ -212,38 +135,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/spec/measure"))
     parser.add_argument("--only", nargs="*", default=None, help="draft names (default: every one found)")
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--texts", type=int, default=128, help="held-out texts for the teacher-forced α")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--gammas", type=int, nargs="*", default=list(range(1, 9)))
+    parser.add_argument("--gamma", default="1-8")
     parser.add_argument("--temperatures", type=float, nargs="*", default=[0.0, 1.0])
+    parser.add_argument("--hf-sampling", action="store_true", help="also time HF assisted generation at T > 0")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(args.target)
-    target = load(args.target)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts, texts = held_out(tokenizer, args.prompts, args.texts)
     trained = json.loads((args.drafts / "drafts.json").read_text()) if (args.drafts / "drafts.json").exists() else {}
     steps = trained.get("settings", {}).get("steps")
     names = args.only or [n for n in DRAFT_ORDER if (args.drafts / n / "final").exists()]
-    report = {"settings": {**vars(args), "drafts": str(args.drafts), "out": str(args.out), "threads": 1,
-                           "load_before": os.getloadavg()}, "drafts": {}}
+    summary_path = args.out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"drafts": {}}
+    summary["settings"] = {**vars(args), "drafts": str(args.drafts), "out": str(args.out), "threads": 1}
     for name in names:
-        draft = load(args.drafts / name / "final")
-        entry = {"train": {**trained.get(name, {}), "steps": steps}, "predicted": predicted_alpha(target, draft, texts)}
-        # warm-up: first calls pay one-off costs (allocations, HF generation setup)
-        for fn in methods(target, draft, prompts[0], 4, 0.0, 8, eos, pad, 0).values():
-            fn()
+        entry = summary["drafts"].setdefault(name, {})
+        entry["train"] = {**trained.get(name, {}), "steps": steps}
         for temperature in args.temperatures:
             key = "greedy" if temperature == 0 else "t1"
-            entry[key] = [measure_cell(target, draft, prompts, g, temperature, args.new_tokens, eos, pad) for g in args.gammas]
-            print(f"{name} {key}: " + ", ".join(f"γ={r['gamma']} α={r['alpha_measured']:.3f} "
-                                               f"×{r['potstill']['speedup_median']:.2f}" for r in entry[key]), flush=True)
-        report["drafts"][name] = entry
-        (args.out / "measure.json").write_text(json.dumps(report, indent=2))
-    report["settings"]["load_after"] = os.getloadavg()
-    (args.out / "measure.json").write_text(json.dumps(report, indent=2))
-    text = tables(report)
+            load = os.getloadavg()
+            results = run_draft(args.target, args.drafts / name / "final", args.out / name / key, temperature, args)
+            entry[key] = {**condensed(results), "load_before": load, "load_after": os.getloadavg()}
+            print(f"{name} {key}: load {load[0]:.2f}→{os.getloadavg()[0]:.2f} " + ", ".join(
+                f"γ={r['gamma']} α={_f(r['alpha_measured'], 3)} ×{_f(r['speedup_median'])}/HF ×{_f(r['hf_speedup_median'])}"
+                for r in entry[key]["rows"]), flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps(summary, indent=2))
+    text = tables(summary)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
 
