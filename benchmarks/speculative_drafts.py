@@ -15,7 +15,8 @@ which tokens count differ:
 | adaspec | forward KL on the 40 % of tokens where KL(p‖q_draft) − KL(p‖q_ref) is largest (`loss.select: reference(keep=0.4)`, `loss.reference`: the kd draft) |
 
 AdaSPEC's total cost is its own run plus the kd run that made its reference (both reported). Each final draft
-is evaluated against the target on the built-in validation text (held-out CE, KL(target‖draft)); acceptance is
+is evaluated against the target on the built-in validation text (held-out CE, KL(target‖draft), top-1 agreement,
+acceptance_alpha = 1 − TVD at T = 1); acceptance in decoding is
 measured by `benchmarks/speculative.py`. Writes OUT/<draft>/ (the potstill run; the draft is OUT/<draft>/final)
 and OUT/drafts.json (seconds and metrics per draft).
 """
@@ -48,7 +49,7 @@ def recipe_config(name: str, target: str, out: Path, steps: int, batch: int, lr:
     raw = {"teacher": {"path": target}, "student": {"init_from_teacher_layers": DRAFT_LAYERS},
            "data": dict(DATA), "loss": {},
            "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "warmup_steps": steps // 10,
-                     "schedule": "cosine", "eval_every": 0, "save_every": 0, "log_every": 25, "seed": 0,
+                     "schedule": "cosine", "eval_every": max(steps // 3, 1), "save_every": 0, "log_every": 25, "seed": 0,
                      "report_to": "none"},
            "eval": {"max_task_examples": 0}, "out_dir": str(out / name), "device": "cpu"}
     for section, values in extra.items():
@@ -64,7 +65,7 @@ def train_draft(name: str, target: str, out: Path, steps: int, batch: int, lr: f
     seconds = time.perf_counter() - started
     row = evaluate_path(result.final_dir, teacher=target, data="builtin")
     return {"seconds": round(seconds, 1), "draft": str(result.final_dir),
-            **{k: row[k] for k in ("student_ce", "kl_teacher_student", "teacher_ce") if k in row}}
+            **{k: row[k] for k in ("student_ce", "kl_teacher_student", "teacher_ce", "top1_agreement", "acceptance_alpha") if k in row}}
 
 
 def main() -> None:
