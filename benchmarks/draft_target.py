@@ -3,7 +3,10 @@ potstill's own loop and the shipped teacher's recipe (``potstill/builtin/teacher
 only the model is bigger (8 layers, hidden 256: ~6.4M parameters, a single-token KV-cached forward ~4x the shipped
 4-layer teacher's and ~10x a 1-layer draft's at batch 1 on one thread).
 
-    python benchmarks/draft_target.py --out runs/spec/target [--steps 600] [--threads 2]
+    python benchmarks/draft_target.py --out runs/spec/target [--steps 600] [--batch 32] [--threads 1]
+
+On a shared CPU use one thread: with two OpenMP threads and other jobs on the two cores, every parallel region
+waits for a descheduled thread (a 2-thread run here fell from 2,300 to ~100 tokens/s under load average 5).
 
 Writes the model to OUT/model (an HF dir with the built-in tokenizer), the run to OUT/run and OUT/summary.json
 (wall time, held-out CE / golden KL on the built-in validation text for it and the shipped teacher).
@@ -45,11 +48,12 @@ def text_metrics(model_dir: Path) -> dict:
     return {k: row[k] for k in ("student_ce", "golden_kl_student")}
 
 
-def train_target(out: Path, steps: int, threads: int) -> dict:
+def train_target(out: Path, steps: int, batch: int, threads: int) -> dict:
     out = Path(out)
     torch.set_num_threads(threads)
     init = initial_target(out / "init")
-    train = {**TRAIN, "max_steps": steps, "report_to": "none"}
+    train = {**TRAIN, "max_steps": steps, "batch_size": batch, "warmup_steps": min(TRAIN["warmup_steps"], steps // 6),
+             "report_to": "none"}
     cfg = RunConfig.from_dict({"student": {"path": str(init)}, "data": DATA, "loss": {"objective": "ce"},
                                "train": train, "out_dir": str(out / "run"), "device": "cpu"})
     started = time.perf_counter()
@@ -69,9 +73,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=TRAIN["max_steps"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=TRAIN["batch_size"])
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    print(json.dumps(train_target(args.out, args.steps, args.threads), indent=2))
+    print(json.dumps(train_target(args.out, args.steps, args.batch, args.threads), indent=2))
 
 
 if __name__ == "__main__":
