@@ -31,7 +31,7 @@ from potstill.speculative.inputs import MeasureSettings, load_inputs, parse_gamm
 from potstill.speculative.measure import measure
 from potstill.speculative.report import write_outputs
 
-DRAFT_ORDER = ("ce", "kd", "distillspec", "adaspec")
+DRAFT_ORDER = ("start", "ce", "kd", "distillspec", "adaspec")
 
 
 def run_draft(target: str, draft: Path, out: Path, temperature: float, args) -> dict:

@@ -9,6 +9,7 @@ which tokens count differ:
 
 | draft | recipe |
 |---|---|
+| start | no training: the starting point itself (what each recipe's training adds) |
 | ce | label CE on the data (no teacher signal): the undistilled baseline |
 | kd | forward KL to the target, teacher-forced on the data (plain KD; AdaSPEC's reference) |
 | distillspec | on-policy (`data.regime: onpolicy`, λ = 1: the draft's own T = 1 samples after 8-token prompts), TVD (= 1 − α) |
@@ -31,6 +32,7 @@ import torch
 
 from potstill.config import RunConfig
 from potstill.evaluate_run import evaluate_path
+from potstill.models import load_causal_lm, load_tokenizer, truncated_copy
 from potstill.train import distill
 
 DRAFT_LAYERS = 1
@@ -59,13 +61,25 @@ def recipe_config(name: str, target: str, out: Path, steps: int, batch: int, lr:
     return RunConfig.from_dict(raw)
 
 
+def starting_draft(target: str, out: Path) -> dict:
+    """The common starting point, untrained (`start`): what every recipe's training adds is measured against it."""
+    path = out / "start" / "final"
+    truncated_copy(load_causal_lm(target), DRAFT_LAYERS).save_pretrained(path)
+    load_tokenizer(target).save_pretrained(path)
+    return {"seconds": 0.0, "draft": str(path), **evaluated(path, target)}
+
+
+def evaluated(path: Path, target: str) -> dict:
+    row = evaluate_path(path, teacher=target, data="builtin")
+    return {k: row[k] for k in ("student_ce", "kl_teacher_student", "teacher_ce", "top1_agreement", "acceptance_alpha")
+            if k in row}
+
+
 def train_draft(name: str, target: str, out: Path, steps: int, batch: int, lr: float) -> dict:
     started = time.perf_counter()
     result = distill(recipe_config(name, target, out, steps, batch, lr), overwrite=True, progress=False)
     seconds = time.perf_counter() - started
-    row = evaluate_path(result.final_dir, teacher=target, data="builtin")
-    return {"seconds": round(seconds, 1), "draft": str(result.final_dir),
-            **{k: row[k] for k in ("student_ce", "kl_teacher_student", "teacher_ce", "top1_agreement", "acceptance_alpha") if k in row}}
+    return {"seconds": round(seconds, 1), "draft": str(result.final_dir), **evaluated(result.final_dir, target)}
 
 
 def main() -> None:
@@ -76,7 +90,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="*", default=None, help="drafts to train (default: all; adaspec needs kd)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="drafts to train (default: all; adaspec needs kd); `start` = the untrained starting draft")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -84,8 +99,9 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["settings"] = {"target": args.target, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                            "threads": args.threads, "draft_layers": DRAFT_LAYERS, "recipes": RECIPES}
-    for name in args.only or RECIPES:
-        summary[name] = train_draft(name, args.target, args.out, args.steps, args.batch, args.lr)
+    for name in args.only or ["start", *RECIPES]:
+        summary[name] = (starting_draft(args.target, args.out) if name == "start"
+                         else train_draft(name, args.target, args.out, args.steps, args.batch, args.lr))
         print(f"{name}: {summary[name]}", flush=True)
         summary_path.write_text(json.dumps(summary, indent=2))
     if "adaspec" in summary and "kd" in summary:
