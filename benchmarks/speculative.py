@@ -78,7 +78,7 @@ def condensed(results: dict) -> dict:
                      "speedup": r["speedup"], "speedup_median": median_speedup(results, key),
                      "speedup_predicted": r.get("speedup_predicted"), "hf_speedup": _hf_speedup(results, r),
                      "hf_speedup_median": median_speedup(results, f"hf:{r['gamma']}") if r.get("hf_tokens_per_s") else None,
-                     "speedup_vs_hf": r.get("speedup_vs_hf"), "mismatches": r.get("greedy_mismatches"),
+                     "speedup_vs_hf": r.get("speedup_vs_hf"), "hf_tau": r.get("hf_tau"), "mismatches": r.get("greedy_mismatches"),
                      "hf_mismatches": r.get("hf_greedy_mismatches")})
     widest = max(g for g in (r["gamma"] for r in results["rows"]) if g is not None)
     return {"held_out_alpha": results["held_out"]["alpha"], "alpha_pooled": pooled_alpha(results),
@@ -110,13 +110,13 @@ def tables(summary: dict) -> str:
     for key, title in (("greedy", "Greedy (T = 0)"), ("t1", "Sampling (T = 1)")):
         lines += ["", f"{title}: speed-up vs target-only `sample` = median of per-prompt ratios (pooled tokens/s "
                       "ratio in brackets); potstill ÷ HF = tokens/s ratio at the same γ", "",
-                  "| draft | γ | α measured | α analytic | τ | predicted | potstill | HF assisted | potstill ÷ HF | "
-                  "mismatches (potstill, HF) |", "|---|---|" + "---:|" * 7 + "---|"]
+                  "| draft | γ | α measured | α analytic | τ | predicted | potstill | HF τ | HF assisted | potstill ÷ HF | "
+                  "mismatches (potstill, HF) |", "|---|---|" + "---:|" * 8 + "---|"]
         for name, d in drafts.items():
             for r in (d.get(key) or {}).get("rows", []):
                 lines.append(f"| {name} | {r['gamma']} | {_f(r['alpha_measured'], 3)} | {_f(r['alpha_analytic'], 3)} | "
                              f"{_f(r['tau'])} | {_f(r['speedup_predicted'])} | {_f(r['speedup_median'])} "
-                             f"({_f(r['speedup'])}) | {_f(r['hf_speedup_median'])} ({_f(r['hf_speedup'])}) | "
+                             f"({_f(r['speedup'])}) | {_f(r.get('hf_tau'))} | {_f(r['hf_speedup_median'])} ({_f(r['hf_speedup'])}) | "
                              f"{_f(r['speedup_vs_hf'])} | {r['mismatches']}, {r['hf_mismatches']} |")
     widest = next(d[k]["widest"] for d in drafts.values() for k in ("greedy", "t1") if d.get(k))
     lines += ["", f"Acceptance by draft position k within a round at γ = {widest} (among rounds that reached k)", "",
@@ -126,6 +126,20 @@ def tables(summary: dict) -> str:
             if d.get(key):
                 lines.append(f"| {name} | {key} | " + " | ".join(_f(a, 3) for a in d[key]["alpha_by_position"]) + " |")
     return "\n".join(lines)
+
+
+def rebuild(out: Path) -> None:
+    """The cross-draft tables again from the per-draft results.json files (e.g. after a table change)."""
+    summary = json.loads((out / "summary.json").read_text())
+    for name, entry in summary["drafts"].items():
+        for key in ("greedy", "t1"):
+            path = out / name / key / "results.json"
+            if key in entry and path.exists():
+                entry[key] = {**entry[key], **condensed(json.loads(path.read_text()))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = tables(summary)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
 
 
 def main() -> None:
@@ -139,7 +153,11 @@ def main() -> None:
     parser.add_argument("--gamma", default="1-8")
     parser.add_argument("--temperatures", type=float, nargs="*", default=[0.0, 1.0])
     parser.add_argument("--hf-sampling", action="store_true", help="also time HF assisted generation at T > 0")
+    parser.add_argument("--rebuild", action="store_true", help="measure nothing: rebuild OUT/table.md from OUT/*/*/results.json")
     args = parser.parse_args()
+    if args.rebuild:
+        rebuild(args.out)
+        return
     torch.set_num_threads(1)
     trained = json.loads((args.drafts / "drafts.json").read_text()) if (args.drafts / "drafts.json").exists() else {}
     steps = trained.get("settings", {}).get("steps")
