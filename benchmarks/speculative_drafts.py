@@ -13,6 +13,7 @@ which tokens count differ:
 | ce | label CE on the data (no teacher signal): the undistilled baseline |
 | kd | forward KL to the target, teacher-forced on the data (plain KD; AdaSPEC's reference) |
 | distillspec | on-policy (`data.regime: onpolicy`, λ = 1: the draft's own T = 1 samples after 8-token prompts), TVD (= 1 − α) |
+| distillspec-fkl | (only with --only) on-policy as distillspec, forward KL |
 | adaspec | forward KL on the 40 % of tokens where KL(p‖q_draft) − KL(p‖q_ref) is largest (`loss.select: reference(keep=0.4)`, `loss.reference`: the kd draft) |
 
 AdaSPEC's total cost is its own run plus the kd run that made its reference (both reported). Each final draft
@@ -43,7 +44,11 @@ RECIPES = {
     "distillspec": {"loss": {"objective": "tvd"}, "data": {"regime": "onpolicy"},
                     "onpolicy": {"lam": 1.0, "temperature": 1.0, "max_new_tokens": 64, "prompt_tokens": 8}},
     "adaspec": {"loss": {"objective": "fkl", "select": "reference(keep=0.4)", "reference": "{kd}"}},
+    # DistillSpec's other divergence, on the same on-policy data (not in the default set: --only distillspec-fkl)
+    "distillspec-fkl": {"loss": {"objective": "fkl"}, "data": {"regime": "onpolicy"},
+                        "onpolicy": {"lam": 1.0, "temperature": 1.0, "max_new_tokens": 64, "prompt_tokens": 8}},
 }
+DEFAULT = ("start", "ce", "kd", "distillspec", "adaspec")
 
 
 def recipe_config(name: str, target: str, out: Path, steps: int, batch: int, lr: float) -> RunConfig:
@@ -99,7 +104,7 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["settings"] = {"target": args.target, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                            "threads": args.threads, "draft_layers": DRAFT_LAYERS, "recipes": RECIPES}
-    for name in args.only or ["start", *RECIPES]:
+    for name in args.only or DEFAULT:
         summary[name] = (starting_draft(args.target, args.out) if name == "start"
                          else train_draft(name, args.target, args.out, args.steps, args.batch, args.lr))
         print(f"{name}: {summary[name]}", flush=True)
