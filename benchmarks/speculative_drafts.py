@@ -49,11 +49,17 @@ RECIPES = {
                         "onpolicy": {"lam": 1.0, "temperature": 1.0, "max_new_tokens": 64, "prompt_tokens": 8}},
 }
 DEFAULT = ("start", "ce", "kd", "distillspec", "adaspec")
+# --fresh: a draft built from this config instead (random init, 1 layer, hidden 64: ~0.13 M parameters without the
+# shared-vocabulary head), so the CE-only baseline cannot lean on the target's own first block
+FRESH_DRAFT = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 1,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+               "tie_word_embeddings": True}
 
 
-def recipe_config(name: str, target: str, out: Path, steps: int, batch: int, lr: float) -> RunConfig:
+def recipe_config(name: str, target: str, out: Path, steps: int, batch: int, lr: float, fresh: bool) -> RunConfig:
     extra = RECIPES[name]
-    raw = {"teacher": {"path": target}, "student": {"init_from_teacher_layers": DRAFT_LAYERS},
+    student = {"config": FRESH_DRAFT} if fresh else {"init_from_teacher_layers": DRAFT_LAYERS}
+    raw = {"teacher": {"path": target}, "student": student,
            "data": dict(DATA), "loss": {},
            "train": {"max_steps": steps, "batch_size": batch, "lr": lr, "warmup_steps": steps // 10,
                      "schedule": "cosine", "eval_every": max(steps // 3, 1), "save_every": 0, "log_every": 25, "seed": 0,
@@ -80,9 +86,9 @@ def evaluated(path: Path, target: str) -> dict:
             if k in row}
 
 
-def train_draft(name: str, target: str, out: Path, steps: int, batch: int, lr: float) -> dict:
+def train_draft(name: str, target: str, out: Path, steps: int, batch: int, lr: float, fresh: bool) -> dict:
     started = time.perf_counter()
-    result = distill(recipe_config(name, target, out, steps, batch, lr), overwrite=True, progress=False)
+    result = distill(recipe_config(name, target, out, steps, batch, lr, fresh), overwrite=True, progress=False)
     seconds = time.perf_counter() - started
     return {"seconds": round(seconds, 1), "draft": str(result.final_dir), **evaluated(result.final_dir, target)}
 
@@ -97,16 +103,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None,
                         help="drafts to train (default: all; adaspec needs kd); `start` = the untrained starting draft")
+    parser.add_argument("--fresh", action="store_true", help="drafts from FRESH_DRAFT (random init) instead of the "
+                        "target's first layer; `start` is then not available")
     args = parser.parse_args()
+    if args.fresh and "start" in (args.only or DEFAULT):
+        parser.error("--fresh: name the drafts with --only (ce kd distillspec adaspec); `start` is the truncated target")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     summary_path = args.out / "drafts.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["settings"] = {"target": args.target, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                           "threads": args.threads, "draft_layers": DRAFT_LAYERS, "recipes": RECIPES}
+                           "threads": args.threads, "draft": FRESH_DRAFT if args.fresh else f"target's first {DRAFT_LAYERS}",
+                           "recipes": RECIPES}
     for name in args.only or DEFAULT:
         summary[name] = (starting_draft(args.target, args.out) if name == "start"
-                         else train_draft(name, args.target, args.out, args.steps, args.batch, args.lr))
+                         else train_draft(name, args.target, args.out, args.steps, args.batch, args.lr, args.fresh))
         print(f"{name}: {summary[name]}", flush=True)
         summary_path.write_text(json.dumps(summary, indent=2))
     if "adaspec" in summary and "kd" in summary:
