@@ -150,21 +150,40 @@ def g_test_p_value(counts: collections.Counter, probs: dict, n: int) -> float:
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_sampled_sequences_are_distributed_as_the_target_samples(temperature, top_p):
-    """2000 seeded runs, 3 new tokens over a 5-token vocabulary (EOS = 0), γ = 2: rounds with rejections (residual
-    draws), with all drafts accepted (bonus draws) and short final rounds all occur. The G-test against the exact
-    enumeration passes here at p ≈ 0.5; each of these one-line bugs fails it (checked by hand, p < 1e-12 where
-    computed): accepting with min(1, q/p); the residual |p − q| instead of max(0, p − q); the correction drawn from
-    p instead of the residual; the bonus drawn from p_γ, from max(0, p_{γ+1} − q_γ) or from q_γ; counting every
-    acceptance instead of the leading ones; and (at T = 0.7, top-p 0.8 only, as it must be) recording the draft's
-    untransformed softmax as q while drawing from the transformed one."""
+    """4000 seeded runs, 3 new tokens over a 5-token vocabulary (EOS = 0), γ = 2: rounds with rejections (residual
+    draws), with all drafts accepted (bonus draws) and short final rounds all occur. Two checks:
+
+    - the G-test of the sequences against the exact enumeration (p ≈ 0.5 here); each of these one-line bugs fails it
+      (checked by hand on 2000 runs, p < 1e-12 where computed): accepting with min(1, q/p); the residual |p − q|
+      instead of max(0, p − q); the correction drawn from p instead of the residual; the bonus drawn from p_γ, from
+      max(0, p_{γ+1} − q_γ) or from q_γ; counting every acceptance instead of the leading ones; and (at T = 0.7,
+      top-p 0.8 only, as it must be) recording the draft's untransformed softmax as q while drawing from the
+      transformed one;
+    - Σ accepted against Σ expected_accepted (Σ_v min(p, q) over the verified positions, ``acceptance_z_score``),
+      the direct check of the accept rule's calibration: here z = 1.03 and 0.15; accepting with min(1, p / (0.9 q))
+      gives z = 8.3 and 4.9, with min(1, p / (0.5 q)) 36 and 5.9, so |z| < 3.5 fails both. (That ×0.9 bug distorts
+      the sequences only mildly: on 2000 runs the G-test alone passed it at p = 0.006 and 0.044; on these 4000
+      runs it gives p = 5e-6 and 1.3e-4.)"""
     target = tiny_llama(1, vocab=5, layers=1, hidden=16, init=0.2)
     draft = perturbed(target, 0.5, 7)
     settings = SpeculativeSettings(max_new_tokens=3, gamma=2, temperature=temperature, top_p=top_p)
-    runs = [speculate(target, draft, [1], settings, eos_ids=0, seed=seed) for seed in range(2000)]
+    runs = [speculate(target, draft, [1], settings, eos_ids=0, seed=seed) for seed in range(4000)]
     first_rounds = collections.Counter(r.rounds[0] for r in runs)
-    assert first_rounds[(2, 2)] > 50 and first_rounds[(2, 0)] > 50 and first_rounds[(2, 1)] > 50
+    assert first_rounds[(2, 2)] > 100 and first_rounds[(2, 0)] > 100 and first_rounds[(2, 1)] > 100
     counts = collections.Counter(tuple(r.tokens) for r in runs)
     assert g_test_p_value(counts, exact_sequence_distribution(target, [1], settings, eos=0), len(runs)) > 1e-3
+    assert abs(acceptance_z_score(runs)) < 3.5
+
+
+def acceptance_z_score(runs: list[SpeculativeResult]) -> float:
+    """(Σ accepted − Σ expected_accepted) / σ over independent runs. Each verified position i is a Bernoulli trial
+    with success probability a_i = Σ_v min(p_i, q_i) given the past, so the difference is a martingale with
+    variance E Σ a_i (1 − a_i); per run Σ a_i (1 − a_i) = E_r − Σ a_i² ≤ E_r − E_r² / v_r (Cauchy–Schwarz, E_r the
+    run's expected_accepted, v_r its verified count), a conservative σ that only needs the run totals."""
+    accepted = sum(r.accepted for r in runs)
+    expected = sum(r.expected_accepted for r in runs)
+    variance = sum(r.expected_accepted - r.expected_accepted ** 2 / r.verified for r in runs if r.verified)
+    return (accepted - expected) / math.sqrt(variance)
 
 
 # ---- KV caches ------------------------------------------------------------------------------------------------
