@@ -368,7 +368,7 @@ def test_adaptive_gamma_is_best_gamma_of_the_running_estimates():
 
 
 @pytest.mark.parametrize("draft_cost", [0.05, 0.4])
-def test_adaptive_run_chooses_best_gamma_of_its_rounds_so_far(target, drafts, monkeypatch, draft_cost):
+def test_adaptive_run_uses_gammas_up_to_gamma_max(target, drafts, monkeypatch, draft_cost):
     """A fake clock (each draft forward costs ``draft_cost``, each target forward 1) makes the run deterministic:
     every round after the first proposes best_gamma(α̂, ĉ = draft_cost, gamma_max) of the rounds before it (cut so
     the round commits no token past max_new_tokens), and the tokens are the target's greedy ones."""
