@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from potstill.sampling import SamplingSettings, sample, sampling_logprobs
 from potstill.speculative.acceptance import best_gamma
+from potstill.speculative import decode
 from potstill.speculative.decode import SpeculativeResult, SpeculativeSettings, _GammaChooser, _Speculator, speculate
 
 NO_EOS = [10_000]  # an id no model here can produce
@@ -48,9 +49,10 @@ def target():
 
 @pytest.fixture(scope="module")
 def drafts(target):
-    """A close draft (greedy α ≈ 0.5-0.7), an unrelated smaller one with 60 of the target's 64 ids, the target."""
+    """A close draft (greedy α ≈ 0.5-0.7), an unrelated smaller one with 60 of the target's 64 ids, one with 72 ids
+    (8 the target cannot emit: cut from its logits), the target."""
     return {"close": perturbed(target, 0.1, 7), "unrelated": tiny_llama(2, vocab=60, layers=1, hidden=16, init=0.2),
-            "same": target}
+            "wider": tiny_llama(3, vocab=72, layers=1, hidden=16, init=0.2), "same": target}
 
 
 def greedy_reference(model, prompt: list[int], max_new: int, eos=NO_EOS) -> list[int]:
@@ -72,7 +74,7 @@ def assert_same_greedy(model, prompt: list[int], got: list[int], ref: list[int])
 # ---- greedy: the target's own greedy continuation --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("draft_name", ["close", "unrelated"])
+@pytest.mark.parametrize("draft_name", ["close", "unrelated", "wider"])
 @pytest.mark.parametrize("gamma,adaptive", [(1, False), (3, False), (8, False), (2, True)])
 def test_greedy_equals_target_greedy(target, drafts, draft_name, gamma, adaptive):
     settings = SpeculativeSettings(max_new_tokens=24, gamma=gamma, adaptive=adaptive)
@@ -88,8 +90,23 @@ def test_greedy_equals_target_greedy(target, drafts, draft_name, gamma, adaptive
     assert rejected > 0  # the test exercises rejections ...
     if draft_name == "close":
         assert accepted > 0  # ... and acceptances
-    else:  # ... and ids the narrower draft cannot embed (shown to it as its last id)
+    if draft_name == "unrelated":  # ... and ids the narrower draft cannot embed (shown to it as its last id)
         assert committed_ids_beyond_the_draft
+
+
+@pytest.mark.parametrize("draft_name", ["close", "unrelated", "wider"])
+def test_greedy_short_runs_and_eos_first_with_any_draft_width(target, drafts, draft_name):
+    """Prompts of 1, 2 and 4 tokens, max_new_tokens 1, 2 and 7, γ 1 and 8: the target's greedy tokens; and with the
+    target's first greedy token as EOS, that one token and finished."""
+    for prompt in ([1], [1, 7], PROMPTS[1]):
+        for max_new, gamma in ((1, 8), (2, 1), (7, 8)):
+            out = speculate(target, drafts[draft_name], prompt, SpeculativeSettings(max_new_tokens=max_new,
+                                                                                     gamma=gamma), eos_ids=NO_EOS)
+            assert_same_greedy(target, prompt, out.tokens, greedy_reference(target, prompt, max_new))
+        first = greedy_reference(target, prompt, 1)[0]
+        out = speculate(target, drafts[draft_name], prompt, SpeculativeSettings(max_new_tokens=10, gamma=3),
+                        eos_ids=first)
+        assert out.tokens == [first] and out.finished
 
 
 def test_greedy_with_the_target_as_draft_accepts_every_proposal(target):
@@ -150,21 +167,59 @@ def g_test_p_value(counts: collections.Counter, probs: dict, n: int) -> float:
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_sampled_sequences_are_distributed_as_the_target_samples(temperature, top_p):
-    """2000 seeded runs, 3 new tokens over a 5-token vocabulary (EOS = 0), γ = 2: rounds with rejections (residual
-    draws), with all drafts accepted (bonus draws) and short final rounds all occur. The G-test against the exact
-    enumeration passes here at p ≈ 0.5; each of these one-line bugs fails it (checked by hand, p < 1e-12 where
-    computed): accepting with min(1, q/p); the residual |p − q| instead of max(0, p − q); the correction drawn from
-    p instead of the residual; the bonus drawn from p_γ, from max(0, p_{γ+1} − q_γ) or from q_γ; counting every
-    acceptance instead of the leading ones; and (at T = 0.7, top-p 0.8 only, as it must be) recording the draft's
-    untransformed softmax as q while drawing from the transformed one."""
+    """4000 seeded runs, 3 new tokens over a 5-token vocabulary (EOS = 0), γ = 2: rounds with rejections (residual
+    draws), with all drafts accepted (bonus draws) and short final rounds all occur. Two checks:
+
+    - the G-test of the sequences against the exact enumeration (p ≈ 0.5 here); each of these one-line bugs fails it
+      (checked by hand on 2000 runs, p < 1e-12 where computed): accepting with min(1, q/p); the residual |p − q|
+      instead of max(0, p − q); the correction drawn from p instead of the residual; the bonus drawn from p_γ, from
+      max(0, p_{γ+1} − q_γ) or from q_γ; counting every acceptance instead of the leading ones; and (at T = 0.7,
+      top-p 0.8 only, as it must be) recording the draft's untransformed softmax as q while drawing from the
+      transformed one;
+    - Σ accepted against Σ expected_accepted (Σ_v min(p, q) over the verified positions, ``acceptance_z_score``),
+      the direct check of the accept rule's calibration: here z = 1.03 and 0.15; accepting with min(1, p / (0.9 q))
+      gives z = 8.3 and 4.9, with min(1, p / (0.5 q)) 36 and 5.9, so |z| < 3.5 fails both. (That ×0.9 bug distorts
+      the sequences only mildly: on 2000 runs the G-test alone passed it at p = 0.006 and 0.044; on these 4000
+      runs it gives p = 5e-6 and 1.3e-4.)"""
     target = tiny_llama(1, vocab=5, layers=1, hidden=16, init=0.2)
     draft = perturbed(target, 0.5, 7)
     settings = SpeculativeSettings(max_new_tokens=3, gamma=2, temperature=temperature, top_p=top_p)
-    runs = [speculate(target, draft, [1], settings, eos_ids=0, seed=seed) for seed in range(2000)]
+    runs = [speculate(target, draft, [1], settings, eos_ids=0, seed=seed) for seed in range(4000)]
     first_rounds = collections.Counter(r.rounds[0] for r in runs)
-    assert first_rounds[(2, 2)] > 50 and first_rounds[(2, 0)] > 50 and first_rounds[(2, 1)] > 50
+    assert first_rounds[(2, 2)] > 100 and first_rounds[(2, 0)] > 100 and first_rounds[(2, 1)] > 100
     counts = collections.Counter(tuple(r.tokens) for r in runs)
     assert g_test_p_value(counts, exact_sequence_distribution(target, [1], settings, eos=0), len(runs)) > 1e-3
+    assert abs(acceptance_z_score(runs)) < 3.5
+
+
+@pytest.mark.parametrize("draft_vocab,top_p,gamma,max_new", [(4, 1.0, 2, 3), (4, 0.9, 8, 3), (8, 1.0, 2, 3),
+                                                             (8, 0.9, 8, 3), (4, 1.0, 8, 1)])
+def test_sampled_sequences_with_a_narrower_or_wider_draft_vocabulary(draft_vocab, top_p, gamma, max_new):
+    """A 6-token target (EOS = 0) with an unrelated draft of 4 ids (the target's 4 and 5 it can neither propose nor
+    embed: shown to it as its last id) or of 8 (2 the target cannot emit: cut), 1500 seeded runs from a 1-token
+    prompt: the G-test against the exact enumeration and the acceptance z-test, as above."""
+    target = tiny_llama(1, vocab=6, layers=1, hidden=16, init=0.2)
+    draft = tiny_llama(4, vocab=draft_vocab, layers=1, hidden=16, init=0.2)
+    settings = SpeculativeSettings(max_new_tokens=max_new, gamma=gamma, temperature=1.0, top_p=top_p)
+    runs = [speculate(target, draft, [1], settings, eos_ids=0, seed=seed) for seed in range(1500)]
+    counts = collections.Counter(tuple(r.tokens) for r in runs)
+    assert g_test_p_value(counts, exact_sequence_distribution(target, [1], settings, eos=0), len(runs)) > 1e-3
+    if max_new > 1:
+        assert any(a < g for r in runs for g, a in r.rounds) and any(0 < a for r in runs for _, a in r.rounds)
+        assert abs(acceptance_z_score(runs)) < 3.5
+    if draft_vocab == 4:
+        assert any(t >= 4 for r in runs for t in r.tokens)  # ids the draft cannot embed were committed
+
+
+def acceptance_z_score(runs: list[SpeculativeResult]) -> float:
+    """(Σ accepted − Σ expected_accepted) / σ over independent runs. Each verified position i is a Bernoulli trial
+    with success probability a_i = Σ_v min(p_i, q_i) given the past, so the difference is a martingale with
+    variance E Σ a_i (1 − a_i); per run Σ a_i (1 − a_i) = E_r − Σ a_i² ≤ E_r − E_r² / v_r (Cauchy–Schwarz, E_r the
+    run's expected_accepted, v_r its verified count), a conservative σ that only needs the run totals."""
+    accepted = sum(r.accepted for r in runs)
+    expected = sum(r.expected_accepted for r in runs)
+    variance = sum(r.expected_accepted - r.expected_accepted ** 2 / r.verified for r in runs if r.verified)
+    return (accepted - expected) / math.sqrt(variance)
 
 
 # ---- KV caches ------------------------------------------------------------------------------------------------
@@ -312,11 +367,31 @@ def test_adaptive_gamma_is_best_gamma_of_the_running_estimates():
     assert fixed.next() == 3
 
 
-def test_adaptive_run_uses_gammas_up_to_gamma_max(target):
-    out = speculate(target, target, PROMPTS[1], SpeculativeSettings(max_new_tokens=30, gamma=2, adaptive=True,
-                                                                    gamma_max=5), eos_ids=NO_EOS)
-    assert out.rounds[0] == (2, 2) and all(1 <= g <= 5 for g, _ in out.rounds[:-1])
-    assert out.tokens == greedy_reference(target, PROMPTS[1], 30)
+@pytest.mark.parametrize("draft_cost", [0.05, 0.4])
+def test_adaptive_run_uses_gammas_up_to_gamma_max(target, drafts, monkeypatch, draft_cost):
+    """A fake clock (each draft forward costs ``draft_cost``, each target forward 1) makes the run deterministic:
+    every round after the first proposes best_gamma(α̂, ĉ = draft_cost, gamma_max) of the rounds before it (cut so
+    the round commits no token past max_new_tokens), and the tokens are the target's greedy ones."""
+    now = [0.0]
+    forward = decode._CachedModel.forward
+
+    def timed_forward(self, ids, keep):
+        now[0] += 1.0 if self.model is target else draft_cost
+        return forward(self, ids, keep)
+
+    monkeypatch.setattr(decode._CachedModel, "forward", timed_forward)
+    monkeypatch.setattr(decode, "device_clock", lambda device: now[0])
+    settings = SpeculativeSettings(max_new_tokens=40, gamma=2, adaptive=True, gamma_max=6)
+    out = speculate(target, drafts["close"], PROMPTS[1], settings, eos_ids=NO_EOS)
+    assert out.tokens == greedy_reference(target, PROMPTS[1], 40)
+    accepted = verified = committed = 0
+    for i, (g, a) in enumerate(out.rounds):
+        best = 2 if i == 0 else best_gamma((accepted + 1) / (verified + 2), draft_cost, 6)
+        assert g == min(best, 40 - committed - 1), (i, out.rounds)
+        accepted, verified, committed = accepted + a, verified + a + (a < g), committed + a + 1
+    assert out.draft_seconds == pytest.approx(draft_cost * (1 + out.proposed), rel=1e-9)  # its prefill: 1 forward
+    gammas = {g for g, _ in out.rounds[1:-1]}
+    assert gammas == ({1, 2, 3, 4} if draft_cost == 0.05 else {1}), out.rounds  # the choice follows α̂ and ĉ
 
 
 def test_result_statistics():
@@ -325,7 +400,6 @@ def test_result_statistics():
     assert (out.proposed, out.accepted, out.target_calls) == (8, 3, 2)
     assert out.acceptance_rate == 3 / 8 and out.alpha_measured == 3 / 5 and out.alpha_expected == 0.5
     assert out.tokens_per_call == 3.0
-
 
 
 def test_each_model_is_fed_only_what_it_has_not_seen(target, drafts):

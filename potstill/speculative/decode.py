@@ -8,7 +8,7 @@ are accepted a bonus token is drawn from p_{γ+1}. Every committed token is then
 own sampler would draw it (same temperature and top-p, ``sampling.sampling_logprobs`` applied to both models). Greedy
 decoding (temperature 0) is the same rule with point masses: accept while d_i is the target's argmax, then commit the
 target's argmax. With q_{γ+1} := 0 the correction and the bonus are one formula, max(0, p_n − q_n) at the first
-position n not accepted, which is how ``_verify_sampled`` draws both.
+position n not accepted, which is how ``rejection_step`` draws both.
 
 Cache bookkeeping (``_CachedModel``): each model's cache holds a prefix of the committed tokens and the count of them
 it holds is tracked. At the start of a round the target's cache holds all committed tokens but the last (which is the
@@ -126,15 +126,16 @@ def _rows(module: nn.Module | None) -> int | None:
 class _CachedModel:
     """A causal LM with its KV cache and the number of committed tokens the cache holds (``length``)."""
 
-    def __init__(self, model: nn.Module, width: int):
+    def __init__(self, model: nn.Module, width: int, is_draft: bool = False):
         self.model, self.width = model, width  # width: the target's vocabulary width, which logits are brought to
         self.cache = None
         self.length = 0
         self.seconds = 0.0
-        # The target may commit an id this model has no embedding for (a padded row of the target's head, e.g. a
-        # 151,936-row draft for a 152,064-row target): it is shown its last id instead. Only the draft can be
-        # narrower, and what it is shown only shapes its proposals, which the rule verifies, so the output stays exact.
-        rows = _rows(model.get_input_embeddings())
+        # The target may commit an id the draft has no embedding for (a padded row of the target's head, e.g. a
+        # 151,936-row draft for a 152,064-row target): the draft is shown its last id instead. What it is shown only
+        # shapes its proposals, which the rule verifies, so the output stays exact. The target is never clamped: a
+        # target whose embedding is narrower than its head fails loudly, as ``sampling.sample`` does.
+        rows = _rows(model.get_input_embeddings()) if is_draft else None
         self.last_id = rows - 1 if rows is not None and rows < width else None
 
     def forward(self, ids: Tensor, keep: int) -> Tensor:
@@ -159,9 +160,10 @@ class _CachedModel:
 
 @dataclass
 class _Round:
-    """What one round's verification decided, on the host."""
+    """What one round's verification decided, on the host (``drafted`` is read after the committed token was written
+    into the sequence, so only its first ``accepted`` entries are drafts for sure)."""
 
-    drafted: list[int]  # d_1..d_g
+    drafted: list[int]  # d_1..d_n, then (n < g) the correction token in place of d_{n+1}, then d_{n+2}..d_g
     accepted: int  # n: the leading drafts the rule accepted
     token: int  # the correction (n < g) or bonus (n = g) token
     expected: Tensor  # (g,) Σ_v min(p_i, q_i) per drafted position, on the device
@@ -177,14 +179,13 @@ class _Speculator:
             raise ValueError(f"speculate: the draft is on {next(draft.parameters()).device} but the target on "
                              f"{self.device}; move both to one device")
         width = _rows(target.get_output_embeddings()) or target.config.vocab_size
-        self.target, self.draft = _CachedModel(target, width), _CachedModel(draft, width)
+        self.target, self.draft = _CachedModel(target, width), _CachedModel(draft, width, is_draft=True)
         self.settings, self.sampling = settings, settings.sampling()
         self.greedy = settings.temperature == 0
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.seq = torch.zeros(len(prompt) + settings.max_new_tokens + 1, dtype=torch.long, device=self.device)
         self.seq[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self.committed = len(prompt)  # tokens of seq that are final (prompt + new)
-        self.no_draft = torch.full((1, width), float("-inf"), device=self.device)  # q_{γ+1} := 0 (log)
 
     def prefill(self) -> None:
         """Both caches take all prompt tokens but the last (the first input of the first round)."""
@@ -224,29 +225,13 @@ class _Speculator:
             token = best.index_select(0, accepted.view(1))  # (1,); best[accepted] would read it on the host
             expected = agree.float()  # Σ min(p, q) of two point masses: 1 if they coincide, else 0
         else:
-            accepted, token, expected = self._verify_sampled(logits, drafted, rows)
+            logp = sampling_logprobs(logits, self.sampling)  # (g + 1, V)
+            accepted, token, expected = rejection_step(logp, torch.cat(rows) if rows else logp[:0], drafted,
+                                                       self.generator)
+            token = token.view(1)
         self.seq.index_copy_(0, (accepted + L).view(1), token)  # no host sync: the position is a device tensor
         host = torch.cat([drafted, token, accepted.view(1)]).tolist()  # the round's one synchronisation
         return _Round(drafted=host[:g], accepted=host[g + 1], token=host[g], expected=expected)
-
-    def _verify_sampled(self, logits: Tensor, drafted: Tensor, rows: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Rejection rule: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)) (u·q < p with u ~ U[0, 1), so a
-        token the target gives probability 0 is never accepted); then draw from max(0, p_n − q_n) at the first
-        position n not accepted, with q_{g+1} = 0 (the bonus is drawn from p_{g+1})."""
-        g = drafted.shape[0]
-        logp = sampling_logprobs(logits, self.sampling)  # (g + 1, V)
-        logq = torch.cat([*rows, self.no_draft])  # (g + 1, V), last row: q_{g+1} = 0
-        at_draft = drafted[:, None]
-        p_draft, q_draft = logp[:g].gather(-1, at_draft)[:, 0].exp(), logq[:g].gather(-1, at_draft)[:, 0].exp()
-        u = torch.rand(g, generator=self.generator, device=self.device)
-        accepted = (u * q_draft >= p_draft).cumsum(0).eq(0).sum()  # leading acceptances
-        n = accepted.view(1)
-        p_row = logp.index_select(0, n).exp()  # (1, V)
-        residual = (p_row - logq.index_select(0, n).exp()).clamp_min(0)
-        # A rejection implies p ≠ q there, so the residual has mass; should rounding leave none, p itself is drawn
-        residual = torch.where(residual.sum() > 0, residual, p_row)
-        token = draw(residual.log(), self.generator)  # draw normalises: unnormalised log-weights are fine
-        return accepted, token, expected_acceptance(logq[:g], logp[:g])
 
     @torch.no_grad()
     def run(self, eos: set[int], on_round: Callable[[_Speculator], None] | None = None) -> SpeculativeResult:
@@ -280,6 +265,7 @@ class _Speculator:
         result.expected_accepted = float(expected)
         result.draft_seconds, result.target_seconds = self.draft.seconds, self.target.seconds
         return result
+
 
 class _GammaChooser:
     """γ for the next round. Fixed: ``settings.gamma``. Adaptive: ``best_gamma(α̂, ĉ, gamma_max)``, the γ that
@@ -321,6 +307,32 @@ def _settle(decided: _Round, g: int, eos: set[int]) -> tuple[list[int], int, int
     if stop is None:
         return new, accepted, verified, False
     return new[: stop + 1], min(accepted, stop + 1), min(verified, stop + 1), True
+
+
+def rejection_step(target_logp: Tensor, draft_logp: Tensor, drafted: Tensor,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """The rejection rule for one round, batched over leading dimensions (...): target_logp (..., g + 1, V) the
+    target's log p_1..p_{g+1}, draft_logp (..., g, V) the draft's log q_1..q_g (both after the same sampling
+    transform), drafted (..., g) the drafts d_i ~ q_i. Accept d_i with probability min(1, p_i(d_i) / q_i(d_i))
+    (u·q < p with u ~ U[0, 1), so a token the target gives probability 0 is never accepted); then draw from
+    max(0, p_n − q_n) at the first position n not accepted, with q_{g+1} := 0 (the bonus is drawn from p_{g+1}).
+    Returns (accepted n (...), the correction or bonus token (...), Σ_v min(p_i, q_i) (..., g)); no host sync."""
+    g, width = drafted.shape[-1], target_logp.shape[-1]
+    at_draft = drafted[..., None]
+    p_draft = target_logp[..., :g, :].gather(-1, at_draft)[..., 0].exp()
+    q_draft = draft_logp.gather(-1, at_draft)[..., 0].exp()
+    u = torch.rand(drafted.shape, generator=generator, dtype=p_draft.dtype, device=p_draft.device)
+    accepted = (u * q_draft >= p_draft).cumsum(-1).eq(0).sum(-1)  # (...) leading acceptances
+    row = accepted[..., None, None].expand(*accepted.shape, 1, width)
+    p_row = target_logp.gather(-2, row)[..., 0, :].exp()  # (..., V): p_n
+    q_row = draft_logp.gather(-2, row.clamp_max(g - 1))[..., 0, :].exp() if g else torch.zeros_like(p_row)
+    q_row = q_row * (accepted < g)[..., None]  # q_{g+1} := 0
+    residual = (p_row - q_row).clamp_min(0)
+    # A rejection implies p ≠ q there, so the residual has mass; should rounding leave none, p itself is drawn
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_row)
+    # draw normalises: unnormalised log-weights are fine
+    token = draw(residual.log().reshape(-1, width), generator).view(accepted.shape)
+    return accepted, token, expected_acceptance(draft_logp, target_logp[..., :g, :])
 
 
 def speculate(target: nn.Module, draft: nn.Module, prompt: list[int], settings: SpeculativeSettings, *,
