@@ -96,6 +96,8 @@ def _with_error_path(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the one place where every verb's errors become one line
             _fail(exc)
+        finally:
+            runtime.shutdown()  # under torchrun: this rank leaves its process group before the interpreter exits
 
     return run
 

@@ -81,6 +81,14 @@ def setup(device: str = "auto") -> Runtime:
     return Runtime(dev, rank, world)
 
 
+def shutdown() -> None:
+    """Destroy the process group ``setup`` joined, once the verb is done. Left to interpreter exit, a finished
+    rank's gloo worker threads can be destroyed while still joinable (std::terminate: "terminate called without
+    an active exception", exit -6, after the run itself completed), which fails the launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launched_rank() -> int:
     """This process's rank as the launcher set it (RANK; 0 when not launched by torchrun/accelerate), readable
     before the process group exists: the CLI prints its console output on rank 0 only."""
