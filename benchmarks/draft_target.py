@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from potstill.builtin.build_teacher import initial_model_dir
 from potstill.builtin.teacher import DATA, MODEL, TRAIN, builtin_teacher_dir
 from potstill.config import RunConfig
 from potstill.evaluate_run import evaluate_path
@@ -33,14 +34,7 @@ TARGET_MODEL = {**MODEL, "hidden_size": 256, "intermediate_size": 768, "num_hidd
 
 def initial_target(path: Path) -> Path:
     """The seeded, untrained target next to the built-in tokenizer (the shipped teacher's tokenizer files)."""
-    from potstill.builtin.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer(path)
-    torch.manual_seed(TRAIN["seed"])
-    config = {**TARGET_MODEL, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    model_from_config(config).save_pretrained(path, safe_serialization=True)
-    return path
+    return initial_model_dir(path, TARGET_MODEL)
 
 
 def text_metrics(model_dir: Path) -> dict:

@@ -18,16 +18,18 @@ import torch
 from potstill.builtin.teacher import DATA, MODEL, SHIPPED, THREADS, TRAIN, recipe_hash
 
 
-def initial_model_dir(path: Path) -> None:
-    """A freshly initialised model (seeded) next to the built-in tokenizer: the starting point of training."""
+def initial_model_dir(path: Path, model: dict = MODEL) -> Path:
+    """A freshly initialised model (seeded; ``model``: the config without its vocabulary, the teacher's by
+    default) next to the built-in tokenizer: the starting point of training."""
     from potstill.builtin.tokenizer import build_tokenizer
     from potstill.models import model_from_config
 
     tokenizer = build_tokenizer(path)
     torch.manual_seed(TRAIN["seed"])
-    config = {**MODEL, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+    config = {**model, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     model_from_config(config).save_pretrained(path, safe_serialization=True)
+    return path
 
 
 def build_teacher(out: Path, progress: bool = True) -> Path:
