@@ -206,7 +206,7 @@ def test_acceptance_alpha_does_not_depend_on_chunk_size(temperature, top_p):
 def test_acceptance_settings_are_checked():
     with pytest.raises(ValueError, match=r"acceptance.top_p must be in \(0, 1\]"):
         evaluate(tiny_llama(0), make_batches(), teacher=tiny_llama(1), vocab=VOCAB, acceptance_top_p=0.0)
-    with pytest.raises(ValueError, match="acceptance.temperature must be ≥ 0"):
+    with pytest.raises(ValueError, match=r"acceptance.temperature must be 0 \(greedy\) or a finite number ≥ 0.001"):
         evaluate(tiny_llama(0), make_batches(), teacher=tiny_llama(1), vocab=VOCAB, acceptance_temperature=-1.0)
 
 

@@ -331,7 +331,8 @@ def test_seeded_private_generator(target, drafts):
 
 @pytest.mark.parametrize("field,value,message", [
     ("max_new_tokens", 0, "speculate.max_new_tokens must be ≥ 1"),
-    ("temperature", -0.5, "speculate.temperature must be ≥ 0"),
+    ("temperature", -0.5, r"speculate.temperature must be 0 \(greedy\) or a finite number ≥ 0.001"),
+    ("temperature", float("nan"), r"speculate.temperature must be 0 \(greedy\) or a finite number"),
     ("top_p", 0.0, r"speculate.top_p must be in \(0, 1\]"),
     ("gamma", 0, "speculate.gamma must be ≥ 1"),
     ("gamma_max", 0, "speculate.gamma_max must be ≥ 1"),
