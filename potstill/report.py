@@ -368,11 +368,13 @@ def compare_runs(run_dirs: Iterable[Path | str]) -> str:
 
 
 def compare_table_rich(run_dirs: Iterable[Path | str]) -> Table:
-    """The same comparison as a rich table for the terminal (cells as Text: run names are never markup)."""
+    """The same comparison for the terminal, transposed: one column per run, one row per setting or metric, so a
+    dozen metrics still fit an 80-column terminal (cells as Text: run names are never markup)."""
     headers, cells, best = comparison_rows(run_dirs)
     table = Table(title="potstill runs (best in bold)")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="right" if i >= 2 else "left")
-    for row, row_best in zip(cells, best):
-        table.add_row(*(Text(c, style="bold" if b else "") for c, b in zip(row, row_best)))
+    table.add_column("")
+    for row in cells:
+        table.add_column(Text(row[0]), justify="right")
+    for i, header in enumerate(headers[1:], start=1):
+        table.add_row(header, *(Text(row[i], style="bold" if row_best[i] else "") for row, row_best in zip(cells, best)))
     return table

@@ -109,11 +109,13 @@ def test_compare_runs_bolds_the_better_run(tmp_path):
 def test_compare_table_rich_has_the_same_rows(tmp_path):
     good = make_run(tmp_path, "good", student_ce=2.0, kl=0.1, top1=0.8, ece=0.05)
     bad = make_run(tmp_path, "bad", student_ce=3.0, kl=0.3, top1=0.6, ece=0.02)
-    table = compare_table_rich([good, bad])
-    assert [c.header for c in table.columns][3] == "student_ce" and table.row_count == 2
-    ce_cells = table.columns[3]._cells
+    table = compare_table_rich([good, bad])  # transposed: a column per run, a row per setting or metric
+    assert [str(c.header) for c in table.columns] == ["", "good", "bad"]
+    names = [str(c) for c in table.columns[0]._cells]
+    assert names == ["objective", "steps", "student_ce", "student_ppl", "kl_teacher_student", "top1_agreement", "ece"]
+    ce_cells = [table.columns[run]._cells[2] for run in (1, 2)]
     assert [str(c) for c in ce_cells] == ["2.0000", "3.0000"] and ce_cells[0].style == "bold" and ce_cells[1].style == ""
-    console = Console(file=io.StringIO(), width=200)
+    console = Console(file=io.StringIO(), width=80)
     console.print(table)
     printed = console.file.getvalue()
     assert "good" in printed and "0.0200" in printed
