@@ -75,6 +75,17 @@ def test_ascii_word_level_against_bpe_spans_boundaries_and_matches(tokenizers):
     assert alignment.exact == (ExactMatch(1, 0, True, True), ExactMatch(2, 1, False, False))
 
 
+def test_an_unknown_token_matches_a_span_but_not_a_piece(tokenizers):
+    w, b = byte_spans(tokenizers["W"], "x the"), byte_spans(tokenizers["B"], "x the")
+    assert tokenizers["W"].convert_ids_to_tokens(list(w.ids)) == ["<s>", "<unk>", "the"]
+    assert tokenizers["B"].convert_ids_to_tokens(list(b.ids)) == ["x", "Ġ", "the"]
+    assert spans_of(b) == [(0, 1), (1, 2), (2, 5)]
+    alignment = align(w, b)
+    assert alignment.boundaries == (1, 5)
+    assert chunks_of(alignment) == [(0, 1, (1, 2), (0, 1)), (1, 5, (2, 3), (1, 3))]
+    assert alignment.exact == (ExactMatch(1, 0, True, False),)  # b"<unk>" != b"x": no ordinary divergence there
+
+
 def test_multibyte_utf8_spans_are_bytes_and_split_characters_go_to_the_last_token(tokenizers):
     text = "café €5 日本"  # bytes: c a f é(2) | ' ' | €(3) | 5 | ' ' | 日(3) | 本(3) = 17
     b = byte_spans(tokenizers["B"], text)

@@ -100,8 +100,8 @@ def byte_spans(tokenizer, text: str) -> TokenSpans:
                              f"{k} of {text!r}: cannot align it by bytes")
         starts[i], ends[i], previous_end = to_byte[start], to_byte[end], end
     _place_specials(special, starts, ends)
-    pieces = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False).encode("utf-8")
-              for i in ids]
+    pieces = [piece.encode("utf-8") for piece in tokenizer.batch_decode(
+        [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)]
     return TokenSpans(text, tuple(ids), tuple(starts), tuple(ends), tuple(special), tuple(pieces))
 
 
