@@ -238,19 +238,30 @@ def write_report(run_dir: Path | str) -> Path:
 # ---- plots (Agg canvas on a bare Figure: the caller's pyplot backend and figures are untouched) ----------------
 
 
+def new_figure(width: float, height: float) -> Figure:
+    """A bare Figure on its own Agg canvas (no pyplot state), laid out to fit its labels."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_over_steps(ax, evals: list[dict], key: str, label: str, **style) -> None:
+    """One evaluation metric against the step, at the evaluations that logged it (nothing when none did)."""
+    points = [(e["step"], e[key]) for e in evals if key in e]
+    if points:
+        ax.plot(*zip(*points), marker="o", label=label, **style)
+
+
 def _loss_figure(train: list[dict], evals: list[dict]) -> Figure:
     with_eval = any("student_ce" in e or "kl_teacher_student" in e for e in evals)
-    fig = Figure(figsize=(10 if with_eval else 6, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(10 if with_eval else 6, 4)
     axes = fig.subplots(1, 2 if with_eval else 1, squeeze=False)[0]
     steps = [r["step"] for r in train if "loss" in r]
     axes[0].plot(steps, [r["loss"] for r in train if "loss" in r], label="train loss")
     axes[0].set(xlabel="step", ylabel="loss", title="training objective")
     if with_eval:
         for key, label in (("student_ce", "held-out CE (student)"), ("kl_teacher_student", "KL(teacher ‖ student)")):
-            points = [(e["step"], e[key]) for e in evals if key in e]
-            if points:
-                axes[1].plot(*zip(*points), marker="o", label=label)
+            _plot_over_steps(axes[1], evals, key, label)
         teacher_ce = [e["teacher_ce"] for e in evals if "teacher_ce" in e]
         if teacher_ce:  # the floor the student's CE is heading towards
             axes[1].axhline(teacher_ce[-1], linestyle="--", color="gray", label="teacher CE")
@@ -262,14 +273,10 @@ def _loss_figure(train: list[dict], evals: list[dict]) -> Figure:
 def _golden_figure(evals: list[dict], records: list[dict]) -> Figure:
     """Golden KL(true‖student) beside the proxy KL(teacher‖student) over steps; the teacher's own golden distance
     as the floor the proxy cannot see below; the step an early stop kept as best."""
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax = (fig := new_figure(6, 4)).subplots()
     for key, label in (("golden_kl_student", "golden KL(true ‖ student)"), ("kl_teacher_student", "proxy KL(teacher ‖ student)"),
                        ("golden_kl_teacher", "golden KL(true ‖ teacher)")):
-        points = [(e["step"], e[key]) for e in evals if key in e]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label, linestyle="--" if key == "golden_kl_teacher" else "-")
+        _plot_over_steps(ax, evals, key, label, linestyle="--" if key == "golden_kl_teacher" else "-")
     stops = [r for r in records if r.get("kind") == "early_stop"]
     if stops:
         ax.axvline(stops[-1]["best_step"], color="gray", linestyle=":", label=f"best golden (step {stops[-1]['best_step']})")
@@ -279,12 +286,10 @@ def _golden_figure(evals: list[dict], records: list[dict]) -> Figure:
 
 
 def _task_figure(evals: list[dict]) -> Figure:
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax = (fig := new_figure(6, 4)).subplots()
     keys = sorted({k for e in evals for k in e if k.startswith("task_accuracy") or k.startswith("eos_rate")})
     for key in keys:
-        ax.plot(*zip(*[(e["step"], e[key]) for e in evals if key in e]), marker="o", label=key)
+        _plot_over_steps(ax, evals, key, key)
     ax.set(xlabel="step", ylabel="fraction of held-out prompts", ylim=(-0.02, 1.02), title="greedy generations")
     ax.legend()
     return fig
@@ -292,13 +297,9 @@ def _task_figure(evals: list[dict]) -> Figure:
 
 def _acceptance_figure(evals: list[dict]) -> Figure:
     """The student as a draft over steps: α (speculative sampling at T = 1) and top-1 agreement (greedy)."""
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax = (fig := new_figure(6, 4)).subplots()
     for key, label in (("acceptance_alpha", "α = Σ min(p, q) (sampling, T = 1)"), ("top1_agreement", "top-1 agreement (greedy)")):
-        points = [(e["step"], e[key]) for e in evals if key in e]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
+        _plot_over_steps(ax, evals, key, label)
     ax.set(xlabel="step", ylabel="acceptance per draft token", ylim=(-0.02, 1.02), title="draft acceptance")
     ax.legend()
     return fig
@@ -308,9 +309,7 @@ def _reliability_figure(last_eval: dict) -> Figure:
     bins = last_eval["calibration"]  # [[mean_confidence, accuracy, count], ...] over equal-width bins of (0, 1]
     width = 1.0 / len(bins)
     centers = [(i + 0.5) * width for i in range(len(bins))]
-    fig = Figure(figsize=(5, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax = (fig := new_figure(5, 5)).subplots()
     filled = [(c, b[1]) for c, b in zip(centers, bins) if b[2] > 0]
     if filled:
         ax.bar(*zip(*filled), width=width, edgecolor="black", label="accuracy")

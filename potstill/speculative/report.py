@@ -9,12 +9,11 @@ import json
 import math
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.table import Table
 
 from potstill.io import atomic_write_bytes
-from potstill.report import MISSING, fmt, markdown_table, write_png
+from potstill.report import MISSING, fmt, markdown_table, new_figure, write_png
 
 RESULTS_FILE, REPORT_FILE, PLOT_FILE = "results.json", "report.md", "plots/speculate.png"
 
@@ -156,8 +155,7 @@ def figure(results: dict) -> Figure:
     """Speed-up and τ against γ: measured (potstill, HF assisted) beside the predictions from the measured α and,
     when computed, from the held-out α."""
     rows = [r for r in results["rows"] if r["gamma"] is not None]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(10, 4)
     speed_ax, tau_ax = fig.subplots(1, 2)
     lines = [("speedup", "tau", "potstill (measured)", "-", "o"),
              ("hf_tokens_per_s", "hf_tau", "HF assisted (measured)", "-", "s"),
