@@ -29,7 +29,19 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "example_id": torch.tensor([e.example_id for e in examples])}
+            "example_id": torch.tensor([e.example_id for e in examples]), **collate_extra(examples)}
+
+
+def collate_extra(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Each ``Example.extra`` list as a (B, longest) int64 tensor padded with -1 (cross-tokenizer alignment)."""
+    out = {}
+    for key in examples[0].extra:
+        rows = [e.extra[key] for e in examples]
+        tensor = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            tensor[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        out[key] = tensor
+    return out
 
 
 @dataclass
