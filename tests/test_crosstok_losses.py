@@ -339,3 +339,43 @@ def test_a_student_path_with_its_own_tokenizer_makes_a_cross_tokenizer_run(tmp_p
     assert mapping.shape == (479,)
     the = load_tokenizer(resolve_model_path("builtin")).convert_tokens_to_ids("the")
     assert int(mapping[the]) == bpe.convert_tokens_to_ids("the")
+
+
+def test_live_teacher_target_equals_the_teacher_run_on_each_text_alone(model_dirs, student_tokenizer_dir):
+    """Two texts of different lengths in one padded batch: the live target's rows are the teacher's logits (its own
+    forward on each text alone, unpadded) at the aligned positions, and its chunk likelihoods the sums of the
+    teacher's log-probs of its own tokens over each chunk."""
+    from transformers import AutoModelForCausalLM
+
+    from potstill.crosstok.targets import LiveAlignedTeacher
+    from potstill.models import HiddenAndHead
+
+    teacher_tok, bpe = load_tokenizer(resolve_model_path("builtin")), load_tokenizer(str(student_tokenizer_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(model_dirs["llama_teacher"]).eval()
+    aligner = Aligner(teacher_tok, bpe)
+    texts = ["the cats open every dog .", "a bird wants this big kite . those cows usually open this dog ."]
+    examples = []
+    for i, text in enumerate(texts):
+        ids = bpe(text)["input_ids"] + [bpe.eos_token_id]
+        examples.append(Example(i, ids, list(ids), extra=aligner({"text": text}, ids, list(ids), "t")))
+    batch = collate(examples, bpe.pad_token_id)
+    mapping = vocab_map(teacher_tok, bpe, len(teacher_tok), len(bpe))
+    target = LiveAlignedTeacher(HiddenAndHead(teacher, len(teacher_tok)), mapping, chunk_size=4).target(batch)
+    width = batch["input_ids"].shape[1] - 1
+    assert batch["xtok_teacher_ids"].shape[1] > len(examples[0].extra["xtok_teacher_ids"])  # the first row is padded
+    for r, e in enumerate(examples):
+        assert max(e.extra["xtok_chunk"]) >= 3 and sum(j >= 0 for j in e.extra["xtok_positions"]) >= 3
+        t_ids = torch.tensor([e.extra["xtok_teacher_ids"]])
+        with torch.no_grad():
+            logits = teacher(t_ids).logits[0, :, : len(teacher_tok)]
+        logp = F.log_softmax(logits, -1)
+        for i, j in enumerate(e.extra["xtok_positions"]):
+            if j >= 0:
+                got = target.rows.chunk_logits(slice(r * width + i, r * width + i + 1))[0]
+                torch.testing.assert_close(got, logits[j], rtol=1e-4, atol=1e-5)
+        for c in range(max(e.extra["xtok_chunk"]) + 1):
+            members = [j for j, k in enumerate(e.extra["xtok_teacher_chunk"]) if k == c]
+            expected = sum(logp[j, t_ids[0, j + 1]] for j in members)
+            assert target.chunk_teacher_logp[r * width + c].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert target.aligned[r * width: r * width + len(e.input_ids) - 1].tolist() == \
+            [j >= 0 for j in e.extra["xtok_positions"]]
