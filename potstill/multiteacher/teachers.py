@@ -134,6 +134,10 @@ class MultiTeacher:
                     check_examples_cached(t.reader, train)
                 except CacheError as exc:
                     raise CacheError(f"{_who(t.spec)}: {exc}") from None
+        privileged = next((e.example_id for e in train if e.privileged_ids is not None), None)
+        if privileged is not None:
+            raise ValueError(f"training example {privileged} has a privileged_context: the first teacher would read it "
+                             "and the others not; several teachers need records without one")
         self.examples = {e.example_id: e for e in train}
         d = self.cfg.data
         if self.mode == "route":
