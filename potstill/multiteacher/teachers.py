@@ -243,7 +243,7 @@ class MultiTeacher:
         the teachers, and the updated factors."""
         metrics = {f"teachers/weight/{n}": float(v) / max(self.weight_count, 1) for n, v in zip(self.names, self.weight_sums)}
         self.weight_sums, self.weight_count = torch.zeros(len(self.teachers)), 0
-        if self.mode != "ddk":
+        if self.mode != "ddk" or not self.domains:  # no domains: evaluation only (`potstill eval`), nothing bound
             return metrics
         d = len(self.domains)
         if self.teacher_ce is None:
