@@ -289,3 +289,15 @@ def test_top_k_and_incomplete_caches_are_refused_naming_the_teacher(tmp_path, mo
     with pytest.raises(CacheError, match=r"teachers.extra\[0\] \(teacher 'b'\): training example \d+ is not in the cache"):
         potstill.distill(_cfg(tmp_path, model_dirs, text_jsonl, _extra(name="b", cache=str(small))), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_packed_batches_give_each_document_its_own_weights(tmp_path, model_dirs, tokenizer, text_jsonl):
+    """Per-example weights follow the segment table: a packed run trains like the padded one."""
+    other = save_tiny_model(tmp_path / "llama_b", "llama", tokenizer, layers=2, hidden=32, seed=7)
+    extra = ("teachers.mix=confidence", _extra(name="b", path=str(other)), "data.max_length=128")
+    padded = potstill.distill(_cfg(tmp_path, model_dirs, text_jsonl, *extra, out="padded"), progress=False)
+    packed = potstill.distill(_cfg(tmp_path, model_dirs, text_jsonl, *extra, "data.packing=true", out="packed"), progress=False)
+    assert _losses(packed.run_dir) == pytest.approx(_losses(padded.run_dir), rel=1e-5)
+    padding = lambda run: [r["padding"] for r in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                           if r["kind"] == "train"]
+    assert sum(padding(packed)) < sum(padding(padded))  # documents did share rows
