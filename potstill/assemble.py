@@ -17,6 +17,7 @@ from potstill.data.loading import Record, is_builtin_spec, load_records, split_h
 from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.onpolicy import self_distill
 from potstill.server_teacher import ServerTeacher
+from potstill.multiteacher.teachers import attach as attach_teachers
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
 from potstill.crosstok.setup import check_teacher_pair
 
@@ -33,6 +34,7 @@ class Parts:
     cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
     server: object | None = None  # a server_teacher.ServerTeacher when they come from teacher.server_url
     crosstok: object | None = None  # a crosstok.setup.CrossTokenizerRun when the teacher has its own tokenizer
+    teachers: object | None = None  # a multiteacher.teachers.MultiTeacher when teachers.extra lists more teachers
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -57,7 +59,12 @@ def _base_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) ->
 
 
 def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
-    """Teacher (unless signals come from a cache), student, tokenizer and the guardrail checks between them."""
+    """Teacher (unless signals come from a cache), student, tokenizer and the guardrail checks between them; with
+    teachers.extra, the other teachers too (multiteacher/teachers.py)."""
+    return attach_teachers(cfg, _load_first_teacher_parts(cfg, device), device, probe_texts(cfg))
+
+
+def _load_first_teacher_parts(cfg: RunConfig, device: torch.device) -> Parts:
     if cfg.teacher.cache:
         return _load_cached_parts(cfg, device)
     if cfg.teacher.server_url:

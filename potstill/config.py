@@ -44,6 +44,20 @@ class TeacherConfig:
 
 
 @dataclass
+class TeachersConfig:
+    extra: list | None = None
+    """Multi-teacher KD (docs/multi-teacher.md): more teachers besides teacher.path / teacher.cache, a list of mappings {name, path | cache, weight (default 1)}: a live model (HF dir, hub id or `builtin`) or its own dense cache. Their distributions are mixed per position in probability space, p = Σ_k w_k·p_k, as one teacher target. None = one teacher."""
+    name: str = "teacher"
+    """The first teacher's (teacher.path / teacher.cache) name, as records' `teacher_id` and metrics call it."""
+    weight: float = 1.0
+    """The first teacher's fixed weight; all fixed weights are normalised to sum to 1."""
+    mix: str = "fixed"
+    """How the teachers' weights are set per example: fixed (the configured weights), confidence (× exp of each teacher's mean log-prob of the example's labelled tokens at loss.temperature), correctness (× 0 for a teacher whose greedy answer to a checkable example is wrong; live teachers), ddk (× per-domain factors from the student/teacher held-out CE ratio, updated at each evaluation; live teachers) or route (all weight on the teacher named by the record's `teacher_id`)."""
+    ddk_smoothing: float = 0.5
+    """teachers.mix=ddk: α of DDK's factor smoothing, r ← α·softmax_k(log r + CE_student/CE_k) + (1 − α)/K per domain (0 < α ≤ 1)."""
+
+
+@dataclass
 class LoraConfig:
     r: int = 0
     """LoRA rank (through peft); 0 = train every weight of the student. With r > 0 the student's weights stay frozen and only the adapters (and student.lora.modules_to_save) train."""
@@ -278,6 +292,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
@@ -363,6 +378,9 @@ class RunConfig:
 
         check_generated_data_settings(self)
         monitor.check_settings(self)
+        from potstill.multiteacher.settings import check_settings as check_teachers_settings
+
+        check_teachers_settings(self)
 
     def _validate_reference(self, obj: Objective) -> None:
         from potstill.losses.selection import SELECTORS

@@ -95,6 +95,13 @@ def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: 
     """The teacher signal for this batch: looked up in the cache by example id, or the live teacher's states."""
     if not objective.needs_teacher:
         return None
+    if parts.teachers is not None:  # several teachers mixed into one target (multiteacher/teachers.py)
+        return parts.teachers.target(batch, objective.tau, lambda: first_teacher_target(parts, par, batch), frozen_signal)
+    return first_teacher_target(parts, par, batch)
+
+
+def first_teacher_target(parts: Parts, par: runtime.Parallel, batch: dict):
+    """The (first) teacher's signal: cache lookup, server scores, the privileged view or the live teacher."""
     if parts.cache is not None:
         return batch_target(parts.cache, batch, parts.vocab)
     if parts.server is not None:
@@ -204,6 +211,8 @@ def run_eval(parts: Parts, held: HeldOut, cfg: RunConfig, step: int) -> dict:
     result = evaluate(parts.student, held.batches, teacher=teacher, vocab=parts.vocab,
                       chunk_size=cfg.loss.chunk_size, golden=held.golden)
     tasks = held.task_metrics(parts.student, parts.tokenizer, cfg.eval.batch_size)
+    if parts.teachers is not None:  # per-teacher weights; teachers.mix=ddk re-weighs from held-out CE here
+        tasks.update(parts.teachers.after_eval(parts.student, held.batches))
     sample = generate_sample(parts.student, parts.tokenizer, cfg.eval.sample_prompt, cfg.eval.max_new_tokens, seed=cfg.train.seed)
     return {"step": step, "kind": "eval", **result.metrics, **tasks, "calibration": result.calibration, "sample": sample}
 
@@ -238,6 +247,8 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     train_examples, held_examples = load_examples(cfg, parts.tokenizer, annotate=getattr(parts.crosstok, "aligner", None))
     if parts.cache is not None:
         check_examples_cached(parts.cache, train_examples)
+    if parts.teachers is not None:
+        parts.teachers.bind(train_examples, held_examples)
     pad = parts.tokenizer.pad_token_id
     if cfg.data.packing:
         check_parts_for_packing(parts)
@@ -374,7 +385,8 @@ class Loop:
                  "rng": runtime.rank_rng_states(self.rt), "data": self.batcher.state(),
                  "objective": self.objective.state_dict(), "skipped": self.skipped, "consecutive": self.consecutive,
                  "world_size": self.rt.world_size, "amp": self.amp.state_dict(), "onpolicy": self.regime.state_dict(),
-                 "early_stop": self.early_stop.state_dict()}
+                 "early_stop": self.early_stop.state_dict(),
+                 "teachers": self.parts.teachers.state_dict() if self.parts.teachers is not None else None}
         if self.rt.is_main:
             checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer,
                                        self.config_yaml, state, self.cfg.train.keep_checkpoints, model_state)
@@ -391,6 +403,8 @@ class Loop:
         self.amp.load_state_dict(state.get("amp"))
         self.regime.load_state_dict(state.get("onpolicy"))
         self.early_stop.load_state_dict(state.get("early_stop"))
+        if self.parts.teachers is not None:
+            self.parts.teachers.load_state_dict(state.get("teachers"))
         runtime.restore_rank_rng(self.rt, state["rng"], self.cfg.train.seed, int(state["step"]))
         if self.rt.is_main:
             checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
