@@ -12,6 +12,7 @@ from potstill import lora, models
 from potstill.models import load_tokenizer, resolve_model_path
 from potstill.config import RunConfig
 from potstill.precision import resolve_model_dtype
+from potstill.crosstok.bpb import attach_token_bytes
 from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, is_builtin_spec, load_records, split_holdout
 from potstill.cache.opening import cached_tokenizer, open_cache
@@ -174,6 +175,7 @@ def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[E
         train_examples, stats = encode_all(tokenizer, train_records, d.max_length, d.train)
         log.info(stats.summary("training"))
     held, stats = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train)
+    attach_token_bytes(tokenizer, held, held_records[: d.max_eval_examples], d.validation or d.train)  # bits per byte
     log.info(stats.summary("held-out"))
     return train_examples, held
 

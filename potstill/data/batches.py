@@ -28,8 +28,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "example_id": torch.tensor([e.example_id for e in examples])}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+           "example_id": torch.tensor([e.example_id for e in examples])}
+    if all(e.token_bytes is not None for e in examples):  # (B, T) bytes per token, 0 on padding: bits per byte
+        out["token_bytes"] = torch.tensor([e.token_bytes + [0] * (width - len(e.token_bytes)) for e in examples])
+    return out
 
 
 @dataclass

@@ -36,6 +36,7 @@ class Example:
     labels: list[int]
     privileged_ids: list[int] | None = None  # a record's `privileged_context`, for the teacher only (onpolicy/self_distill.py)
     fields: dict[str, str] = field(default_factory=dict)  # TASK_FIELDS of a checkable record, else empty
+    token_bytes: list[int] | None = None  # held-out: UTF-8 bytes each token stands for (crosstok/bpb.py), for bits per byte
 
 
 def task_fields(record: dict) -> dict[str, str]:
