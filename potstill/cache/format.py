@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,9 @@ class CacheSpec:
     proposal_temperature: float | None = None  # sample: draws from softmax(z / T_proposal); None = T
     seed: int = 0  # sample: draws of example e use a generator seeded from (seed, e)
     shard_size: int = 512  # examples per shard file
+    # also store the teacher's T = 1 log-prob of each of its own next tokens (label_logprobs, P floats): what a run
+    # whose student has another tokenizer needs beyond the rows (ALM's chunk likelihoods; docs/cross-tokenizer.md)
+    label_logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +83,10 @@ def id_dtype(vocab: int) -> torch.dtype:
 
 def tensor_layout(spec: CacheSpec) -> dict[str, str]:
     """Stored tensor name → 'dtype (shape)' per example, P = L − 1 predicted positions, U = max unique ids."""
+    return _mode_layout(spec) | ({"label_logprobs": "float32 (P,)"} if spec.label_logprobs else {})
+
+
+def _mode_layout(spec: CacheSpec) -> dict[str, str]:
     ids = str(id_dtype(spec.vocab)).removeprefix("torch.")
     if spec.mode == "dense":  # the exact reference mode: fp32, so training from it equals the live teacher
         return {"logprobs": f"float32 (P, {spec.vocab})"}
@@ -94,6 +101,8 @@ def tensor_layout(spec: CacheSpec) -> dict[str, str]:
 def payload_bytes_per_position(spec: CacheSpec, unique: float | None = None) -> float:
     """Tensor bytes per predicted position (file headers excluded). ``unique``: sample mode's padded U (≤ K)."""
     id_bytes = torch.empty((), dtype=id_dtype(spec.vocab)).element_size()
+    if spec.label_logprobs:
+        return 4 + payload_bytes_per_position(replace(spec, label_logprobs=False), unique)
     if spec.mode == "dense":
         return 4 * spec.vocab
     if spec.mode == "topk":
@@ -135,10 +144,19 @@ def example_uniforms(spec: CacheSpec, example_id: int, positions: int) -> Tensor
 
 # ---- encoding: teacher logits of one chunk of positions → stored tensors --------------------------------------
 
-def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None) -> dict[str, Tensor]:
+def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None,
+                 next_ids: Tensor | None = None) -> dict[str, Tensor]:
     """Encode fp32 logits (n, V) of n predicted positions; results are on the CPU. Sample mode returns its
     sorted draws (n, K) (plus each draw's log p/r when r ≠ p); ``compact_samples`` turns an example's draws into
-    ids/counts. ``uniforms`` (n, K): ``example_uniforms`` rows of these positions."""
+    ids/counts. ``uniforms`` (n, K): ``example_uniforms`` rows of these positions. ``next_ids`` (n,): the tokens
+    that follow these positions, needed with ``spec.label_logprobs``."""
+    out = _encode_mode(logits, spec, uniforms)
+    if spec.label_logprobs:  # at T = 1 whatever spec.temperature is: chunk likelihoods are model likelihoods
+        out["label_logprobs"] = F.log_softmax(logits.float(), -1).gather(-1, next_ids.to(logits.device)[:, None])[:, 0].cpu()
+    return out
+
+
+def _encode_mode(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None) -> dict[str, Tensor]:
     logp = F.log_softmax(logits / spec.temperature, dim=-1)  # (n, V): the teacher at T
     if spec.mode == "dense":
         return {"logprobs": logp.float().cpu()}
@@ -201,7 +219,8 @@ def finish_example(parts: list[dict[str, Tensor]], spec: CacheSpec) -> dict[str,
     joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     if spec.mode == "sample":
         draws = joined.pop("draws")
-        joined = compact_samples(draws, joined)
+        per_position = {name: joined.pop(name) for name in ("label_logprobs",) if name in joined}
+        joined = compact_samples(draws, joined) | per_position
     if "ids" in joined:
         joined["ids"] = joined["ids"].to(id_dtype(spec.vocab))
     return joined
