@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from potstill.crosstok.bpb import bits_per_byte
+from potstill.crosstok.bpb import TOKEN_BYTES, bits_per_byte
 from potstill.labels import IGNORE_INDEX
 from potstill.losses.chunked import project_chunks
 from potstill.losses.divergences import kl, label_logprob
@@ -184,8 +184,8 @@ def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chu
     targets = labels[valid].to(device)  # (n_valid,)
     if int(targets.max()) >= vocab or int(targets.min()) < 0:
         raise ValueError(f"labels must lie in [0, {vocab}) or be {IGNORE_INDEX}; got range [{int(targets.min())}, {int(targets.max())}]")
-    if "token_bytes" in batch:  # the UTF-8 bytes each labelled token stands for (crosstok/bpb.py)
-        totals.add("bytes", batch["token_bytes"][:, 1:][valid])
+    if TOKEN_BYTES in batch:  # the UTF-8 bytes each labelled token stands for (crosstok/bpb.py)
+        totals.add("bytes", batch[TOKEN_BYTES][:, 1:][valid])
     else:
         totals.bytes_known = False
     ids, mask = batch["input_ids"], batch.get("attention_mask")

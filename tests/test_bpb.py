@@ -29,7 +29,7 @@ def encoded(tokenizer, records, max_length=128):
 
 def labelled_bytes(example) -> int:
     """Σ bytes over the positions the loss and evaluation score (labels[1:] != -100)."""
-    return sum(b for b, lab in zip(example.token_bytes[1:], example.labels[1:]) if lab != IGNORE_INDEX)
+    return sum(b for b, lab in zip(example.extra["token_bytes"][1:], example.labels[1:]) if lab != IGNORE_INDEX)
 
 
 def trained_text(record) -> str:
@@ -60,25 +60,29 @@ def test_labelled_bytes_sum_to_the_trained_texts_utf8_length(tokenizer, which):
     records = [*MULTI_BYTE, *[(10 + i, {"text": t}) for i, t in enumerate(builtin_texts("validation", 4))]]
     for example in encoded(tok, records):
         record = dict(records)[example.example_id]
-        assert example.token_bytes is not None
+        assert "token_bytes" in example.extra
         assert labelled_bytes(example) == len(trained_text(record).encode("utf-8"))
-        assert example.token_bytes[-1] == 0 and example.input_ids[-1] == tok.eos_token_id
+        assert example.extra["token_bytes"][-1] == 0 and example.input_ids[-1] == tok.eos_token_id
 
 
 def test_truncated_examples_count_only_their_kept_tokens(tokenizer):
     record = (0, {"text": "the cat sat on the dog ."})
     (example,) = encoded(tokenizer, [record], max_length=4)  # <s> the cat sat
-    assert example.token_bytes == [0, 3, 4, 4]
+    assert example.extra["token_bytes"] == [0, 3, 4, 4]
 
 
 def test_an_example_that_is_not_its_texts_tokenisation_gets_no_byte_count(tokenizer):
-    (example,) = encoded(tokenizer, [(0, {"text": "the cat"})])
-    assert example.token_bytes == [0, 3, 4, 0]
-    example.input_ids[1] = 9  # as if encoded differently
-    attach_token_bytes(tokenizer, [example], [(0, {"text": "the cat"})], "test")
-    assert example.token_bytes is None
-    batches = eval_batches([example], 4, tokenizer.pad_token_id)
-    assert "token_bytes" not in batches[0]
+    """...and then no example of the set gets one: bpb over part of the data would not be the data's bpb."""
+    records = [(0, {"text": "the cat"}), (1, {"text": "the dog"})]
+    examples = encoded(tokenizer, records)
+    assert examples[0].extra["token_bytes"] == [0, 3, 4, 0]
+    examples = encode_all(tokenizer, records, 128, "test")[0]
+    examples[1].input_ids[1] = 9  # as if encoded differently
+    assert not attach_token_bytes(tokenizer, examples, records, "test")
+    assert all("token_bytes" not in e.extra for e in examples)
+    assert "token_bytes" not in eval_batches(examples, 4, tokenizer.pad_token_id)[0]
+    assert "bpb" not in evaluate(uniform_model(len(tokenizer)), eval_batches(examples, 4, tokenizer.pad_token_id),
+                                 vocab=len(tokenizer)).metrics
 
 
 def uniform_model(vocab: int) -> LlamaForCausalLM:

@@ -11,8 +11,9 @@ completes it, ``crosstok.byte_spans``) own 0 bytes. Only bytes from ``region_sta
 prompt/completion record (region = the completion) the labelled tokens' bytes sum to exactly the completion's
 UTF-8 length, even when a token merges across the prompt boundary; for a text record to the text's length.
 
-Byte counts are attached to held-out examples once (``attach_token_bytes``), collated as ``token_bytes`` (B, T)
-and summed by ``evaluate`` over the same positions as the NLL.
+Byte counts are attached to held-out examples once (``attach_token_bytes``: ``Example.extra["token_bytes"]``, on
+every example or on none), collated as the batch key ``token_bytes`` (B, T) and summed by ``evaluate`` over the
+same positions as the NLL (padding is never a labelled position).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from potstill.data.encode import Example
 from potstill.data.loading import Record, record_kind, record_location
 
 LN2 = math.log(2.0)
+TOKEN_BYTES = "token_bytes"  # the Example.extra list and the batch key
 
 
 def token_bytes(spans: TokenSpans, region_start: int = 0) -> list[int]:
@@ -65,14 +67,20 @@ def example_token_bytes(tokenizer, record: dict, example: Example, where: str) -
     return (owned + [0] * len(appended))[:n]
 
 
-def attach_token_bytes(tokenizer, examples: list[Example], records: list[Record], source: str) -> None:
-    """Set ``token_bytes`` on each example (None where it cannot be exact; all None for a tokenizer without
-    offsets). ``records``: the numbered records the examples were encoded from."""
+def attach_token_bytes(tokenizer, examples: list[Example], records: list[Record], source: str) -> bool:
+    """Set ``extra["token_bytes"]`` on every example, or on none when one of them cannot be exact (then no bits per
+    byte is reported rather than one over part of the data; likewise for a tokenizer without offsets). ``records``:
+    the numbered records the examples were encoded from. Returns whether the counts were attached."""
     if not getattr(tokenizer, "is_fast", False):
-        return
+        return False
     by_number = dict(records)
-    for e in examples:
-        e.token_bytes = example_token_bytes(tokenizer, by_number[e.example_id], e, record_location(source, e.example_id))
+    counts = [example_token_bytes(tokenizer, by_number[e.example_id], e, record_location(source, e.example_id))
+              for e in examples]
+    if any(c is None for c in counts):
+        return False
+    for e, c in zip(examples, counts):
+        e.extra[TOKEN_BYTES] = c
+    return True
 
 
 def bits_per_byte(nll_nats: float, n_bytes: float) -> float:

@@ -28,10 +28,19 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-           "example_id": torch.tensor([e.example_id for e in examples])}
-    if all(e.token_bytes is not None for e in examples):  # (B, T) bytes per token, 0 on padding: bits per byte
-        out["token_bytes"] = torch.tensor([e.token_bytes + [0] * (width - len(e.token_bytes)) for e in examples])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "example_id": torch.tensor([e.example_id for e in examples]), **collate_extra(examples)}
+
+
+def collate_extra(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Each ``Example.extra`` list as a (B, longest) int64 tensor padded with -1 (cross-tokenizer alignment)."""
+    out = {}
+    for key in examples[0].extra:
+        rows = [e.extra[key] for e in examples]
+        tensor = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            tensor[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        out[key] = tensor
     return out
 
 

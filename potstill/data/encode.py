@@ -36,7 +36,9 @@ class Example:
     labels: list[int]
     privileged_ids: list[int] | None = None  # a record's `privileged_context`, for the teacher only (onpolicy/self_distill.py)
     fields: dict[str, str] = field(default_factory=dict)  # TASK_FIELDS of a checkable record, else empty
-    token_bytes: list[int] | None = None  # held-out: UTF-8 bytes each token stands for (crosstok/bpb.py), for bits per byte
+    # per-example int lists an ``annotate`` hook adds (cross-tokenizer alignment: crosstok/batches.py), collated
+    # into batch keys of the same names (padded with -1)
+    extra: dict[str, list[int]] = field(default_factory=dict)
 
 
 def task_fields(record: dict) -> dict[str, str]:
@@ -169,9 +171,11 @@ def _has_target(labels: list[int]) -> bool:
     return any(lab != IGNORE_INDEX for lab in labels[1:])
 
 
-def encode_all(tokenizer, records: list[Record], max_length: int, source: str) -> tuple[list[Example], EncodeStats]:
+def encode_all(tokenizer, records: list[Record], max_length: int, source: str,
+               annotate=None) -> tuple[list[Example], EncodeStats]:
     """Encode numbered records, truncating to ``max_length``; examples with nothing to learn are dropped (their ids
-    stay unused) and counted, like the truncated ones."""
+    stay unused) and counted, like the truncated ones. ``annotate(record, ids, labels, where)`` (truncated ids and
+    labels) may add per-example lists (``Example.extra``)."""
     stats = EncodeStats(source, max_length)
     kept = []
     for number, record in records:
@@ -182,8 +186,10 @@ def encode_all(tokenizer, records: list[Record], max_length: int, source: str) -
             stats.dropped_prompt_fills += 1
         else:
             stats.truncated += len(ids) > max_length
-            kept.append(Example(number, ids[:max_length], labels[:max_length],
-                                privileged_ids(tokenizer, record, record_location(source, number)), task_fields(record)))
+            where = record_location(source, number)
+            ids, labels = ids[:max_length], labels[:max_length]
+            extra = annotate(record, ids, labels, where) if annotate is not None else {}
+            kept.append(Example(number, ids, labels, privileged_ids(tokenizer, record, where), task_fields(record), extra))
     stats.kept = len(kept)
     if not kept:
         raise ValueError(f"{source}: no example has any token to train on ({stats.dropped_empty} without a target, "

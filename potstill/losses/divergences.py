@@ -34,6 +34,9 @@ class DivergenceSpec:
     # (student_label_logp, teacher_label_logp, sampler_label_logp | None, **hp) -> per position: a term evaluated only
     # at the label token (a sample); the loss path always uses it, ``fn`` is the exact value it estimates
     token: Callable[..., Tensor] | None = None
+    # a cross-tokenizer term (losses/aligned.py): 'aligned' (uld), 'hybrid' (gold) or 'chunk' (alm: its fn takes chunk
+    # log-likelihoods, not distributions); None for ordinary per-token divergences over one shared vocabulary
+    crosstok: str | None = None
 
 
 DIVERGENCES: Registry[DivergenceSpec] = Registry("divergence")
@@ -41,7 +44,7 @@ DIVERGENCES: Registry[DivergenceSpec] = Registry("divergence")
 
 def register(name: str, *, is_divergence: bool = True, uses_labels: bool = False, schedule: type | None = None,
              sparse: Callable[..., Tensor] | None = None, token: Callable[..., Tensor] | None = None,
-             **hparams: HParam):
+             crosstok: str | None = None, **hparams: HParam):
     def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         params = [p for p in inspect.signature(fn).parameters][2:]
         expected = list(schedule.provides) if schedule else list(hparams)
@@ -49,7 +52,7 @@ def register(name: str, *, is_divergence: bool = True, uses_labels: bool = False
             raise TypeError(f"divergence {name!r}: signature {params} does not match declared {expected}")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         DIVERGENCES.register(name)(DivergenceSpec(name, fn, hparams, is_divergence, uses_labels, doc, schedule, sparse,
-                                                   token))
+                                                   token, crosstok))
         return fn
 
     return add
@@ -81,6 +84,8 @@ def list_divergences() -> list[dict]:
         hp = describe(spec.hparams)
         if spec.token is not None:
             targets = "dense, token log-probs (the label token only)"
+        elif spec.crosstok is not None:
+            targets = "dense, cross-tokenizer (aligned by bytes)"
         else:
             targets = "labels" if spec.uses_labels else "dense, top-k" + (", sampled" if spec.sparse else "")
         out.append({"name": name, "doc": spec.doc, "hparams": hp, "target": targets})
@@ -352,3 +357,7 @@ def taid(student_logp: Tensor, teacher_logp: Tensor, t: float) -> Tensor:
     mixed = student_logp.detach() if t <= 0.0 else (1.0 - t) * student_logp.detach() + t * teacher_logp
     target = torch.log_softmax(mixed, dim=-1)
     return kl(target, student_logp)
+
+
+# Cross-tokenizer terms (uld, gold, alm) register themselves here, so every registry user sees them.
+from potstill.losses import crosstok_terms  # noqa: E402,F401

@@ -31,6 +31,7 @@ class Term:
     schedule: Any = None  # mutable per-run state (e.g. TAID's t) supplying the fn's dynamic arguments
     sparse: Callable[..., Tensor] | None = None  # the term's form for sampled targets, if it has one
     token: Callable[..., Tensor] | None = None  # its form on the label token alone (sampled-token terms: opd)
+    crosstok: str | None = None  # a cross-tokenizer term's kind (losses/aligned.py), None for ordinary terms
 
     def __call__(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
         dynamic = self.schedule.current() if self.schedule is not None else {}
@@ -87,6 +88,11 @@ class Objective:
             raise ValueError(f"{what} gives only the teacher's log-prob of each label token, which serves opd and ce; "
                              f"{', '.join(unsupported)} need the teacher's distribution: use a live teacher, a cache "
                              "or teacher.server_top_k > 0")
+
+    @property
+    def crosstok_terms(self) -> list[str]:
+        """Names of the cross-tokenizer terms (uld, gold, alm): with them the teacher may have its own tokenizer."""
+        return [t.name for t in self.terms if t.crosstok is not None]
 
     @property
     def tracks_nll(self) -> bool:
@@ -156,7 +162,8 @@ def parse_term(text: str) -> Term:
     if spec.schedule is not None:  # static hparams configure the schedule; it supplies the fn's arguments
         return Term(name, weight, hparams, spec.fn, spec.uses_labels, spec.schedule(**hparams))
     token = None if spec.token is None else partial(spec.token, **hparams)
-    return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels, None, spec.sparse, token)
+    return Term(name, weight, hparams, partial(spec.fn, **hparams), spec.uses_labels, None, spec.sparse, token,
+                spec.crosstok)
 
 
 @dataclass(frozen=True)

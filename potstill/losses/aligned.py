@@ -1,0 +1,174 @@
+"""The teacher signal of cross-tokenizer KD as data, and how the cross-tokenizer terms read it.
+
+A teacher with another tokenizer reads the same text as other tokens, so its rows are not the student's. The loop
+(``crosstok/targets.py``, or a cache) turns it into an ``AlignedTeacher``: per student predicted position (the
+flattened N = B·(T-1) positions of ``fused_loss``)
+
+- ``rows``: the teacher's row at the ALIGNED teacher position — the position whose next token starts at the same
+  byte after the same text (a shared chunk boundary of ``crosstok.align``) — over the teacher's vocabulary V_t, as a
+  dense-capable target (``TeacherHidden`` for a live teacher, ``DenseLogits`` raw logits or tempered log-probs from
+  a cache); rows of positions with no aligned teacher position hold anything finite;
+- ``aligned`` (N,) bool: the position has an aligned teacher position (ULD and the hybrid's ULD part count there);
+- ``exact`` (N,) bool: the chunk starting there is one token on each side, same bytes, same piece, and the teacher
+  token maps to the student's label through ``vocab_map`` (the hybrid's divergence part counts there);
+- ``chunk`` (N,) int64: the ALM chunk the position's label token belongs to (an index into ``chunk_teacher_logp``),
+  -1 where none (prompt tokens, a chunk with no predicting position on one side);
+- ``chunk_teacher_logp`` (C,): the teacher's chunk log-likelihood Σ log p(y_j) over the chunk's teacher tokens, T = 1;
+- ``vocab_map`` (V_t,) int64: teacher id → the student id with the identical piece, -1 where none.
+
+Registered cross-tokenizer terms (``crosstok`` on their registry entry): ``aligned`` (uld), ``hybrid`` (gold), and
+``chunk`` (alm: it couples the positions of a chunk, so ``fused_loss`` first runs a no-grad pre-pass over the
+student's label log-probs, ``prepare_chunk_terms``; each position then adds g_c·log q(y_i) to the gradient and its
+chunk's loss, once, to the value). With a same-vocabulary target (identical tokenizers) every position is aligned,
+exact and its own chunk, so the same terms run on ordinary ``DenseLogits`` / ``TeacherHidden`` targets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from potstill.labels import IGNORE_INDEX
+from potstill.losses.crosstok_terms import sorted_l1
+from potstill.losses.divergences import label_logprob
+from potstill.losses.targets import DenseLogits, TeacherHidden
+
+# What ``crosstok`` on a registry entry means: the positions a term counts at and what it reads.
+CROSSTOK_KINDS = ("aligned", "hybrid", "chunk")
+
+
+@dataclass
+class AlignedChunk:
+    """An ``AlignedTeacher`` cut to one chunk of positions (n rows), as ``chunked.chunk_term_sums`` uses it."""
+
+    teacher: Tensor  # (n, V_t) teacher logits (or tempered log-probs) at the aligned positions
+    aligned: Tensor  # (n,) bool
+    exact: Tensor  # (n,) bool
+    vocab_map: Tensor  # (V_t,) int64
+    alm: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # term index → (value (n,), g (n,))
+
+
+@dataclass
+class AlignedTeacher:
+    """The cross-tokenizer teacher signal (fields: module docstring). Build one with ``crosstok.targets``."""
+
+    rows: DenseLogits | TeacherHidden
+    aligned: Tensor
+    exact: Tensor
+    chunk: Tensor
+    chunk_teacher_logp: Tensor
+    vocab_map: Tensor
+    # filled by ``prepare_chunk_terms`` (per ALM term index): per-position value and gradient coefficient (N,)
+    alm: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    @property
+    def temperature(self) -> float | None:
+        return self.rows.temperature
+
+    @property
+    def teacher_vocab(self) -> int:
+        return self.vocab_map.shape[0]
+
+    def chunk_aligned(self, sl: slice) -> AlignedChunk:
+        teacher = self.rows.chunk_logits(sl)[:, : self.teacher_vocab].detach()
+        return AlignedChunk(teacher, self.aligned[sl], self.exact[sl], self.vocab_map,
+                            {i: (v[sl], g[sl]) for i, (v, g) in self.alm.items()})
+
+
+def is_aligned(target) -> bool:
+    return isinstance(target, AlignedTeacher)
+
+
+# ---- the ALM pre-pass -------------------------------------------------------------------------------------------
+
+
+def chunk_sums(values: Tensor, chunk: Tensor, n_chunks: int) -> Tensor:
+    """Σ values over the positions of each chunk (C,); positions with chunk -1 are left out."""
+    inside = chunk >= 0
+    return values.new_zeros(n_chunks).index_add_(0, chunk[inside], values[inside].to(values.dtype))
+
+
+def last_position_of_chunk(chunk: Tensor) -> Tensor:
+    """(N,) bool: the position is the last one of its chunk (where the chunk's loss is counted, once)."""
+    positions = torch.arange(chunk.shape[0], device=chunk.device)
+    inside = chunk >= 0
+    n_chunks = int(chunk.max()) + 1 if inside.any() else 0
+    last = torch.full((n_chunks,), -1, dtype=torch.long, device=chunk.device)
+    last.scatter_reduce_(0, chunk[inside], positions[inside], "amax")
+    out = torch.zeros_like(inside)
+    out[last[last >= 0]] = True
+    return out
+
+
+@torch.no_grad()
+def prepare_chunk_terms(target: AlignedTeacher, terms, student_label_logp: Tensor, labels: Tensor) -> AlignedTeacher:
+    """The ALM pre-pass: the student's chunk log-likelihoods S_c = Σ log q(y_i) (T = 1) from ``student_label_logp``
+    (N,), each chunk term's loss L_c = fn(S_c, T_c) and g_c = dL_c/dS_c (autograd on the (C,) tensor). Returns the
+    target with, per term index, the value (L_c at the chunk's last position, 0 elsewhere) and g (g_c at every
+    position of c, 0 elsewhere)."""
+    chunk = torch.where(labels != IGNORE_INDEX, target.chunk, -1)
+    n_chunks = target.chunk_teacher_logp.shape[0]
+    student = chunk_sums(student_label_logp.float(), chunk, n_chunks)
+    teacher = target.chunk_teacher_logp.float()
+    last = last_position_of_chunk(chunk)
+    index = chunk.clamp_min(0)
+    alm = {}
+    for i, term in enumerate(terms):
+        if term.crosstok != "chunk":
+            continue
+        with torch.enable_grad():
+            s = student.clone().requires_grad_()
+            loss = term(s, teacher)
+            (g,) = torch.autograd.grad(loss.sum(), s)
+        alm[i] = (torch.where(last, loss.detach()[index], 0.0), torch.where(chunk >= 0, g[index], 0.0))
+    return replace(target, alm=alm)
+
+
+# ---- per-chunk values -------------------------------------------------------------------------------------------
+
+
+def mapped_bins(student_logp: Tensor, teacher_logp: Tensor, vocab_map: Tensor) -> tuple[Tensor, Tensor]:
+    """Both distributions on the student ids that some teacher id maps to, plus one bin for everything else:
+    the teacher's mass on unmapped ids and the student's on ids no teacher id maps to. (n, M + 1) log-probs each;
+    teacher ids mapped to the same student id add up there."""
+    vocab = student_logp.shape[-1]
+    mapped = vocab_map >= 0
+    target_ids = vocab_map[mapped]
+    hit = torch.zeros(vocab, dtype=torch.bool, device=student_logp.device)
+    hit[target_ids] = True
+    ids = hit.nonzero().squeeze(-1)  # (M,) the mapped student ids
+    p = teacher_logp.exp()
+    projected = p.new_zeros(p.shape[0], vocab).index_add_(1, target_ids, p[:, mapped])
+    teacher_rest = p[:, ~mapped].sum(-1, keepdim=True)
+    neg_inf = torch.tensor(float("-inf"), device=student_logp.device)
+    student_rest = torch.logsumexp(torch.where(hit, neg_inf, student_logp), -1, keepdim=True) if not hit.all() \
+        else torch.full_like(student_logp[:, :1], float("-inf"))
+    teacher_bins = torch.cat([projected[:, ids], teacher_rest], -1).log()
+    return torch.cat([student_logp[:, ids], student_rest], -1), teacher_bins
+
+
+def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None, logp_t: Tensor | None,
+                        chunk: AlignedChunk, labels: Tensor) -> Tensor:
+    """A cross-tokenizer term's per-position value (n,) on an ``AlignedChunk`` (see the module docstring)."""
+    if term.crosstok == "chunk":
+        value, g = chunk.alm[index]
+        y = label_logprob(logq_1, labels)
+        return value + g * (y - y.detach())  # the chunk's loss as value, g_c·∇log q(y_i) as gradient
+    zero = logq_t.new_zeros(())
+    uld = torch.where(chunk.aligned, sorted_l1(logq_t, logp_t), zero)
+    if term.crosstok == "aligned":
+        return uld
+    hp = term.hparams
+    student_bins, teacher_bins = mapped_bins(logq_t, logp_t, chunk.vocab_map)
+    matched = term(student_bins, teacher_bins)  # gold's registered fn: the weighted divergence on the bins
+    return torch.where(chunk.exact, matched, hp["unmatched_weight"] * uld)
+
+
+def same_vocab_values(term, logq_t: Tensor, logq_1: Tensor | None, logp_t: Tensor, logp_1: Tensor | None,
+                      labels: Tensor) -> Tensor:
+    """A cross-tokenizer term on a same-vocabulary target (identical tokenizers): every position is aligned and an
+    exact match with the identity map, every token its own chunk."""
+    if term.crosstok == "chunk":
+        return term(label_logprob(logq_1, labels), label_logprob(logp_1, labels))
+    return term(logq_t, logp_t)
