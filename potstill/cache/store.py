@@ -85,7 +85,7 @@ def _encode_example(hidden: Tensor, weight: Tensor, bias: Tensor | None, example
     if not parts:  # a one-token example predicts nothing: store correctly-shaped empty tensors
         empty = torch.zeros(0, spec.vocab, device=weight.device)
         parts = [encode_chunk(empty, spec, None if uniforms is None else uniforms[:0], next_ids[:0])]
-    return finish_example(parts, spec)
+    return finish_example(parts, spec, example.input_ids)
 
 
 @torch.no_grad()
