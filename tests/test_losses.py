@@ -45,7 +45,24 @@ def _akl_ref(q, p, mu):
     return torch.stack(rows)
 
 
-# name -> (hparams to test with, naive reference over *probabilities* q (student), p (teacher))
+def _uld_ref(q, p):
+    """ULD from its definition: both rows sorted descending, the shorter zero-padded, L1 over ranks."""
+    qs, ps = q.sort(-1, descending=True).values, p.sort(-1, descending=True).values
+    width = max(qs.shape[-1], ps.shape[-1])
+    qs = torch.cat([qs, qs.new_zeros(*qs.shape[:-1], width - qs.shape[-1])], -1)
+    ps = torch.cat([ps, ps.new_zeros(*ps.shape[:-1], width - ps.shape[-1])], -1)
+    return (qs - ps).abs().sum(-1)
+
+
+def _alm_ref(s, t, tau):
+    """ALM's binarised KL from its definition on chunk log-likelihoods s (student), t (teacher): the Bernoulli
+    probabilities a = exp(t/τ − ε), b = exp(s/τ − ε) (tokenkit's ε = 1e-6), then a·log(a/b) + (1−a)·log((1−a)/(1−b))."""
+    a, b = torch.exp(t / tau - 1e-6), torch.exp(s / tau - 1e-6)
+    return a * (a / b).log() + (1 - a) * ((1 - a) / (1 - b)).log()
+
+
+# name -> (hparams to test with, naive reference over *probabilities* q (student), p (teacher)); for a chunk term
+# (alm) over chunk *log-likelihoods* instead
 REFERENCES = {
     "fkl": ({}, lambda q, p: (p * (p / q).log()).sum(-1)),
     "rkl": ({}, lambda q, p: (q * (q / p).log()).sum(-1)),
@@ -58,6 +75,12 @@ REFERENCES = {
     "taid": ({"t_start": 0.6}, lambda q, p, t_start=0.6: _taid_ref(q, p, t_start)),
     # the exact value opd's sampled-token form estimates; the loss path's own reference is _sampled_token_ref
     "opd": ({"rho_max": 0.0}, lambda q, p, rho_max=0.0: (q * (q / p).log()).sum(-1)),
+    # cross-tokenizer terms on one shared vocabulary (identical tokenizers): every position aligned and exact, every
+    # token its own chunk; their cross-vocabulary forms are tests/test_crosstok_losses.py's
+    "uld": ({}, _uld_ref),
+    "gold": ({"beta": 0.3, "matched_weight": 0.7, "unmatched_weight": 1.0},
+             lambda q, p, beta=0.3, matched_weight=0.7, unmatched_weight=1.0: matched_weight * _gjsd_ref(q, p, beta)),
+    "alm": ({"tau": 3.0}, lambda s, t, tau=3.0: _alm_ref(s, t, tau)),
 }
 
 
@@ -101,6 +124,10 @@ def _reference_loss(name, hp, hidden, weight, teacher, labels, temperature=1.0):
     if spec.token is not None:
         q, p = F.softmax(z / temperature, -1), F.softmax(teacher / temperature, -1)
         return (_sampled_token_ref(q, p, labels, **hp) * temperature**2)[labels != -100].sum()
+    if spec.crosstok == "chunk":  # alm: each token its own chunk, log-likelihoods at T = 1, no T²
+        y = labels.clamp_min(0)[:, None]
+        s, t = F.log_softmax(z, -1).gather(-1, y), F.log_softmax(teacher, -1).gather(-1, y)
+        return REFERENCES[name][1](s.squeeze(-1), t.squeeze(-1), **hp)[labels != -100].sum()
     if spec.uses_labels:
         q, p = F.softmax(z, -1), F.one_hot(labels.clamp_min(0), z.shape[-1]).float()
         per = -(p * q.log()).sum(-1) if name == "ce" else REFERENCES[name][1](q, p, **hp)
@@ -157,6 +184,8 @@ def test_a_nan_signal_is_never_silently_dropped(name):
     logp = F.log_softmax(torch.randn(4, 9), -1)
     logp[1, 2] = float("nan")
     values = fn(logq, logp)
+    if DIVERGENCES.get(name).crosstok == "chunk":  # elementwise over chunk log-likelihoods: sum each row's
+        values = values.sum(-1)
     assert torch.isnan(values[1]) and torch.isfinite(values[[0, 2, 3]]).all()
 
 
@@ -224,7 +253,7 @@ def test_objective_parsing_and_validation_errors():
 
 def test_list_divergences_names_hparams():
     rows = {d["name"]: d for d in potstill.list_divergences()}
-    assert set(rows) == {"fkl", "rkl", "gjsd", "ce", "skl", "srkl", "tvd", "akl", "taid", "opd"}
+    assert set(rows) == {"fkl", "rkl", "gjsd", "ce", "skl", "srkl", "tvd", "akl", "taid", "opd", "uld", "gold", "alm"}
     assert rows["gjsd"]["hparams"]["beta"]["default"] == 0.5
     assert rows["ce"]["target"] == "labels"
 

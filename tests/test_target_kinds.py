@@ -23,7 +23,8 @@ V, K = 17, 5
 TEMPERATURES = [1.0, 2.0]
 TEACHER_TERMS = [n for n in DIVERGENCES.names() if not DIVERGENCES.get(n).uses_labels]
 TOKEN_TERMS = [n for n in TEACHER_TERMS if DIVERGENCES.get(n).token is not None]  # opd: the label token only
-BIN_TERMS = [n for n in TEACHER_TERMS if n not in TOKEN_TERMS]  # served by top-k targets
+CROSSTOK_TERMS = [n for n in TEACHER_TERMS if DIVERGENCES.get(n).crosstok]  # uld, gold, alm: dense signals only
+BIN_TERMS = [n for n in TEACHER_TERMS if n not in TOKEN_TERMS + CROSSTOK_TERMS]  # served by top-k targets
 
 
 def _objective(name, temperature):
@@ -91,7 +92,18 @@ TOKEN_KINDS = ["dense", "dense_neg_inf", "token"]  # the kinds that carry the te
 def _accepted():
     """(term, kind) pairs a term is served on: bin terms on every dense and top-k kind, token terms on the kinds
     that give the label's log-prob (the token kind is built from the labels, see _target)."""
-    return [(n, k) for n in BIN_TERMS for k in KINDS] + [(n, k) for n in TOKEN_TERMS for k in TOKEN_KINDS]
+    return ([(n, k) for n in BIN_TERMS for k in KINDS] + [(n, k) for n in TOKEN_TERMS for k in TOKEN_KINDS]
+            + [(n, k) for n in CROSSTOK_TERMS for k in ("dense", "dense_neg_inf")])
+
+
+@pytest.mark.parametrize("name", CROSSTOK_TERMS)
+@pytest.mark.parametrize("kind", ["topk", "token", "sampled"])
+def test_crosstok_terms_refuse_signals_without_the_full_distribution(name, kind):
+    hidden, weight, teacher, labels = _data()
+    ids = torch.zeros(teacher.shape[0], 2, dtype=torch.long)
+    target = Sampled(ids, torch.ones(ids.shape), 1.0) if kind == "sampled" else _target(kind, teacher, 1.0, labels)
+    with pytest.raises(ValueError, match=f"{name} need the teacher's full distribution"):
+        fused_loss(hidden, weight, None, labels, _objective(name, 1.0), target)
 
 
 def _target(kind, teacher, t, labels):

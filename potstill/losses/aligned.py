@@ -32,7 +32,7 @@ from torch import Tensor
 from potstill.labels import IGNORE_INDEX
 from potstill.losses.crosstok_terms import sorted_l1
 from potstill.losses.divergences import label_logprob
-from potstill.losses.targets import DenseLogits, TeacherHidden
+from potstill.losses.targets import DenseLogits, TeacherHidden, teacher_logprobs
 
 # What ``crosstok`` on a registry entry means: the positions a term counts at and what it reads.
 CROSSTOK_KINDS = ("aligned", "hybrid", "chunk")
@@ -165,10 +165,42 @@ def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None,
     return torch.where(chunk.exact, matched, hp["unmatched_weight"] * uld)
 
 
-def same_vocab_values(term, logq_t: Tensor, logq_1: Tensor | None, logp_t: Tensor, logp_1: Tensor | None,
-                      labels: Tensor) -> Tensor:
-    """A cross-tokenizer term on a same-vocabulary target (identical tokenizers): every position is aligned and an
-    exact match with the identity map, every token its own chunk."""
-    if term.crosstok == "chunk":
-        return term(label_logprob(logq_1, labels), label_logprob(logp_1, labels))
-    return term(logq_t, logp_t)
+def same_vocab_values(term, logq_t: Tensor, logq_1: Tensor, teacher: Tensor, labels: Tensor, divisor: float,
+                      tau: float) -> Tensor:
+    """A cross-tokenizer term on a same-vocabulary dense target (identical tokenizers): every position is aligned and
+    an exact match under the identity map, every token its own chunk (alm then compares log q(y) with log p(y))."""
+    if term.crosstok != "chunk":
+        return term(logq_t, teacher_logprobs(teacher, divisor))
+    if divisor == 1.0 and tau != 1.0:
+        raise ValueError("alm needs the teacher at T = 1; this signal holds log-probs at another temperature")
+    return term(label_logprob(logq_1, labels), label_logprob(teacher_logprobs(teacher, divisor / tau), labels))
+
+
+def term_values(term, index: int, logq_t: Tensor, logq_1: Tensor, teacher, labels: Tensor, divisor: float,
+                tau: float) -> Tensor:
+    """Per-position values (n,) of cross-tokenizer term number ``index`` on a chunk's teacher signal: an
+    ``AlignedChunk`` (another tokenizer) or a dense (n, V) tensor over the student's own vocabulary."""
+    if isinstance(teacher, AlignedChunk):
+        logp_t = None if term.crosstok == "chunk" else teacher_logprobs(teacher.teacher, divisor)
+        return aligned_term_values(term, index, logq_t, logq_1, logp_t, teacher, labels)
+    return same_vocab_values(term, logq_t, logq_1, teacher, labels, divisor, tau)
+
+
+def needs_prepass(objective, target) -> bool:
+    return is_aligned(target) and any(t.crosstok == "chunk" for t in objective.terms)
+
+
+def check_support(objective, target) -> None:
+    """Refuse, in one line, what a cross-tokenizer signal cannot serve and what cross-tokenizer terms cannot read."""
+    if is_aligned(target):
+        same_vocab = [t.name for t in objective.terms if not t.uses_labels and t.crosstok is None]
+        if same_vocab:
+            raise ValueError(f"the teacher has its own tokenizer, so {', '.join(same_vocab)} (a comparison over one "
+                             "shared vocabulary) cannot be computed: use the cross-tokenizer terms uld, gold or alm "
+                             "(docs/cross-tokenizer.md)")
+        if objective.selection is not None or objective.tracks_nll:
+            raise ValueError("loss.select and temperature schedules need the teacher on the student's vocabulary; "
+                             "with a teacher of another tokenizer leave them unset")
+    elif objective.crosstok_terms and not isinstance(target, (DenseLogits, TeacherHidden)):
+        raise ValueError(f"{', '.join(objective.crosstok_terms)} need the teacher's full distribution (a live "
+                         f"teacher or a dense cache), not a {type(target).__name__} signal")

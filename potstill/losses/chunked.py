@@ -23,8 +23,10 @@ from potstill.labels import IGNORE_INDEX
 from potstill.losses.objective import Objective, Term
 from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
 from potstill.losses.divergences import label_logprob
-from potstill.losses.targets import (MIN_TEACHER_LOGP, SparseChunk, Target, TokenChunk, TokenLogprobs, TopKChunk,
-                                     TopKTail, dense_teacher_chunk, is_sparse, logits_divisor, teacher_chunk)
+from potstill.losses.targets import (SparseChunk, Target, TokenChunk, TokenLogprobs, TopKChunk,  # noqa: F401
+                                     TopKTail, dense_teacher_chunk, is_sparse, logits_divisor, teacher_chunk,
+                                     teacher_logprobs)
+from potstill.losses import aligned
 
 
 @dataclass
@@ -82,6 +84,7 @@ def should_compile(setting: str, objective: Objective, device: torch.device | st
     if setting != "auto":
         return setting == "true"
     has_schedule = objective.temperature_schedule is not None or any(t.schedule is not None for t in objective.terms)
+    has_schedule = has_schedule or bool(objective.crosstok_terms)  # their chunk objects are not compile-friendly
     return torch.device(device).type != "cpu" and vocab >= COMPILE_MIN_VOCAB and not has_schedule
 
 
@@ -112,6 +115,14 @@ def token_statistics(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels
     return stats
 
 
+@torch.no_grad()
+def student_label_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                           chunk_size: int) -> Tensor:
+    """log q(y) (N,) at T = 1 of every position's label (ignored rows read id 0), chunk by chunk."""
+    return torch.cat([label_logprob(F.log_softmax(z, -1), labels[sl]) for sl, z in
+                      project_chunks(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size)])
+
+
 def label_logp(labels: Tensor, vocab: int) -> Tensor:
     """One-hot log-probs (n, V) for the data labels: 0 at the label, -inf elsewhere (ignored rows use id 0)."""
     out = torch.full((labels.shape[0], vocab), float("-inf"), device=labels.device)
@@ -125,13 +136,6 @@ def label_term(term: Term, logq: Tensor, labels: Tensor) -> Tensor:
         return term(logq, label_logp(labels, logq.shape[-1]))
     ids = labels.clamp_min(0)[:, None]  # ignored rows read id 0; the caller masks them
     return term.sparse(logq, ids, torch.ones(ids.shape, dtype=logq.dtype, device=logq.device))
-
-
-def teacher_logprobs(teacher: Tensor, divisor: float) -> Tensor:
-    """Dense teacher logits (n, V) → log-probs at the objective's temperature, floored at MIN_TEACHER_LOGP so that
-    a teacher's -inf entries cannot make reverse-KL-type terms (or their gradients) infinite."""
-    teacher = teacher.float()
-    return F.log_softmax(teacher if divisor == 1.0 else teacher / divisor, -1).clamp_min(MIN_TEACHER_LOGP)
 
 
 def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor,
@@ -149,9 +153,14 @@ def chunk_term_sums(z: Tensor, labels: Tensor, weights: Tensor,
     logq_1 = F.log_softmax(z, -1) if any(t.uses_labels for t in objective.terms) or tau == 1.0 else None
     logq_t = logq_1 if tau == 1.0 else None  # at T = 1 label and teacher terms share one log-softmax
     sums = []
-    for term in objective.terms:
+    for index, term in enumerate(objective.terms):
         if term.uses_labels:  # label terms always at T = 1: they are the data likelihood
             per_token = label_term(term, logq_1, labels)
+        elif term.crosstok is not None:  # uld, gold, alm (losses/aligned.py); alm is at T = 1 without T²
+            logq_t = F.log_softmax(z / tau, -1) if logq_t is None else logq_t
+            logq_1 = F.log_softmax(z, -1) if logq_1 is None else logq_1
+            scale = 1.0 if term.crosstok == "chunk" else objective.teacher_scale
+            per_token = aligned.term_values(term, index, logq_t, logq_1, teacher, labels, divisor, tau) * scale
         else:
             logq_t = F.log_softmax(z / tau, -1) if logq_t is None else logq_t
             if term.token is not None:  # opd: the label is the sampled token
@@ -306,6 +315,7 @@ class _FusedLoss(torch.autograd.Function):
 
 def check_target_support(objective: Objective, target: Target | None) -> None:
     """Refuse, with one line naming what is missing, terms the teacher signal cannot serve."""
+    aligned.check_support(objective, target)
     if is_sparse(target):
         objective.check_sparse_support("a sampled teacher target")
     elif isinstance(target, TopKTail):
@@ -355,6 +365,9 @@ def fused_loss(
         stats = token_statistics(hidden, weight, bias, labels, target, chunk_size, reference, sequence)
         selected = selection_weights(stats, objective.selection.name, objective.selection.hparams)
         tw = selected if tw is None else tw * selected
+    if aligned.needs_prepass(objective, target):  # alm couples the positions of a chunk: its no-grad pre-pass
+        target = aligned.prepare_chunk_terms(target, objective.terms,
+                                             student_label_logprobs(hidden, weight, bias, labels, chunk_size), labels)
     n_kept = n_valid if tw is None else int(((tw != 0) & (labels != IGNORE_INDEX)).sum())
     labelled_weights = None if tw is None else tw[labels != IGNORE_INDEX]
     weight_range = (1.0, 1.0) if labelled_weights is None or not n_valid else (labelled_weights.min().item(), labelled_weights.max().item())

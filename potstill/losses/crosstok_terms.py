@@ -64,4 +64,8 @@ def approximate_likelihood_matching(student_logp: Tensor, teacher_logp: Tensor, 
     # Here student_logp / teacher_logp are chunk log-likelihoods (log q(chunk), log p(chunk)), elementwise.
     a = teacher_logp.clamp_max(0) / tau - ALM_EPSILON
     b = student_logp.clamp_max(0) / tau - ALM_EPSILON
-    return a.exp() * (a - b) + (-torch.expm1(a)) * (log1mexp(a) - log1mexp(b))
+    p = a.exp()
+    # a chunk the teacher gives probability 0 (a = -inf) adds nothing on its 'yes' side, even where b = -inf too
+    # (-inf − -inf would be NaN; torch.where passes a zero gradient into the unselected branch, as in ``kl``)
+    yes = p * torch.where(p != 0, a - b, torch.zeros((), dtype=p.dtype, device=p.device))
+    return yes + (-torch.expm1(a)) * (log1mexp(a) - log1mexp(b))

@@ -211,7 +211,16 @@ def teacher_chunk(target: Target, sl: slice, vocab: int) -> Tensor | SparseChunk
     if isinstance(target, TopKTail):
         chunk = target.chunk_bins(sl, vocab)
         return TopKChunk(chunk.ids, chunk.valid, chunk.teacher_logp.detach())
+    if hasattr(target, "chunk_aligned"):  # a teacher with its own tokenizer (losses/aligned.py): its own vocabulary
+        return target.chunk_aligned(sl)
     return dense_teacher_chunk(target, sl, vocab)
+
+
+def teacher_logprobs(teacher: Tensor, divisor: float) -> Tensor:
+    """Dense teacher logits (n, V) → log-probs at the objective's temperature, floored at MIN_TEACHER_LOGP so that
+    a teacher's -inf entries cannot make reverse-KL-type terms (or their gradients) infinite."""
+    teacher = teacher.float()
+    return F.log_softmax(teacher if divisor == 1.0 else teacher / divisor, -1).clamp_min(MIN_TEACHER_LOGP)
 
 
 def dense_teacher_chunk(target: Target, sl: slice, vocab: int) -> Tensor:
