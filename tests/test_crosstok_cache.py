@@ -21,6 +21,14 @@ from potstill.models import HiddenAndHead, load_causal_lm, load_tokenizer
 MAX_LENGTH = 48
 
 
+@pytest.fixture(scope="module")
+def bpe_student(tmp_path_factory):
+    """A tiny random student with the built-in BPE tokenizer (untied head, so the head's gradient is its own)."""
+    from tests.conftest import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("bpe") / "student", "llama", load_tokenizer("builtin:bpe"), seed=7,
+                           tie_word_embeddings=False)
+
+
 def records(n: int = 6):
     texts = builtin_texts("validation", n)
     out = [(i, {"text": t}) for i, t in enumerate(texts[: n // 2])]
@@ -137,3 +145,35 @@ def test_other_teacher_tokens_or_too_few_cached_rows_are_refused(setup, tmp_path
     short = build_cache(tmp_path / "short", setup["teacher"], short_examples, spec, fingerprints={"tokenizer": "t"})
     with pytest.raises(CacheError, match=r"training example 0: the run reads \d+ teacher positions but the cache holds 7.*data.max_length"):
         check_cached_alignment(CacheReader(short), setup["student_examples"])
+
+
+@pytest.mark.parametrize("objective", ["uld", "alm", "gold", "0.5*ce + uld + alm(tau=10) + gold"])
+def test_a_cached_runs_loss_and_gradients_equal_the_live_runs(setup, bpe_student, objective):
+    """The same batch and student through the one fused loss path: the dense cache's target gives the live
+    teacher's loss and the same gradients w.r.t. the student's hidden states and head (T = 2, so the tempered
+    rows and the T = 1 chunk likelihoods are both exercised)."""
+    from potstill.losses.chunked import fused_loss
+    from potstill.losses.objective import parse_objective
+
+    bpe = setup["bpe"]
+    torch.manual_seed(0)
+    student = load_causal_lm(str(bpe_student)).eval()
+    batch = batch_of(setup, [0, 1, 2, 3, 4, 5])
+    reader = CacheReader(setup["caches"]["dense"])
+    parsed = parse_objective(objective, temperature=2.0)
+    results = []
+    for target in (live_target(setup, batch), aligned_cache_target(reader, batch, setup["mapping"])):
+        student.zero_grad()
+        h, weight, bias = HiddenAndHead(student, len(bpe))(batch["input_ids"], batch["attention_mask"])
+        h.retain_grad()
+        out = fused_loss(h[:, :-1], weight, bias, batch["labels"][:, 1:], parsed, target, chunk_size=16)
+        out.total.backward()
+        results.append((out.term_sums, h.grad.clone(), student.lm_head.weight.grad.clone()))
+    (live_sums, live_h, live_w), (cached_sums, cached_h, cached_w) = results
+    assert bool((live_sums > 0).all())
+    torch.testing.assert_close(cached_sums, live_sums, rtol=1e-5, atol=0)
+    scale = live_h.abs().max()
+    torch.testing.assert_close(cached_h / scale, live_h / scale, rtol=1e-4, atol=1e-5)
+    scale = live_w.abs().max()
+    torch.testing.assert_close(cached_w / scale, live_w / scale, rtol=1e-4, atol=1e-5)
+
