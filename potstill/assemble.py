@@ -19,6 +19,7 @@ from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.onpolicy import self_distill
 from potstill.server_teacher import ServerTeacher
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
+from potstill.crosstok.setup import check_teacher_pair
 
 log = logging.getLogger("potstill")
 
@@ -32,6 +33,7 @@ class Parts:
     reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
     cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
     server: object | None = None  # a server_teacher.ServerTeacher when they come from teacher.server_url
+    crosstok: object | None = None  # a crosstok.setup.CrossTokenizerRun when the teacher has its own tokenizer
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -68,20 +70,25 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
         teacher = models.load_causal_lm(teacher_path, teacher_dtype, "teacher.path").to(device).eval().requires_grad_(False)
         tokenizer = load_tokenizer(teacher_path)
     student_tok_path = cfg.student.path if cfg.student.path else None
+    own_tok = load_tokenizer(cfg.student.tokenizer) if cfg.student.tokenizer else None  # a fresh student's own
     torch.manual_seed(cfg.train.seed)  # the same seed gives the same fresh student, whatever the objective
-    student = build_student(cfg, teacher, tokenizer).to(device)
-    student_tok = student_tokenizer(student_tok_path, tokenizer)
-    if teacher is not None:
-        vocab = check_pair(tokenizer, student_tok, teacher, student, probe_texts(cfg))
+    student = build_student(cfg, teacher, own_tok or tokenizer).to(device)
+    student_tok = own_tok or student_tokenizer(student_tok_path, tokenizer)
+    crosstok = None
+    if teacher is not None:  # different tokenizers: refused, or cross-tokenizer KD (crosstok/setup.py)
+        vocab, crosstok = check_teacher_pair(cfg, cfg.objective(), tokenizer, student_tok, teacher, student,
+                                             probe_texts(cfg), cfg.loss.chunk_size)
     else:
         vocab = check_student_only(student_tok, student)
     reference = None
     if cfg.loss.reference:
         reference = models.load_causal_lm(cfg.loss.reference, teacher_dtype, "loss.reference").to(device).eval().requires_grad_(False)
         check_pair(tokenizer, student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
-    # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
+    # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent
+    # (across tokenizers: the student's, aligned with the teacher's at encode time).
     teacher = teacher if teacher is not None else self_distill.student_copy(cfg, student)  # teacher.self_distill
-    return Parts(tokenizer if tokenizer is not None else student_tok, teacher, student, vocab, reference)
+    data_tok = student_tok if crosstok is not None or tokenizer is None else tokenizer
+    return Parts(data_tok, teacher, student, vocab, reference, crosstok=crosstok)
 
 
 def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
@@ -159,8 +166,9 @@ def _held_out_records(cfg: RunConfig) -> list[Record] | None:
     return load_records(d.train, "validation") if is_builtin_spec(d.train) else None
 
 
-def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[Example], list[Example]]:
-    """(training, held-out) examples; with ``train=False`` only what evaluation needs is read and encoded.
+def load_examples(cfg: RunConfig, tokenizer, train: bool = True, annotate=None) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples; with ``train=False`` only what evaluation needs is read and encoded;
+    ``annotate`` is encode_all's per-example hook (cross-tokenizer alignment).
     Example ids are record positions in their file, whatever is split off or limited (see data/loading.py);
     truncation and drops are logged (INFO, logger "potstill") per source."""
     d = cfg.data
@@ -172,9 +180,10 @@ def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[E
         train_records, held_records = split_holdout(train_records)
     train_examples: list[Example] = []
     if train:
-        train_examples, stats = encode_all(tokenizer, train_records, d.max_length, d.train)
+        train_examples, stats = encode_all(tokenizer, train_records, d.max_length, d.train, annotate)
         log.info(stats.summary("training"))
-    held, stats = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train)
+    held, stats = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train,
+                             annotate)
     attach_token_bytes(tokenizer, held, held_records[: d.max_eval_examples], d.validation or d.train)  # bits per byte
     log.info(stats.summary("held-out"))
     return train_examples, held

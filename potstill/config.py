@@ -69,6 +69,8 @@ class StudentConfig:
     """Build a fresh student from a model config: a dict with `model_type` (llama, qwen2, gpt2, ...) or a config.json path."""
     init_from_teacher_layers: int | None = None
     """Initialise the student as the teacher's embeddings, first N blocks, final norm and head (teacher-truncation init)."""
+    tokenizer: str | None = None
+    """A fresh student's (`student.config`) own tokenizer: a local dir or hub id. When it differs from the teacher's, the objective needs a cross-tokenizer term (`uld`, `gold`, `alm`; docs/cross-tokenizer.md)."""
     dtype: str = "float32"
     """Student weights dtype = master weights and AdamW state dtype (float32; bfloat16 = pure bf16 training, no master weights)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -331,6 +333,8 @@ class RunConfig:
         server_teacher.check_settings(self, obj)
         if self.student.init_from_teacher_layers is not None and not self.teacher.path:
             raise ValueError("student.init_from_teacher_layers needs teacher.path (the teacher's weights)")
+        if self.student.tokenizer and self.student.config is None:
+            raise ValueError("student.tokenizer is for a fresh student (student.config); a student.path brings its own")
         sources = [self.student.path, self.student.config, self.student.init_from_teacher_layers]
         if sum(s is not None for s in sources) != 1:
             raise ValueError("set exactly one of student.path, student.config, student.init_from_teacher_layers")

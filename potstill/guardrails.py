@@ -68,7 +68,9 @@ def check_pair(teacher_tok, student_tok, teacher, student, probes: tuple[str, ..
             "teacher and student tokenizers differ, so token-level KD would compare unrelated tokens: "
             + "; ".join(problems)
             + ". Use a student with the teacher's tokenizer (e.g. student.init_from_teacher_layers or a config with "
-            "the teacher's vocab_size), or train with objective 'ce' on teacher-generated text."
+            "the teacher's vocab_size), distil across tokenizers with a cross-tokenizer term: loss.objective=uld, "
+            "alm or gold, alone or mixed (e.g. '0.5*ce + uld'; docs/cross-tokenizer.md), or train with objective "
+            "'ce' on teacher-generated text."
         )
     if (getattr(teacher_tok, "chat_template", None) or "") != (getattr(student_tok, "chat_template", None) or ""):
         log.warning("teacher and student chat templates differ; chat data is rendered with the student's")

@@ -99,6 +99,8 @@ def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: 
         return batch_target(parts.cache, batch, parts.vocab)
     if parts.server is not None:
         return parts.server.target(batch, parts.vocab)
+    if parts.crosstok is not None:  # a teacher with its own tokenizer, aligned by bytes (crosstok/targets.py)
+        return parts.crosstok.target(batch)
     if "teacher_input_ids" in batch:  # the teacher reads its own sequence (privileged context: onpolicy/self_distill.py)
         return privileged_signal(par.teacher, batch)
     return frozen_signal(par.teacher, batch)
@@ -198,7 +200,8 @@ def nonfinite_error(run_dir: Path, step: int, stats: dict, consecutive: int) -> 
 
 
 def run_eval(parts: Parts, held: HeldOut, cfg: RunConfig, step: int) -> dict:
-    result = evaluate(parts.student, held.batches, teacher=parts.teacher, vocab=parts.vocab,
+    teacher = None if parts.crosstok is not None else parts.teacher  # another tokenizer: no per-token comparison
+    result = evaluate(parts.student, held.batches, teacher=teacher, vocab=parts.vocab,
                       chunk_size=cfg.loss.chunk_size, golden=held.golden)
     tasks = held.task_metrics(parts.student, parts.tokenizer, cfg.eval.batch_size)
     sample = generate_sample(parts.student, parts.tokenizer, cfg.eval.sample_prompt, cfg.eval.max_new_tokens, seed=cfg.train.seed)
@@ -232,7 +235,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     par = runtime.parallelize(rt, parts.student, (parts.teacher, parts.reference), parts.vocab, cfg.parallel.strategy,
                               cfg.parallel.teacher)
     runtime.seed_ranks(rt, cfg.train.seed)
-    train_examples, held_examples = load_examples(cfg, parts.tokenizer)
+    train_examples, held_examples = load_examples(cfg, parts.tokenizer, annotate=getattr(parts.crosstok, "aligner", None))
     if parts.cache is not None:
         check_examples_cached(parts.cache, train_examples)
     pad = parts.tokenizer.pad_token_id
