@@ -19,12 +19,18 @@ live teacher gives ULD and the hybrid, documented) — and ``label_logprobs`` wh
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from potstill.cache.format import CacheError, CacheSpec
+from potstill.cache.opening import open_cache
 from potstill.cache.reader import CacheReader
-from potstill.crosstok.targets import build_aligned
+from potstill.crosstok.batches import Aligner
+from potstill.crosstok.setup import check_cross_settings
+from potstill.crosstok.targets import build_aligned, vocab_map
+from potstill.guardrails import check_student_only
 from potstill.data.encode import Example
 from potstill.losses.aligned import AlignedTeacher
 from potstill.losses.targets import TAIL_FLOOR, DenseLogits
@@ -105,3 +111,32 @@ def aligned_cache_target(reader: CacheReader, batch: dict, mapping: Tensor) -> A
     label_logp = torch.where(teacher_chunk >= 0, label_logp.to(device), 0.0)  # -inf where unread would be 0·inf
     return build_aligned(dense, label_logp, batch, mapping)
 
+
+
+@dataclass
+class CachedCrossTokenizerRun:
+    """A cross-tokenizer run whose teacher signal comes from a cache (the live one: ``crosstok.setup``): the same
+    encode-time aligner, the target read from the cache, the cache checked against the alignment before step 1."""
+
+    reader: CacheReader
+    mapping: Tensor  # (V_t,) teacher id → student id with the same piece, -1 none
+    aligner: Aligner
+
+    def target(self, batch: dict) -> AlignedTeacher:
+        return aligned_cache_target(self.reader, batch, self.mapping)
+
+    def check_examples(self, examples: list[Example]) -> None:
+        check_cached_alignment(self.reader, examples)
+
+
+def open_cross_tokenizer_cache(cfg, cache_tok, student_tok, student, problems: list[str]) -> tuple[int, CachedCrossTokenizerRun]:
+    """(V_s, the cached cross-tokenizer run) for ``teacher.cache`` built with ``cache_tok`` (the teacher's) and a
+    student with ``student_tok``; every check of the cache that does not need the data happens here."""
+    objective = cfg.objective()
+    check_cross_settings(cfg, objective, problems)
+    teacher_vocab = len(cache_tok)
+    reader = open_cache(cfg, cache_tok, teacher_vocab)
+    check_cross_tokenizer_spec(reader, objective.crosstok_terms)
+    student_vocab = check_student_only(student_tok, student)
+    mapping = vocab_map(cache_tok, student_tok, teacher_vocab, student_vocab)
+    return student_vocab, CachedCrossTokenizerRun(reader, mapping, Aligner(cache_tok, student_tok))

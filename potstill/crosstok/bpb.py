@@ -22,6 +22,7 @@ import math
 from potstill.crosstok.alignment import TokenSpans, byte_spans
 from potstill.data.encode import Example
 from potstill.data.loading import Record, record_kind, record_location
+from potstill.labels import IGNORE_INDEX
 
 LN2 = math.log(2.0)
 TOKEN_BYTES = "token_bytes"  # the Example.extra list and the batch key
@@ -81,6 +82,29 @@ def attach_token_bytes(tokenizer, examples: list[Example], records: list[Record]
     for e, c in zip(examples, counts):
         e.extra[TOKEN_BYTES] = c
     return True
+
+
+def labelled_bytes(example: Example) -> int | None:
+    """Σ bytes of the tokens the example's labels score (labels[1:], as evaluation), None without byte counts."""
+    counts = example.extra.get(TOKEN_BYTES)
+    if counts is None:
+        return None
+    return sum(b for b, label in zip(counts[1:], example.labels[1:]) if label != IGNORE_INDEX)
+
+
+def same_bytes_problem(student: list[Example], teacher: list[Example]) -> str | None:
+    """Why the two tokenisations' held-out examples do not score the same bytes (so their bpb would not compare),
+    or None: other examples kept, no byte counts, or an example whose labelled bytes differ (cut at another byte by
+    data.max_length, which counts tokens)."""
+    if [e.example_id for e in student] != [e.example_id for e in teacher]:
+        return "the two tokenizers keep different held-out examples"
+    for s, t in zip(student, teacher):
+        if labelled_bytes(s) is None or labelled_bytes(t) is None:
+            return "a tokenizer gives no exact byte counts"
+        if labelled_bytes(s) != labelled_bytes(t):
+            return (f"held-out example {s.example_id} is cut at another byte ({labelled_bytes(s)} vs {labelled_bytes(t)} "
+                    "labelled bytes): raise data.max_length so that neither side truncates it")
+    return None
 
 
 def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
