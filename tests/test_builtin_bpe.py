@@ -6,6 +6,7 @@ from potstill.builtin.bpe import NAME, SHIPPED, VOCAB_SIZE, build_bpe_tokenizer,
 from potstill.builtin.grammar import builtin_texts
 from potstill.builtin.tokenizer import SPECIAL_TOKENS
 from potstill.crosstok import align, byte_spans
+from potstill.data.encode import encode_all
 from potstill.models import load_tokenizer
 
 MULTI_BYTE = "the café costs 5 € , 日本 cats 🐈 sleep ."
@@ -58,10 +59,17 @@ def test_bpe_special_tokens_follow_the_word_level_conventions(tokenizer):
         assert getattr(bpe, name) == getattr(tokenizer, name)
     ids = bpe("the cat")["input_ids"]
     assert ids[0] == bpe.bos_token_id and bpe.eos_token_id not in ids  # BOS added, EOS left to the data pipeline
-    assert bpe.chat_template == tokenizer.chat_template
+    conversation = {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "a dog"},
+                                 {"role": "user", "content": "why"}, {"role": "assistant", "content": "big dogs"}]}
+    assert bpe.apply_chat_template(conversation["messages"], tokenize=False) == \
+        tokenizer.apply_chat_template(conversation["messages"], tokenize=False).strip()  # the same turns
+    (example,), _ = encode_all(bpe, [(0, conversation)], 64, "test")  # assistant tokens found by prefix rendering
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != -100]
+    assert bpe.decode(trained) == " a dog </s> big dogs </s>"
 
 
 def test_bpe_training_is_deterministic_and_the_shipped_copy_is_a_fresh_build(tmp_path):
     fresh = build_bpe_tokenizer(tmp_path / "bpe")
     assert _model_json(fresh) == _model_json(fast_bpe_tokenizer())
-    assert _model_json(fresh) == _model_json(load_tokenizer(str(SHIPPED)))
+    shipped = load_tokenizer(str(SHIPPED))
+    assert _model_json(fresh) == _model_json(shipped) and fresh.chat_template == shipped.chat_template

@@ -6,7 +6,7 @@ Trained with the `tokenizers` library on the first ``TRAINING_DOCUMENTS`` built-
 ones split ("Ġla" "z" "y"), about 1.5 tokens per word. Training is deterministic (two builds give the same
 vocabulary and merges), and the shipped copy (``assets/bpe``) is what a fresh build gives (both tested). The conventions
 are the word-level tokenizer's: ``<pad> <s> </s> <unk>`` are ids 0..3, BOS is added by the post-processor, EOS
-is the data pipeline's decision, and the same chat template. Spaces are part of the next token ("Ġcat"), so a
+is the data pipeline's decision, and the same chat turns (spaces placed for a BPE: ``CHAT_TEMPLATE``). Spaces are part of the next token ("Ġcat"), so a
 token's character offsets cover its leading space; decoding gives the text back byte for byte.
 
 Refer to it as ``builtin:bpe`` wherever a tokenizer path is read (``models.resolve_model_path``).
@@ -21,12 +21,23 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from potstill.builtin.grammar import builtin_texts
-from potstill.builtin.tokenizer import BOS, CHAT_TEMPLATE, EOS, MODEL_MAX_LENGTH, PAD, SPECIAL_TOKENS, UNK, _replace_dir
+from potstill.builtin.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, PAD, SPECIAL_TOKENS, UNK, _replace_dir
 
 NAME = "builtin:bpe"
 SHIPPED = Path(__file__).parent / "assets" / "bpe"
 VOCAB_SIZE = 512
 TRAINING_DOCUMENTS = 2000
+# The word-level template's turns ("user : <content> assistant : ..."), with each separating space at the START of
+# the next piece instead of the end of the previous one: a BPE attaches a space to the following word ("Ġa"), so a
+# rendering that ends in a space would not tokenise as a prefix of the longer conversation (data/encode.py needs
+# that to find the assistant tokens).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first %} {% endif %}"
+    "{{ message['role'] }} : {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %} {{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %} {% endif %}assistant :{% endif %}"
+)
 
 
 def _trained_core() -> Tokenizer:
