@@ -135,3 +135,16 @@ def test_teacher_bpb_on_its_own_tokenisation_covers_the_same_bytes(tokenizer, mo
     assert student_side["tokens"] > teacher_side["teacher_tokens"]
     assert teacher_side["teacher_bpb"] == plain["bpb"] and teacher_side["teacher_ce"] == plain["student_ce"]
     assert student_side["bpb"] == pytest.approx(student_side["tokens"] * math.log2(len(bpe)) / student_side["bytes"], rel=1e-6)
+
+
+def test_teacher_and_student_encodings_must_score_the_same_bytes(tokenizer):
+    """teacher_bpb is only comparable over the same bytes: data.max_length counts tokens, so a text cut on one side
+    is cut at another byte on the other, and the check names the example."""
+    from potstill.crosstok.bpb import same_bytes_problem
+    bpe = load_tokenizer("builtin:bpe")
+    records = [(i, {"text": t}) for i, t in enumerate(builtin_texts("validation", 3))]
+    assert same_bytes_problem(encoded(bpe, records, 256), encoded(tokenizer, records, 256)) is None
+    problem = same_bytes_problem(encoded(bpe, records, 40), encoded(tokenizer, records, 40))
+    assert problem.startswith("held-out example 0 is cut at another byte") and "raise data.max_length" in problem
+    assert same_bytes_problem(encoded(bpe, records[:2], 256), encoded(tokenizer, records, 256)) == \
+        "the two tokenizers keep different held-out examples"

@@ -126,6 +126,11 @@ def test_a_cache_without_cross_tokenizer_fields_is_refused_in_one_line(setup):
 def test_a_sampled_cache_is_refused_for_a_cross_tokenizer_run(tmp_path, setup):
     spec = CacheSpec(mode="sample", vocab=len(setup["tok"]), samples=4, shard_size=8, cross_tokenizer=True)
     path = build_cache(tmp_path / "s", setup["teacher"], setup["teacher_examples"], spec, fingerprints={"tokenizer": "t"})
+    dense = CacheReader(setup["caches"]["dense"])
+    for e in setup["teacher_examples"]:  # the fields are stored beside the compacted draws, per position
+        stored = CacheReader(path).read(e.example_id)
+        assert stored["input_ids"].tolist() == e.input_ids
+        torch.testing.assert_close(stored["label_logprobs"], dense.read(e.example_id)["label_logprobs"], rtol=1e-6, atol=0)
     with pytest.raises(CacheError, match="sample cache holds no teacher distribution.*cache.mode=dense"):
         check_cross_tokenizer_spec(CacheReader(path), ["alm"])
 

@@ -82,6 +82,8 @@ def test_potstill_eval_and_the_report_show_bits_per_byte(live_run):
     assert metrics["teacher_bpb"] == pytest.approx(last["teacher_bpb"], rel=1e-6)
     report = write_report(live_run).read_text()
     assert "| bits per byte (held-out text) |" in report
+    from potstill.report import compare_runs
+    assert "bpb" in compare_runs([live_run]).splitlines()[0]
 
 
 def test_a_cached_run_trains_exactly_as_the_live_run(live_run, tmp_path):
