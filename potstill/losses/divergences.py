@@ -357,7 +357,3 @@ def taid(student_logp: Tensor, teacher_logp: Tensor, t: float) -> Tensor:
     mixed = student_logp.detach() if t <= 0.0 else (1.0 - t) * student_logp.detach() + t * teacher_logp
     target = torch.log_softmax(mixed, dim=-1)
     return kl(target, student_logp)
-
-
-# Cross-tokenizer terms (uld, gold, alm) register themselves here, so every registry user sees them.
-from potstill.losses import crosstok_terms  # noqa: E402,F401
