@@ -198,9 +198,9 @@ def teacher_held_out(cfg: RunConfig, parts: Parts, held: list[Example]) -> tuple
     """A live cross-tokenizer run's held-out records encoded with the TEACHER's tokenizer, for its bits per byte
     beside the student's (crosstok/bpb.py), and that tokenizer's pad id; no examples for any other run, or (logged)
     when the two encodings do not score the same bytes."""
-    teacher_tok = getattr(getattr(parts.crosstok, "aligner", None), "teacher_tokenizer", None)
-    if parts.teacher is None or teacher_tok is None:
+    if parts.crosstok is None or parts.teacher is None:  # one tokenizer (evaluate compares per token), or a cache
         return [], 0
+    teacher_tok = parts.crosstok.aligner.teacher_tokenizer
     _, teacher_held = load_examples(cfg, teacher_tok, train=False)
     problem = same_bytes_problem(held, teacher_held)
     if problem:
