@@ -13,7 +13,7 @@ from potstill.cache.format import CacheError, CacheSpec
 from potstill.cache.reader import CacheReader
 from potstill.cache.store import build_cache
 from potstill.crosstok.batches import Aligner
-from potstill.crosstok.targets import CrossTokenizer, vocab_map
+from potstill.crosstok.targets import LiveAlignedTeacher, vocab_map
 from potstill.data.batches import collate
 from potstill.data.encode import encode_all
 from potstill.models import HiddenAndHead, load_causal_lm, load_tokenizer
@@ -79,7 +79,7 @@ def batch_of(setup, ids: list[int]) -> dict:
 
 def live_target(setup, batch):
     seam = HiddenAndHead(setup["teacher"], len(setup["tok"]))
-    return CrossTokenizer(seam, setup["mapping"]).target(batch)
+    return LiveAlignedTeacher(seam, setup["mapping"]).target(batch)
 
 
 def test_dense_cached_target_equals_the_live_teachers(setup):

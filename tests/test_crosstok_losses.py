@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from potstill.config import RunConfig
-from potstill.crosstok.batches import Aligner
+from potstill.crosstok.batches import Aligner, ChunkPair, example_alignment
 from potstill.crosstok.targets import build_aligned, vocab_map
 from potstill.data.batches import collate
 from potstill.data.encode import Example
@@ -275,3 +275,107 @@ def test_builtin_teacher_distils_into_a_byte_level_bpe_student(tmp_path, student
     saved = load_tokenizer(str(result.final_dir))
     assert len(saved) == len(load_tokenizer(str(student_tokenizer_dir)))
     assert "kl_teacher_student" not in [r for r in rows if r["kind"] == "eval"][-1]
+
+
+def test_identical_tokenizers_reduce_the_aligned_path_to_the_same_vocabulary_one():
+    """An AlignedTeacher that aligns every position with itself (identity map, every token exact and its own chunk)
+    gives the same value and gradients as the same-vocabulary forms on DenseLogits."""
+    hidden, weight, labels, _ = _synthetic(2)
+    g = torch.Generator().manual_seed(3)
+    teacher = 2 * torch.randn(len(CHUNK), VS, generator=g)
+    n = len(CHUNK)
+    labelled = labels != -100
+    teacher_y = F.log_softmax(teacher, -1).gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
+    chunk = torch.where(labelled, torch.arange(n), -1)
+    aligned = AlignedTeacher(DenseLogits(teacher), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool),
+                             chunk, torch.where(labelled, teacher_y, 0.0), torch.arange(VS))
+    objective = parse_objective("uld + gold(beta=0.2) + alm(tau=5)", 1.5)
+    results = []
+    for target in (aligned, DenseLogits(teacher)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = fused_loss(h, w, None, labels, objective, target, chunk_size=4)
+        out.total.backward()
+        results.append((out.term_sums, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_truncation_keeps_whole_chunks_and_cuts_the_teacher():
+    """Student tokens 0..5, kept 4 (max_length): the chunk (3, 4, 5) loses its tail, so it is aligned (its first
+    token is kept) but no ALM chunk; the teacher is cut after the last token a kept chunk names."""
+    chunks = [ChunkPair(range(1, 2), range(1, 3), False), ChunkPair(range(2, 3), range(3, 4), True),
+              ChunkPair(range(3, 6), range(4, 6), False), ChunkPair(range(6, 7), range(6, 7), True)]
+    out = example_alignment(chunks, 4, [10, 11, 12, 13, 14, 15, 16], [0, 1, 2, 3])
+    assert out["xtok_teacher_ids"] == [10, 11, 12, 13, 14, 15]
+    assert out["xtok_positions"] == [0, 2, 3]
+    assert out["xtok_exact"] == [0, 1, 0]
+    assert out["xtok_chunk"] == [0, 1, -1]
+    assert out["xtok_teacher_chunk"] == [0, 0, 1, -1, -1]
+    # a prompt (unlabelled) token in a chunk keeps it out of ALM; ULD still aligns its first position
+    out = example_alignment(chunks, 7, list(range(7)), [0, -100, 2, 3, 4, 5, 6])
+    assert out["xtok_chunk"] == [-1, 0, 1, 1, 1, 2]
+    assert out["xtok_positions"] == [0, 2, 3, -1, -1, 5]
+
+
+def test_chat_records_are_refused_in_one_line(word_level, bpe_pair):
+    with pytest.raises(ValueError, match="data.jsonl:4: cross-tokenizer distillation reads 'text' or 'prompt'"):
+        Aligner(word_level, bpe_pair[0])({"messages": [{"role": "user", "content": "hi"}]}, [1, 2], [1, 2],
+                                         "data.jsonl:4")
+
+
+def test_a_student_path_with_its_own_tokenizer_makes_a_cross_tokenizer_run(tmp_path, student_tokenizer_dir):
+    """student.path whose directory holds a BPE tokenizer: the data tokenizer is the student's, the teacher keeps its
+    own 479-token head, and every teacher id with a same-piece student id is mapped."""
+    from potstill.assemble import load_parts
+    from tests.conftest import save_tiny_model
+
+    bpe = load_tokenizer(str(student_tokenizer_dir))
+    student_dir = save_tiny_model(tmp_path / "student", "llama", bpe, layers=1)
+    cfg = _cfg(tmp_path, student_tokenizer_dir, "0.5*ce + alm")
+    cfg.student.config, cfg.student.tokenizer, cfg.student.path = None, None, str(student_dir)
+    parts = load_parts(cfg, torch.device("cpu"))
+    assert parts.crosstok is not None and len(parts.tokenizer) == len(bpe) == parts.vocab
+    mapping = parts.crosstok.teacher.mapping
+    assert mapping.shape == (479,)
+    the = load_tokenizer(resolve_model_path("builtin")).convert_tokens_to_ids("the")
+    assert int(mapping[the]) == bpe.convert_tokens_to_ids("the")
+
+
+def test_live_teacher_target_equals_the_teacher_run_on_each_text_alone(model_dirs, student_tokenizer_dir):
+    """Two texts of different lengths in one padded batch: the live target's rows are the teacher's logits (its own
+    forward on each text alone, unpadded) at the aligned positions, and its chunk likelihoods the sums of the
+    teacher's log-probs of its own tokens over each chunk."""
+    from transformers import AutoModelForCausalLM
+
+    from potstill.crosstok.targets import LiveAlignedTeacher
+    from potstill.models import HiddenAndHead
+
+    teacher_tok, bpe = load_tokenizer(resolve_model_path("builtin")), load_tokenizer(str(student_tokenizer_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(model_dirs["llama_teacher"]).eval()
+    aligner = Aligner(teacher_tok, bpe)
+    texts = ["the cats open every dog .", "a bird wants this big kite . those cows usually open this dog ."]
+    examples = []
+    for i, text in enumerate(texts):
+        ids = bpe(text)["input_ids"] + [bpe.eos_token_id]
+        examples.append(Example(i, ids, list(ids), extra=aligner({"text": text}, ids, list(ids), "t")))
+    batch = collate(examples, bpe.pad_token_id)
+    mapping = vocab_map(teacher_tok, bpe, len(teacher_tok), len(bpe))
+    target = LiveAlignedTeacher(HiddenAndHead(teacher, len(teacher_tok)), mapping, chunk_size=4).target(batch)
+    width = batch["input_ids"].shape[1] - 1
+    assert batch["xtok_teacher_ids"].shape[1] > len(examples[0].extra["xtok_teacher_ids"])  # the first row is padded
+    for r, e in enumerate(examples):
+        assert max(e.extra["xtok_chunk"]) >= 3 and sum(j >= 0 for j in e.extra["xtok_positions"]) >= 3
+        t_ids = torch.tensor([e.extra["xtok_teacher_ids"]])
+        with torch.no_grad():
+            logits = teacher(t_ids).logits[0, :, : len(teacher_tok)]
+        logp = F.log_softmax(logits, -1)
+        for i, j in enumerate(e.extra["xtok_positions"]):
+            if j >= 0:
+                got = target.rows.chunk_logits(slice(r * width + i, r * width + i + 1))[0]
+                torch.testing.assert_close(got, logits[j], rtol=1e-4, atol=1e-5)
+        for c in range(max(e.extra["xtok_chunk"]) + 1):
+            members = [j for j, k in enumerate(e.extra["xtok_teacher_chunk"]) if k == c]
+            expected = sum(logp[j, t_ids[0, j + 1]] for j in members)
+            assert target.chunk_teacher_logp[r * width + c].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert target.aligned[r * width: r * width + len(e.input_ids) - 1].tolist() == \
+            [j >= 0 for j in e.extra["xtok_positions"]]

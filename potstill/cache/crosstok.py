@@ -1,6 +1,6 @@
 """A teacher-signal cache serving a student with ANOTHER tokenizer (docs/cross-tokenizer.md, "Cross-tokenizer
 caches"): the cross-tokenizer target (``losses.aligned.AlignedTeacher``) of a batch built from the cache exactly as
-``crosstok.targets.CrossTokenizer.target`` builds it from the live teacher.
+``crosstok.targets.LiveAlignedTeacher.target`` builds it from the live teacher.
 
 The cache is built with the TEACHER's tokenizer (``potstill cache``: its examples are the teacher's tokens of each
 record, truncated to ``data.max_length``) and ``CacheSpec.cross_tokenizer``, which adds per example the teacher's

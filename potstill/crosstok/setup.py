@@ -3,7 +3,7 @@
 Teacher and student tokenizers that behave the same: the ordinary pair check (``guardrails.check_pair``), one shared
 vocabulary. Different ones: with a cross-tokenizer term in the objective (uld, gold, alm) the run goes on — the data
 is encoded with the student's tokenizer and aligned with the teacher's (``crosstok.batches.Aligner``), the teacher
-runs on its own tokens (``crosstok.targets.CrossTokenizer``); without one, ``TokenizerMismatch`` names the way out.
+runs on its own tokens (``crosstok.targets.LiveAlignedTeacher``); without one, ``TokenizerMismatch`` names the way out.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from potstill.crosstok.batches import Aligner
-from potstill.crosstok.targets import CrossTokenizer, vocab_map
+from potstill.crosstok.targets import LiveAlignedTeacher, vocab_map
 from potstill.guardrails import check_pair, check_student_only, compare_tokenizers
 from potstill.models import HiddenAndHead
 
@@ -22,7 +22,7 @@ log = logging.getLogger("potstill")
 class CrossTokenizerRun:
     """What a cross-tokenizer run adds to its parts: the loss-side teacher and the encode-time aligner."""
 
-    teacher: CrossTokenizer
+    teacher: LiveAlignedTeacher
     aligner: Aligner
 
     def target(self, batch: dict):
@@ -61,7 +61,7 @@ def check_teacher_pair(cfg, objective, teacher_tok, student_tok, teacher, studen
              "with the same piece", ", ".join(objective.crosstok_terms), teacher_vocab, student_vocab,
              int((mapping >= 0).sum()))
     seam = HiddenAndHead(teacher, teacher_vocab)
-    return student_vocab, CrossTokenizerRun(CrossTokenizer(seam, mapping, chunk_size), Aligner(teacher_tok, student_tok))
+    return student_vocab, CrossTokenizerRun(LiveAlignedTeacher(seam, mapping, chunk_size), Aligner(teacher_tok, student_tok))
 
 
 def check_cross_settings(cfg, objective, problems: list[str]) -> None:

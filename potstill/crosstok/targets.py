@@ -87,7 +87,7 @@ def teacher_label_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
 
 
 @dataclass
-class CrossTokenizer:
+class LiveAlignedTeacher:
     """What a cross-tokenizer run keeps: the teacher's seam over its own V_t rows and the vocabulary map."""
 
     seam: torch.nn.Module  # models.HiddenAndHead(teacher, V_t)

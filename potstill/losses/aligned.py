@@ -34,10 +34,6 @@ from potstill.losses.crosstok_terms import sorted_l1
 from potstill.losses.divergences import label_logprob
 from potstill.losses.targets import DenseLogits, TeacherHidden, teacher_logprobs
 
-# What ``crosstok`` on a registry entry means: the positions a term counts at and what it reads.
-CROSSTOK_KINDS = ("aligned", "hybrid", "chunk")
-
-
 @dataclass
 class AlignedChunk:
     """An ``AlignedTeacher`` cut to one chunk of positions (n rows), as ``chunked.chunk_term_sums`` uses it."""
@@ -129,23 +125,18 @@ def prepare_chunk_terms(target: AlignedTeacher, terms, student_label_logp: Tenso
 
 
 def mapped_bins(student_logp: Tensor, teacher_logp: Tensor, vocab_map: Tensor) -> tuple[Tensor, Tensor]:
-    """Both distributions on the student ids that some teacher id maps to, plus one bin for everything else:
-    the teacher's mass on unmapped ids and the student's on ids no teacher id maps to. (n, M + 1) log-probs each;
-    teacher ids mapped to the same student id add up there."""
-    vocab = student_logp.shape[-1]
+    """Both distributions (n, V_s) and (n, V_t) put on the M student ids that some teacher id maps to, plus one
+    bin for everything else — the teacher's mass on unmapped ids, the student's on ids no teacher id maps to:
+    (n, M + 1) log-probs each. Teacher ids mapped to the same student id add up."""
     mapped = vocab_map >= 0
-    target_ids = vocab_map[mapped]
-    hit = torch.zeros(vocab, dtype=torch.bool, device=student_logp.device)
-    hit[target_ids] = True
-    ids = hit.nonzero().squeeze(-1)  # (M,) the mapped student ids
+    hit = torch.zeros(student_logp.shape[-1], dtype=torch.bool, device=student_logp.device)
+    hit[vocab_map[mapped]] = True
+    ids = hit.nonzero().squeeze(-1)  # (M,)
     p = teacher_logp.exp()
-    projected = p.new_zeros(p.shape[0], vocab).index_add_(1, target_ids, p[:, mapped])
+    projected = p.new_zeros(student_logp.shape).index_add_(1, vocab_map[mapped], p[:, mapped])[:, ids]
     teacher_rest = p[:, ~mapped].sum(-1, keepdim=True)
-    neg_inf = torch.tensor(float("-inf"), device=student_logp.device)
-    student_rest = torch.logsumexp(torch.where(hit, neg_inf, student_logp), -1, keepdim=True) if not hit.all() \
-        else torch.full_like(student_logp[:, :1], float("-inf"))
-    teacher_bins = torch.cat([projected[:, ids], teacher_rest], -1).log()
-    return torch.cat([student_logp[:, ids], student_rest], -1), teacher_bins
+    student_rest = torch.logsumexp(student_logp[:, ~hit], -1, keepdim=True)  # -inf when every id is mapped
+    return torch.cat([student_logp[:, ids], student_rest], -1), torch.cat([projected, teacher_rest], -1).log()
 
 
 def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None, logp_t: Tensor | None,

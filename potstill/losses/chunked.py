@@ -23,7 +23,7 @@ from potstill.labels import IGNORE_INDEX
 from potstill.losses.objective import Objective, Term
 from potstill.losses.selection import TokenStats, compute_token_stats, concat_stats, selection_weights
 from potstill.losses.divergences import label_logprob
-from potstill.losses.targets import (SparseChunk, Target, TokenChunk, TokenLogprobs, TopKChunk,  # noqa: F401
+from potstill.losses.targets import (SparseChunk, Target, TokenChunk, TokenLogprobs, TopKChunk,
                                      TopKTail, dense_teacher_chunk, is_sparse, logits_divisor, teacher_chunk,
                                      teacher_logprobs)
 from potstill.losses import aligned
