@@ -113,3 +113,20 @@ def test_a_cache_without_cross_tokenizer_fields_stops_the_run_before_step_1(tmp_
     with pytest.raises(CacheError, match="has no cross-tokenizer fields .*rebuild it with `potstill cache`"):
         distill(config(tmp_path / "run", teacher={"cache": str(cache)}), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_whose_tokenizer_is_not_the_one_it_was_built_with_is_refused(tmp_path):
+    """The run aligns with the cache's saved tokenizer, so that tokenizer must be the one the cache was built with
+    (manifest fingerprint): one with an extra token in its place is refused before anything is written."""
+    from potstill import distill
+    from potstill.cache.format import CacheError
+    from potstill.cache.run import build_from_config
+
+    cache = tmp_path / "cache"
+    build_from_config(config(tmp_path / "unused", teacher={"cache": str(cache)}, cache={"mode": "dense"}), progress=False)
+    changed = load_tokenizer(str(cache / "tokenizer"))
+    changed.add_tokens(["zebra"])
+    changed.save_pretrained(cache / "tokenizer")
+    with pytest.raises(CacheError, match=r"cache was built with tokenizer fingerprint \w+, this run has \w+: rebuild"):
+        distill(config(tmp_path / "run", teacher={"cache": str(cache)}), progress=False)
+    assert not (tmp_path / "run").exists()
