@@ -12,8 +12,10 @@ from potstill import lora, models
 from potstill.models import load_tokenizer, resolve_model_path
 from potstill.config import RunConfig
 from potstill.precision import resolve_model_dtype
+from potstill.crosstok.bpb import attach_token_bytes, same_bytes_problem
 from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, is_builtin_spec, load_records, split_holdout
+from potstill.cache.crosstok import open_cross_tokenizer_cache
 from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.onpolicy import self_distill
 from potstill.server_teacher import ServerTeacher
@@ -101,10 +103,14 @@ def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:
     """With teacher.cache the cache supplies every teacher signal and the tokenizer saved with it stands in for the
     teacher's. The teacher's weights are read only for student.init_from_teacher_layers (on the CPU, then freed)."""
     tokenizer = cached_tokenizer(cfg.teacher.cache)
+    own_tok = load_tokenizer(cfg.student.tokenizer) if cfg.student.tokenizer else None  # a fresh student's own
     torch.manual_seed(cfg.train.seed)
-    student = build_student(cfg, _teacher_to_copy(cfg), tokenizer).to(device)
-    student_tok = student_tokenizer(cfg.student.path, tokenizer)
+    student = build_student(cfg, _teacher_to_copy(cfg), own_tok or tokenizer).to(device)
+    student_tok = own_tok or student_tokenizer(cfg.student.path, tokenizer)
     problems = compare_tokenizers(tokenizer, student_tok, probe_texts(cfg))
+    if problems and cfg.objective().crosstok_terms:  # a student with another tokenizer (cache/crosstok.py)
+        vocab, crosstok = open_cross_tokenizer_cache(cfg, tokenizer, student_tok, student, problems)
+        return Parts(student_tok, None, student, vocab, crosstok=crosstok)
     if problems:
         raise TokenizerMismatch(f"the student's tokenizer differs from the one the cache was built with: {'; '.join(problems)}")
     vocab = check_student_only(student_tok, student)
@@ -190,8 +196,24 @@ def load_examples(cfg: RunConfig, tokenizer, train: bool = True, annotate=None) 
         log.info(stats.summary("training"))
     held, stats = encode_all(tokenizer, held_records[: d.max_eval_examples], d.max_length, d.validation or d.train,
                              annotate)
+    attach_token_bytes(tokenizer, held, held_records[: d.max_eval_examples], d.validation or d.train)  # bits per byte
     log.info(stats.summary("held-out"))
     return train_examples, held
+
+
+def teacher_held_out(cfg: RunConfig, parts: Parts, held: list[Example]) -> tuple[list[Example], int]:
+    """A live cross-tokenizer run's held-out records encoded with the TEACHER's tokenizer, for its bits per byte
+    beside the student's (crosstok/bpb.py), and that tokenizer's pad id; no examples for any other run, or (logged)
+    when the two encodings do not score the same bytes."""
+    if parts.crosstok is None or parts.teacher is None:  # one tokenizer (evaluate compares per token), or a cache
+        return [], 0
+    teacher_tok = parts.crosstok.aligner.teacher_tokenizer
+    _, teacher_held = load_examples(cfg, teacher_tok, train=False)
+    problem = same_bytes_problem(held, teacher_held)
+    if problem:
+        log.warning("teacher_bpb off: %s", problem)
+        return [], 0
+    return teacher_held, teacher_tok.pad_token_id
 
 
 def load_cacheable_examples(cfg: RunConfig, tokenizer) -> list[Example]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from potstill.crosstok.bpb import TOKEN_BYTES, bits_per_byte
 from potstill.labels import IGNORE_INDEX
 from potstill.losses.chunked import project_chunks
 from potstill.losses.divergences import kl, label_logprob
@@ -99,7 +100,7 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, n_bins: int 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]  # student_ce, student_ppl, ece, tokens (+ teacher_ce, teacher_ppl, kl_teacher_student, top1_agreement, acceptance_alpha; golden_kl_*)
+    metrics: dict[str, float]  # student_ce, student_ppl, ece, tokens (+ teacher_ce, teacher_ppl, kl_teacher_student, top1_agreement, acceptance_alpha; golden_kl_*; bpb, teacher_bpb, bytes)
     calibration: list[list[float]] = field(default_factory=list)  # per bin: [mean_confidence, accuracy, count]
 
 
@@ -109,6 +110,7 @@ class _Totals:
 
     tokens: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)
+    bytes_known: bool = True  # every batch carried token_bytes (else no bits per byte)
     calibration: CalibrationBins = field(default_factory=CalibrationBins)
 
     def add(self, name: str, per_token: Tensor) -> None:
@@ -182,6 +184,10 @@ def _score_batch(totals: _Totals, student, teacher, batch: dict, vocab: int, chu
     targets = labels[valid].to(device)  # (n_valid,)
     if int(targets.max()) >= vocab or int(targets.min()) < 0:
         raise ValueError(f"labels must lie in [0, {vocab}) or be {IGNORE_INDEX}; got range [{int(targets.min())}, {int(targets.max())}]")
+    if TOKEN_BYTES in batch:  # the UTF-8 bytes each labelled token stands for (crosstok/bpb.py)
+        totals.add("bytes", batch[TOKEN_BYTES][:, 1:][valid])
+    else:
+        totals.bytes_known = False
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     student_chunks = project_chunks(_valid_hidden(student, ids, mask, valid), *output_head(student, vocab), chunk_size)
     golden_rows = None if golden is None else golden.positions(batch["example_id"], valid)  # (n_valid,)
@@ -217,6 +223,12 @@ def _metrics(totals: _Totals, with_teacher: bool) -> dict[str, float]:
     for key in ("golden_kl_student", "golden_kl_teacher"):
         if key in totals.sums:
             out[key] = totals.mean(key)
+    if totals.bytes_known and "bytes" in totals.sums:  # bits per byte, comparable across tokenizers
+        n_bytes = float(totals.sums["bytes"])
+        out["bpb"] = bits_per_byte(float(totals.sums["student_ce"]), n_bytes)
+        if with_teacher:
+            out["teacher_bpb"] = bits_per_byte(float(totals.sums["teacher_ce"]), n_bytes)
+        out["bytes"] = int(n_bytes)
     out["ece"] = ece
     out["tokens"] = totals.tokens
     return out
@@ -240,6 +252,18 @@ def evaluate(student: nn.Module, batches: Iterable[dict], *, teacher: nn.Module 
             _score_batch(totals, student, teacher, batch, vocab, chunk_size, golden, decoding)
     _, calibration = totals.calibration.result()
     return EvalResult(_metrics(totals, teacher is not None), calibration)
+
+
+def evaluate_on_own_tokens(teacher: nn.Module, batches: Iterable[dict], *, vocab: int,
+                           chunk_size: int = 0) -> dict[str, float]:
+    """A teacher whose tokenizer is not the student's, on its own tokenisation of the same held-out text:
+    teacher_ce / teacher_ppl per its own token, and teacher_bpb over the same bytes as the student's bpb (the
+    labelled tokens of both tokenisations spell the same text), the comparison that holds across tokenizers."""
+    own = evaluate(teacher, batches, vocab=vocab, chunk_size=chunk_size).metrics
+    out = {"teacher_ce": own["student_ce"], "teacher_ppl": own["student_ppl"], "teacher_tokens": own["tokens"]}
+    if "bpb" in own:
+        out |= {"teacher_bpb": own["bpb"], "teacher_bytes": own["bytes"]}
+    return out
 
 
 # ---- samples ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from potstill import runtime
-from potstill.assemble import load_examples, load_parts
+from potstill.assemble import load_examples, load_parts, teacher_held_out
 from potstill.config import RunConfig
 from potstill.monitor import held_out
 from potstill.train import append_metrics, run_eval
@@ -24,6 +24,7 @@ def _run_config(path: Path, teacher: str | None, data: str | None) -> tuple[RunC
         raise FileNotFoundError(f"{path} is neither a potstill run directory (config.yaml + final/) nor a model directory")
     # final/ of a LoRA run holds the merged student: evaluate it as a plain model
     overrides += [f"student.path={model_dir}", "student.config=", "student.init_from_teacher_layers=", "student.lora.r=0",
+                  "student.tokenizer=",  # final/ holds the student's own tokenizer
                   "eval.early_stop=none"]  # evaluating stops nothing
     if teacher:
         overrides.append(f"teacher.path={teacher}")
@@ -43,7 +44,7 @@ def evaluate_path(path: Path, teacher: str | None = None, data: str | None = Non
     rt = runtime.setup(cfg.device)
     parts = load_parts(cfg, rt.device)
     _, held_examples = load_examples(cfg, parts.tokenizer, train=False)
-    held = held_out(cfg, parts.tokenizer, held_examples, parts.vocab, rt.device)
+    held = held_out(cfg, parts.tokenizer, held_examples, parts.vocab, rt.device, *teacher_held_out(cfg, parts, held_examples))
     step = _last_step(run_dir) if run_dir else 0
     row = run_eval(parts, held, cfg, step)
     if run_dir is not None:

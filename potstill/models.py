@@ -34,12 +34,16 @@ def resolve_model_path(path: str) -> str:
         from potstill.builtin.teacher import builtin_teacher_dir
 
         return str(builtin_teacher_dir())
+    if path == "builtin:bpe":  # tokenizer files only: the built-in byte-level BPE tokenizer (builtin/bpe.py)
+        from potstill.builtin.bpe import bpe_tokenizer_dir
+
+        return str(bpe_tokenizer_dir())
     return path
 
 
 def load_tokenizer(path: str):
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
     except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or files transformers cannot read
         raise ValueError(f"{path}: no usable tokenizer ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
     if tok.pad_token_id is None:  # batching needs a pad id; padded positions never get a label

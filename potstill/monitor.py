@@ -16,6 +16,7 @@ from torch import nn
 
 from potstill.data.batches import eval_batches
 from potstill.data.encode import Example
+from potstill.evaluate import evaluate_on_own_tokens
 from potstill.golden import GoldenTable, golden_for_run, held_out_is_builtin_text
 from potstill.task_eval import TaskPrompt, task_metrics, task_prompts
 
@@ -28,21 +29,37 @@ class HeldOut:
     golden: GoldenTable | None = None
     tasks: list[TaskPrompt] = field(default_factory=list)
     max_new_tokens: int = 0  # for the task generations; 0 = auto per task (task_eval.auto_max_new_tokens)
+    # a cross-tokenizer run: the held-out text in the teacher's own tokens (assemble.teacher_held_out), and the
+    # teacher's metrics on them (teacher_ce, teacher_bpb: computed once, the teacher is frozen)
+    teacher_batches: list[dict] = field(default_factory=list)
+    teacher_metrics: dict | None = None
+
+    def teacher_own_metrics(self, teacher: nn.Module, vocab: int, chunk_size: int) -> dict:
+        """The teacher on its own tokenisation of the held-out text ({} unless ``teacher_batches``)."""
+        if self.teacher_batches and self.teacher_metrics is None:
+            self.teacher_metrics = evaluate_on_own_tokens(teacher, self.teacher_batches, vocab=vocab, chunk_size=chunk_size)
+        return self.teacher_metrics or {}
 
     def task_metrics(self, model: nn.Module, tokenizer, batch_size: int) -> dict:
         return task_metrics(model, tokenizer, self.tasks, self.max_new_tokens, batch_size) if self.tasks else {}
 
 
-def held_out(cfg, tokenizer, examples: list[Example], vocab: int, device: torch.device) -> HeldOut:
-    """Batches on ``device``, the golden table and the task prompts of a run's held-out examples."""
-    batches = [{k: v.to(device) for k, v in b.items()}
-               for b in eval_batches(examples, cfg.eval.batch_size, tokenizer.pad_token_id)]
+def device_batches(examples: list[Example], batch_size: int, pad_id: int, device: torch.device) -> list[dict]:
+    return [{k: v.to(device) for k, v in b.items()} for b in eval_batches(examples, batch_size, pad_id)]
+
+
+def held_out(cfg, tokenizer, examples: list[Example], vocab: int, device: torch.device,
+             teacher_examples: list[Example] = (), teacher_pad_id: int = 0) -> HeldOut:
+    """Batches on ``device``, the golden table and the task prompts of a run's held-out examples;
+    ``teacher_examples``: the same held-out text in a cross-tokenizer teacher's own tokens (its pad id beside)."""
+    batches = device_batches(examples, cfg.eval.batch_size, tokenizer.pad_token_id, device)
     golden = golden_for_run(cfg.data.train, cfg.data.validation, tokenizer, examples, vocab, device)
     if cfg.eval.early_stop == "golden" and golden is None:
         raise ValueError("eval.early_stop=golden needs golden metrics, and this tokenizer does not give exact built-in "
                          "token log-probs (use the built-in tokenizer, e.g. teacher.path=builtin)")
     tasks = task_prompts(examples, cfg.eval.max_task_examples) if cfg.eval.max_task_examples > 0 else []
-    return HeldOut(batches, golden, tasks, cfg.eval.task_max_new_tokens)
+    own = device_batches(teacher_examples, cfg.eval.batch_size, teacher_pad_id, device) if teacher_examples else []
+    return HeldOut(batches, golden, tasks, cfg.eval.task_max_new_tokens, own)
 
 
 def check_settings(cfg) -> None:

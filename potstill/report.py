@@ -30,6 +30,7 @@ MISSING = "—"
 SUMMARY_ROWS = [
     ("cross-entropy (nats/token)", "student_ce", "teacher_ce"),
     ("perplexity", "student_ppl", "teacher_ppl"),
+    ("bits per byte (held-out text)", "bpb", "teacher_bpb"),
     ("KL(teacher ‖ student)", "kl_teacher_student", None),
     ("golden KL(true ‖ model)", "golden_kl_student", "golden_kl_teacher"),
     ("top-1 agreement with teacher", "top1_agreement", None),
@@ -51,6 +52,7 @@ COMPARE_METRICS = [
 ]
 # Shown only when some compared run logged them (built-in held-out data, checkable tasks).
 OPTIONAL_COMPARE_METRICS = [
+    ("bpb", True),
     ("acceptance_alpha", False),
     ("golden_kl_student", True),
     ("golden_kl_teacher", True),

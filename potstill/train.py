@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from potstill import checkpoint, lora, precision, runtime
 from potstill.rundir import RunDirError, check_resume_config, check_run_dir, claim_run_dir  # noqa: F401 (re-export)
-from potstill.assemble import Parts, load_examples, load_parts
+from potstill.assemble import Parts, load_examples, load_parts, teacher_held_out
 from potstill.config import RunConfig
 from potstill.data.batches import Batcher
 from potstill.evaluate import evaluate, generate_sample
@@ -210,6 +210,8 @@ def run_eval(parts: Parts, held: HeldOut, cfg: RunConfig, step: int) -> dict:
     teacher = None if parts.crosstok is not None else parts.teacher  # another tokenizer: no per-token comparison
     result = evaluate(parts.student, held.batches, teacher=teacher, vocab=parts.vocab,
                       chunk_size=cfg.loss.chunk_size, golden=held.golden)
+    if held.teacher_batches:  # a live teacher across tokenizers, on its own tokens of the same text: teacher_bpb
+        result.metrics |= held.teacher_own_metrics(parts.teacher, parts.crosstok.teacher.seam.vocab, cfg.loss.chunk_size)
     tasks = held.task_metrics(parts.student, parts.tokenizer, cfg.eval.batch_size)
     if parts.teachers is not None:  # per-teacher weights; teachers.mix=ddk re-weighs from held-out CE here
         tasks.update(parts.teachers.after_eval(parts.student, held.batches))
@@ -249,12 +251,14 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         check_examples_cached(parts.cache, train_examples)
     if parts.teachers is not None:
         parts.teachers.bind(train_examples, held_examples)
+    if parts.crosstok is not None:  # a cached teacher across tokenizers: its tokens against the alignment
+        parts.crosstok.check_examples(train_examples)
     pad = parts.tokenizer.pad_token_id
     if cfg.data.packing:
         check_parts_for_packing(parts)
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad, cfg.data.max_length if cfg.data.packing else 0,
                       rank=rt.rank, world_size=rt.world_size)
-    held = held_out(cfg, parts.tokenizer, held_examples, parts.vocab, rt.device)
+    held = held_out(cfg, parts.tokenizer, held_examples, parts.vocab, rt.device, *teacher_held_out(cfg, parts, held_examples))
     optimizer, scheduler = make_optimizer(cfg, parts.student)  # after parallelize: FSDP2 made the params DTensors
     regime = regimes.build(cfg, rt, parts, par, amp, train_examples)  # data.regime, teacher.self_distill
     config_yaml = cfg.to_yaml()

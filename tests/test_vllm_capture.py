@@ -36,10 +36,12 @@ def teacher():
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_conversion_equals_the_hf_topk_cache(tmp_path, teacher):
+@pytest.mark.parametrize("cross_tokenizer", [False, True])
+def test_conversion_equals_the_hf_topk_cache(tmp_path, teacher, cross_tokenizer):
+    """With the cross-tokenizer fields too: the prompt token's log-prob of each row is the HF builder's label_logprobs."""
     g = torch.Generator().manual_seed(1)
     examples = [Example(i, torch.randint(0, V, (n,), generator=g).tolist(), [0] * n) for i, n in enumerate([9, 4, 13])]
-    spec = CacheSpec(mode="topk", vocab=V, k=K, shard_size=2)
+    spec = CacheSpec(mode="topk", vocab=V, k=K, shard_size=2, cross_tokenizer=cross_tokenizer)
     with torch.no_grad():
         scored = {e.example_id: _vllm_like(teacher(torch.tensor([e.input_ids])).logits[0], e.input_ids, K) for e in examples}
     encode = lambda members, advance: encode_from_prompt_logprobs(members, [scored[e.example_id] for e in members], spec)  # noqa: E731
@@ -51,6 +53,10 @@ def test_conversion_equals_the_hf_topk_cache(tmp_path, teacher):
         assert torch.equal(got["ids"], want["ids"])
         torch.testing.assert_close(got["logprobs"], want["logprobs"], atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(got["tail_mass"], want["tail_mass"], atol=2e-3, rtol=1e-3)
+        assert set(got) == set(want) == {"ids", "logprobs", "tail_mass"} | ({"input_ids", "label_logprobs"} if cross_tokenizer else set())
+        if cross_tokenizer:
+            assert got["input_ids"].tolist() == want["input_ids"].tolist() == e.input_ids
+            torch.testing.assert_close(got["label_logprobs"], want["label_logprobs"], rtol=1e-5, atol=1e-6)
 
 
 def test_too_few_logprobs_is_a_clear_error():

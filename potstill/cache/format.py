@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,10 @@ class CacheSpec:
     proposal_temperature: float | None = None  # sample: draws from softmax(z / T_proposal); None = T
     seed: int = 0  # sample: draws of example e use a generator seeded from (seed, e)
     shard_size: int = 512  # examples per shard file
+    # also store what a run whose student has another tokenizer needs beyond the rows (docs/cross-tokenizer.md): the
+    # teacher's T = 1 log-prob of each of its own next tokens (label_logprobs (P,): ALM's chunk likelihoods, which
+    # top-k rows may lack) and its token ids (input_ids (L,): the run checks its teacher-side tokens against them)
+    cross_tokenizer: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -81,6 +85,12 @@ def id_dtype(vocab: int) -> torch.dtype:
 def tensor_layout(spec: CacheSpec) -> dict[str, str]:
     """Stored tensor name → 'dtype (shape)' per example, P = L − 1 predicted positions, U = max unique ids."""
     ids = str(id_dtype(spec.vocab)).removeprefix("torch.")
+    extra = {"label_logprobs": "float32 (P,)", "input_ids": f"{ids} (L,)"} if spec.cross_tokenizer else {}
+    return _mode_layout(spec) | extra
+
+
+def _mode_layout(spec: CacheSpec) -> dict[str, str]:
+    ids = str(id_dtype(spec.vocab)).removeprefix("torch.")
     if spec.mode == "dense":  # the exact reference mode: fp32, so training from it equals the live teacher
         return {"logprobs": f"float32 (P, {spec.vocab})"}
     if spec.mode == "topk":
@@ -94,6 +104,8 @@ def tensor_layout(spec: CacheSpec) -> dict[str, str]:
 def payload_bytes_per_position(spec: CacheSpec, unique: float | None = None) -> float:
     """Tensor bytes per predicted position (file headers excluded). ``unique``: sample mode's padded U (≤ K)."""
     id_bytes = torch.empty((), dtype=id_dtype(spec.vocab)).element_size()
+    if spec.cross_tokenizer:  # + label log-prob (fp32) and token id per position
+        return 4 + id_bytes + payload_bytes_per_position(replace(spec, cross_tokenizer=False), unique)
     if spec.mode == "dense":
         return 4 * spec.vocab
     if spec.mode == "topk":
@@ -135,10 +147,19 @@ def example_uniforms(spec: CacheSpec, example_id: int, positions: int) -> Tensor
 
 # ---- encoding: teacher logits of one chunk of positions → stored tensors --------------------------------------
 
-def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None) -> dict[str, Tensor]:
+def encode_chunk(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None = None,
+                 next_ids: Tensor | None = None) -> dict[str, Tensor]:
     """Encode fp32 logits (n, V) of n predicted positions; results are on the CPU. Sample mode returns its
     sorted draws (n, K) (plus each draw's log p/r when r ≠ p); ``compact_samples`` turns an example's draws into
-    ids/counts. ``uniforms`` (n, K): ``example_uniforms`` rows of these positions."""
+    ids/counts. ``uniforms`` (n, K): ``example_uniforms`` rows of these positions. ``next_ids`` (n,): the tokens
+    that follow these positions, needed with ``spec.cross_tokenizer``."""
+    out = _encode_mode(logits, spec, uniforms)
+    if spec.cross_tokenizer:  # at T = 1 whatever spec.temperature is: chunk likelihoods are model likelihoods
+        out["label_logprobs"] = F.log_softmax(logits.float(), -1).gather(-1, next_ids.to(logits.device)[:, None])[:, 0].cpu()
+    return out
+
+
+def _encode_mode(logits: Tensor, spec: CacheSpec, uniforms: Tensor | None) -> dict[str, Tensor]:
     logp = F.log_softmax(logits / spec.temperature, dim=-1)  # (n, V): the teacher at T
     if spec.mode == "dense":
         return {"logprobs": logp.float().cpu()}
@@ -196,20 +217,25 @@ def compact_samples(draws: Tensor, per_draw: dict[str, Tensor]) -> dict[str, Ten
     return out
 
 
-def finish_example(parts: list[dict[str, Tensor]], spec: CacheSpec) -> dict[str, Tensor]:
-    """Concatenate an example's chunk encodings along positions and give ids their narrow on-disk type."""
+def finish_example(parts: list[dict[str, Tensor]], spec: CacheSpec, input_ids: list[int] | None = None) -> dict[str, Tensor]:
+    """Concatenate an example's chunk encodings along positions and give ids their narrow on-disk type; with
+    ``spec.cross_tokenizer`` also store the example's ``input_ids``."""
     joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     if spec.mode == "sample":
         draws = joined.pop("draws")
-        joined = compact_samples(draws, joined)
-    if "ids" in joined:
-        joined["ids"] = joined["ids"].to(id_dtype(spec.vocab))
+        per_position = {name: joined.pop(name) for name in ("label_logprobs",) if name in joined}
+        joined = compact_samples(draws, joined) | per_position
+    if spec.cross_tokenizer:
+        joined["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
+    for name in ("ids", "input_ids"):
+        if name in joined:
+            joined[name] = joined[name].to(id_dtype(spec.vocab))
     return joined
 
 
 def decode(name: str, stored: Tensor) -> Tensor:
-    """Stored tensor → what a loss uses: ids as int64; log-probs, tail mass and counts as float32."""
-    return stored.to(torch.int64) if name == "ids" else stored.float()
+    """Stored tensor → what a loss uses: ids (and input_ids) as int64; log-probs, tail mass and counts as float32."""
+    return stored.to(torch.int64) if name in ("ids", "input_ids") else stored.float()
 
 
 # ---- integrity and records -------------------------------------------------------------------------------------
@@ -224,9 +250,10 @@ def signal_problem(signal: dict[str, Tensor], spec: CacheSpec) -> str | None:
                 bad |= t == float("-inf")
             if bool(bad.any()):
                 return f"its {name} holds NaN or inf"
-    ids = signal.get("ids")
-    if ids is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < spec.vocab):
-        return f"its ids lie outside the vocabulary [0, {spec.vocab})"
+    for name in ("ids", "input_ids"):
+        ids = signal.get(name)
+        if ids is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < spec.vocab):
+            return f"its {name} lie outside the vocabulary [0, {spec.vocab})"
     counts = signal.get("counts")
     if counts is not None and bool((counts.sum(-1) != spec.samples).any()):
         return f"its counts do not sum to K = {spec.samples}"

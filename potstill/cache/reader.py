@@ -148,5 +148,14 @@ class CacheReader:
         index, example_id = self._shard_index(example_id)
         return self._decoded(self._shard(index), self.dir / self.manifest["shards"][index]["file"], example_id)
 
+    def read_tensor(self, example_id: int, name: str) -> Tensor:
+        """One stored tensor of the example, decoded (e.g. a cross-tokenizer cache's ``input_ids``)."""
+        index, example_id = self._shard_index(example_id)
+        try:
+            return decode(name, self._shard(index).get_tensor(tensor_key(example_id, name)))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CacheError(f"shard {self.dir / self.manifest['shards'][index]['file']} has no {name} for example "
+                             f"{example_id} ({exc}): {RESUME_HINT}") from None
+
     def close(self) -> None:
         self._open.clear()

@@ -19,9 +19,12 @@ from potstill.precision import resolve_model_dtype
 
 
 def cache_spec(cfg: RunConfig, vocab: int) -> CacheSpec:
+    """The spec of the cache ``cfg`` builds; an objective with a cross-tokenizer term (uld, alm, gold) also stores
+    the cross-tokenizer fields, so the cache serves a student with another tokenizer (cache/crosstok.py)."""
     c = cfg.cache
     return CacheSpec(mode=c.mode, vocab=vocab, k=c.k, samples=c.samples, temperature=cfg.loss.temperature,
-                     proposal_temperature=c.proposal_temperature, seed=c.seed, shard_size=c.shard_size)
+                     proposal_temperature=c.proposal_temperature, seed=c.seed, shard_size=c.shard_size,
+                     cross_tokenizer=bool(cfg.objective().crosstok_terms))
 
 
 def _save_tokenizer(tokenizer, out: Path) -> None:

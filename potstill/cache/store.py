@@ -70,20 +70,22 @@ def fingerprint_examples(examples: list[Example]) -> str:
 
 # ---- building --------------------------------------------------------------------------------------------------
 
-def _encode_example(hidden: Tensor, weight: Tensor, bias: Tensor | None, example_id: int, spec: CacheSpec) -> dict[str, Tensor]:
+def _encode_example(hidden: Tensor, weight: Tensor, bias: Tensor | None, example: Example, spec: CacheSpec) -> dict[str, Tensor]:
     """hidden (P, H): the teacher's last hidden states at the P = L − 1 predicted positions of one example.
     Logits are projected one chunk of positions at a time (chunk × V at most, never B·T·V)."""
+    example_id = example.example_id
+    next_ids = torch.tensor(example.input_ids[1:], dtype=torch.long)  # (P,) the token each position is followed by
     uniforms = example_uniforms(spec, example_id, hidden.shape[0]) if spec.mode == "sample" else None  # (P, K)
     parts = []
     for sl, z in project_chunks(hidden, weight, bias, chunk_size=0):
         if bool((z.isnan() | (z == float("inf"))).any()):
             raise CacheError(f"the teacher produced NaN or +inf logits for example {example_id}: nothing was written "
                              "for its shard; check the teacher (an fp16 overflow? try teacher.dtype=bfloat16)")
-        parts.append(encode_chunk(z, spec, None if uniforms is None else uniforms[sl]))
+        parts.append(encode_chunk(z, spec, None if uniforms is None else uniforms[sl], next_ids[sl]))
     if not parts:  # a one-token example predicts nothing: store correctly-shaped empty tensors
         empty = torch.zeros(0, spec.vocab, device=weight.device)
-        parts = [encode_chunk(empty, spec, None if uniforms is None else uniforms[:0])]
-    return finish_example(parts, spec)
+        parts = [encode_chunk(empty, spec, None if uniforms is None else uniforms[:0], next_ids[:0])]
+    return finish_example(parts, spec, example.input_ids)
 
 
 @torch.no_grad()
@@ -100,7 +102,7 @@ def _encode_shard(teacher, examples: list[Example], spec: CacheSpec, batch_size:
         hidden = hidden_states(teacher, padded["input_ids"].to(device), padded["attention_mask"].to(device))  # (B, T, H)
         for row, example in enumerate(batch):
             positions = max(len(example.input_ids) - 1, 0)
-            encoded = _encode_example(hidden[row, :positions], weight, bias, example.example_id, spec)
+            encoded = _encode_example(hidden[row, :positions], weight, bias, example, spec)
             tensors.update({tensor_key(example.example_id, name): t.contiguous() for name, t in encoded.items()})
         advance(len(batch))
     return tensors

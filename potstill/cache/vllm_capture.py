@@ -9,6 +9,7 @@ list is the distribution of token t given tokens < t, i.e. potstill's predicted-
 - vLLM's prompt log-probs are the raw model distribution (its default ``logprobs_mode="raw_logprobs"``: no
   temperature or penalties), so the cache's temperature must be 1.
 - The tail mass is 1 − Σ top-k probabilities, computed from vLLM's (fp32) log-probs.
+- With ``spec.cross_tokenizer`` the actual prompt token's log-prob of each row is stored too (and the token ids).
 
 ``topk_from_prompt_logprobs`` is plain data → tensors and is tested without vLLM; ``capture_topk_with_vllm`` needs
 `pip install vllm` on a GPU machine.
@@ -52,7 +53,10 @@ def encode_from_prompt_logprobs(examples: list[Example], prompt_logprobs: list[l
         if len(scored) != len(example.input_ids):
             raise CacheError(f"example {example.example_id}: vLLM returned {len(scored)} positions for "
                              f"{len(example.input_ids)} tokens (was the prompt re-tokenized?)")
-        encoded = finish_example([topk_from_prompt_logprobs(scored, spec.k)], spec)
+        encoded = finish_example([topk_from_prompt_logprobs(scored, spec.k)], spec, example.input_ids)
+        if spec.cross_tokenizer:  # vLLM returns the actual prompt token's log-prob in every row (raw: T = 1)
+            encoded["label_logprobs"] = torch.tensor([_as_float(row[token]) for row, token in
+                                                      zip(scored[1:], example.input_ids[1:])], dtype=torch.float32)
         tensors.update({tensor_key(example.example_id, name): t.contiguous() for name, t in encoded.items()})
     return tensors
 

@@ -28,6 +28,10 @@ class CrossTokenizerRun:
     def target(self, batch: dict):
         return self.teacher.target(batch)
 
+    def check_examples(self, examples) -> None:
+        """Nothing to check before step 1: the live teacher reads whatever the alignment gives it (a cached
+        teacher checks its tokens: cache/crosstok.py)."""
+
 
 def refused_settings(cfg) -> list[str]:
     """Settings a cross-tokenizer run cannot honour, each as 'key=value (why)'."""
@@ -49,6 +53,20 @@ def check_teacher_pair(cfg, objective, teacher_tok, student_tok, teacher, studen
     problems = compare_tokenizers(teacher_tok, student_tok, probes)
     if not problems or not objective.crosstok_terms:
         return check_pair(teacher_tok, student_tok, teacher, student, probes), None  # raises on problems
+    check_cross_settings(cfg, objective, problems)
+    student_vocab = check_student_only(student_tok, student)
+    teacher_vocab = check_student_only(teacher_tok, teacher)
+    mapping = vocab_map(teacher_tok, student_tok, teacher_vocab, student_vocab)
+    log.info("cross-tokenizer distillation (%s): teacher %d tokens, student %d; %d teacher ids map to a student id "
+             "with the same piece", ", ".join(objective.crosstok_terms), teacher_vocab, student_vocab,
+             int((mapping >= 0).sum()))
+    seam = HiddenAndHead(teacher, teacher_vocab)
+    return student_vocab, CrossTokenizerRun(LiveAlignedTeacher(seam, mapping, chunk_size), Aligner(teacher_tok, student_tok))
+
+
+def check_cross_settings(cfg, objective, problems: list[str]) -> None:
+    """A run across tokenizers (``problems``: how they differ) may go on: only cross-tokenizer terms and ce, and
+    no setting it cannot honour (live teacher and cache alike)."""
     same_vocab = [t.name for t in objective.terms if not t.uses_labels and t.crosstok is None]
     if same_vocab:
         raise ValueError(f"teacher and student tokenizers differ, so loss.objective's {', '.join(same_vocab)} (a "
@@ -58,11 +76,3 @@ def check_teacher_pair(cfg, objective, teacher_tok, student_tok, teacher, studen
     if refused:
         raise ValueError(f"teacher and student tokenizers differ ({problems[0][:80]}...), and cross-tokenizer "
                          f"distillation does not support: {'; '.join(refused)}")
-    student_vocab = check_student_only(student_tok, student)
-    teacher_vocab = check_student_only(teacher_tok, teacher)
-    mapping = vocab_map(teacher_tok, student_tok, teacher_vocab, student_vocab)
-    log.info("cross-tokenizer distillation (%s): teacher %d tokens, student %d; %d teacher ids map to a student id "
-             "with the same piece", ", ".join(objective.crosstok_terms), teacher_vocab, student_vocab,
-             int((mapping >= 0).sum()))
-    seam = HiddenAndHead(teacher, teacher_vocab)
-    return student_vocab, CrossTokenizerRun(LiveAlignedTeacher(seam, mapping, chunk_size), Aligner(teacher_tok, student_tok))
