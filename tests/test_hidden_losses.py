@@ -23,15 +23,16 @@ def _naive_position_loss(kind, s, t, mask):
     return total
 
 
-def _naive_relation(s, t, mask, similarity, loss, causal):
-    """s (L, T, d_s), t (L, T, d_t), mask (L, T): explicit loops over rows and keys."""
+def _naive_relation(s, t, mask, similarity, loss, causal, key_mask=None):
+    """s (L, T, d_s), t (L, T, d_t), mask and key_mask (L, T): explicit loops over rows and keys."""
+    key_mask = mask if key_mask is None else key_mask
     total = torch.zeros((), dtype=torch.float64)
     L, T = mask.shape
     for l in range(L):
         for i in range(T):
             if not mask[l, i]:
                 continue
-            keys = [j for j in range(T) if mask[l, j] and (not causal or j <= i)]
+            keys = [j for j in range(T) if key_mask[l, j] and (not causal or j <= i)]
 
             def row(x):
                 x = x.double()
@@ -86,6 +87,20 @@ def test_relation_matches_naive_value_and_gradient(similarity, loss, causal, chu
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(g_got, g_ref.float(), rtol=1e-4, atol=1e-6 * g_ref.abs().max().item())
     assert torch.isfinite(g_got).all()
+
+
+def test_relation_keys_may_be_more_than_the_counted_rows():
+    """A prompt's positions are keys (the decoder attends to them) but not counted rows (no label)."""
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(2, 6, 4, generator=g, requires_grad=True)
+    t = torch.randn(2, 6, 5, generator=g)
+    rows = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    keys = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = hidden.relation(s, t, rows, key_mask=keys, causal=True, chunk_elements=7)
+    ref = _naive_relation(s, t, rows, "softmax", "kl", True, keys)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    (g_got,), (g_ref,) = torch.autograd.grad(got, s), torch.autograd.grad(ref, s)
+    torch.testing.assert_close(g_got, g_ref.float(), rtol=1e-4, atol=1e-6 * g_ref.abs().max().item())
 
 
 def test_relation_of_identical_sets_is_zero_and_kl_is_positive_otherwise():

@@ -9,8 +9,9 @@ valid-token count (``reduce.normalise``), so they compose with the logit objecti
   of vectors x (..., T, d) (the widths of student and teacher may differ: only the T × T relation matrices are
   compared) a row-wise relation R[i, :] over the valid keys is built — ``softmax``: softmax(x_i · x_j / √d) (MiniLM),
   ``cosine``: cos(x_i, x_j) — and each valid row i contributes ``kl``: KL(R_teacher[i] ‖ R_student[i]) or ``mse``:
-  the mean over valid keys of (R_teacher − R_student)² (for ``softmax`` between the probabilities). The sum runs over every leading index (batch, relation
-  head) and valid row; a caller that wants MiniLM's mean over relation heads divides by the head count.
+  the mean over valid keys of (R_teacher − R_student)² (for ``softmax``: between the probabilities). The sum runs
+  over every leading index (batch, relation head) and valid row; a caller that wants MiniLM's mean over relation
+  heads divides by the head count.
 
 Memory: ``relation`` never builds the full (…, T, T) matrices. It walks blocks of (leading index, query rows) of at
 most ``chunk_elements`` relation entries, each under activation checkpointing, so forward and backward hold one
@@ -74,13 +75,22 @@ def _block_sum(s_q, s_k, t_q, t_k, key_valid, row_valid, similarity: str, loss: 
     return per_row.masked_fill(~row_valid, 0.0).sum()
 
 
-def relation(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *, similarity: str = "softmax",
-             loss: str = "kl", causal: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+def _flat_mask(mask: Tensor | None, like: Tensor, L: int, T: int) -> Tensor:
+    """A (..., T) mask broadcast to ``like``'s leading shape, as (L, T) bool; None = every position."""
+    if mask is None:
+        return torch.ones(L, T, dtype=torch.bool, device=like.device)
+    return mask.to(torch.bool).expand(like.shape[:-1]).reshape(L, T)
+
+
+def relation(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *, key_mask: Tensor | None = None,
+             similarity: str = "softmax", loss: str = "kl", causal: bool = False,
+             chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
     """Σ over leading indices and valid rows of the relation loss (module docstring).
 
     ``student`` (..., T, d_s), ``teacher`` (..., T, d_t) with the same leading shape; ``mask`` (..., T) bool
-    (broadcast over the leading shape) marks the valid positions: a row counts when its position is valid and keys
-    are the valid positions (``causal``: only those at or before the row, as a decoder's attention sees them).
+    (broadcast over the leading shape) marks the rows that count; the keys are the positions in ``key_mask`` (same
+    shape; default ``mask``: e.g. a prompt's positions are keys but not counted rows), with ``causal`` only those
+    at or before the row, as a decoder's attention sees them.
     """
     if similarity not in RELATION_SIMILARITIES:
         raise ValueError(f"relation similarity {similarity!r}: expected one of {', '.join(RELATION_SIMILARITIES)}")
@@ -95,8 +105,7 @@ def relation(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *, si
     s = student.float().reshape(-1, T, student.shape[-1])  # (L, T, d_s)
     t = teacher.float().reshape(-1, T, teacher.shape[-1])
     L = s.shape[0]
-    valid = (torch.ones(student.shape[:-1], dtype=torch.bool, device=student.device) if mask is None
-             else mask.to(torch.bool).expand(student.shape[:-1])).reshape(L, T)
+    valid, keys = (_flat_mask(m, student, L, T) for m in (mask, mask if key_mask is None else key_mask))
     rows_per = max(1, min(T, chunk_elements // max(T, 1)))
     leading_per = max(1, chunk_elements // (rows_per * T)) if rows_per == T else 1
     positions = torch.arange(T, device=student.device)
@@ -105,7 +114,7 @@ def relation(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *, si
         ls = slice(l0, l0 + leading_per)
         for r0 in range(0, T, rows_per):
             rs = slice(r0, r0 + rows_per)
-            key_valid = valid[ls, None, :]  # (l, 1, T)
+            key_valid = keys[ls, None, :]  # (l, 1, T)
             if causal:
                 key_valid = key_valid & (positions[None, :] <= positions[rs, None])[None]  # (l, r, T)
             row_valid = valid[ls, rs]
