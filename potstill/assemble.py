@@ -16,6 +16,7 @@ from potstill.data.encode import Example, encode_all
 from potstill.data.loading import Record, is_builtin_spec, load_records, split_holdout
 from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.onpolicy import self_distill
+from potstill.hidden import kd as hidden_kd
 from potstill.server_teacher import ServerTeacher
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
 
@@ -31,6 +32,7 @@ class Parts:
     reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
     cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
     server: object | None = None  # a server_teacher.ServerTeacher when they come from teacher.server_url
+    hidden: object | None = None  # a hidden.kd.HiddenKD when the run distils hidden states (hidden.*)
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -80,7 +82,8 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
         check_pair(tokenizer, student_tokenizer(cfg.loss.reference, tokenizer), teacher, reference, probe_texts(cfg))
     # The data is encoded as the teacher reads it; the checks above make the student's tokenizer equivalent.
     teacher = teacher if teacher is not None else self_distill.student_copy(cfg, student)  # teacher.self_distill
-    return Parts(tokenizer if tokenizer is not None else student_tok, teacher, student, vocab, reference)
+    return Parts(tokenizer if tokenizer is not None else student_tok, teacher, student, vocab, reference,
+                 hidden=hidden_kd.build(cfg, teacher, student))
 
 
 def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:

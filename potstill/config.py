@@ -17,6 +17,7 @@ import yaml
 from potstill.config_parsing import apply_override, build, field_docs, parse_yaml
 from potstill.losses.objective import Objective, parse_objective
 from potstill.precision import check_settings as check_precision_settings
+from potstill.hidden.settings import HiddenConfig
 
 
 @dataclass
@@ -276,6 +277,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
@@ -359,6 +361,9 @@ class RunConfig:
 
         check_generated_data_settings(self)
         monitor.check_settings(self)
+        from potstill.hidden.settings import check_settings as check_hidden_settings
+
+        check_hidden_settings(self)
 
     def _validate_reference(self, obj: Objective) -> None:
         from potstill.losses.selection import SELECTORS
