@@ -340,3 +340,28 @@ def test_a_refused_hidden_run_leaves_nothing_behind(tmp_path, llama_pair, prompt
     with pytest.raises(ValueError, match="student layer 5 is out of range"):
         potstill.distill(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# ---- data parallelism --------------------------------------------------------------------------------------------
+
+
+def test_ddp_run_with_hidden_state_kd_equals_one_process(tmp_path_factory, tokenizer):
+    """The projections sit inside the DDP-wrapped seam: two gloo ranks follow the one-process trajectory (loss and
+    the gradient norm, which includes the projections' gradients) and rank 0 saves them."""
+    from test_distributed import assert_same_trajectory, in_process, rows, torchrun
+
+    root = tmp_path_factory.mktemp("hidden_ddp")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_texts("train", 40)))
+    setup = {"root": root, "data": data,
+             "teacher": save_tiny_model(root / "teacher", "llama", tokenizer, layers=3, hidden=48, seed=1),
+             "student": save_tiny_model(root / "student", "llama", tokenizer, layers=2, hidden=32, seed=2)}
+    extra = ("hidden.weight=1", "hidden.projection=orthogonal", "hidden.attention_relations.weight=0.5",
+             "hidden.attention_relations.heads=2")
+    one = in_process(setup, root / "one-rank", "train.batch_size=4", *extra)
+    two = torchrun(setup, root / "ddp", "train.batch_size=2", *extra)
+    assert_same_trajectory(two, one)
+    for a, b in zip(rows(two), rows(one)):
+        assert a["hidden/states"] == pytest.approx(b["hidden/states"], rel=1e-5)
+        assert a["hidden/attention_relations"] == pytest.approx(b["hidden/attention_relations"], rel=1e-5)
+    assert (two / "final" / "potstill" / "hidden_projections.safetensors").exists()
