@@ -365,3 +365,13 @@ def test_ddp_run_with_hidden_state_kd_equals_one_process(tmp_path_factory, token
         assert a["hidden/states"] == pytest.approx(b["hidden/states"], rel=1e-5)
         assert a["hidden/attention_relations"] == pytest.approx(b["hidden/attention_relations"], rel=1e-5)
     assert (two / "final" / "potstill" / "hidden_projections.safetensors").exists()
+
+
+def test_hidden_kd_refuses_records_with_privileged_context(tmp_path, llama_pair):
+    from conftest import builtin_prompt_completion_jsonl
+
+    data = builtin_prompt_completion_jsonl(tmp_path / "privileged.jsonl", 20, 4, 6, privileged=True)
+    cfg = make_config(tmp_path, llama_pair, data, "hidden.weight=1")
+    with pytest.raises(ValueError, match=r"\d+ training records carry privileged_context: the teacher would read other"):
+        potstill.distill(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

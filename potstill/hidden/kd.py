@@ -107,6 +107,9 @@ def add_terms(hidden: HiddenKD | None, out, student_extra: tuple, target, batch:
     """``out`` (a ``LossOutput``) with the hidden-state terms added to its total; unchanged when hidden KD is off."""
     if hidden is None:
         return out
+    if not getattr(target, "extra", ()):  # e.g. a privileged-context view: not the teacher seam's forward
+        raise RuntimeError("hidden-state KD needs the live teacher's states from its seam (hidden.seam), but this "
+                           f"batch's teacher signal is a {type(target).__name__} without them")
     return dataclasses.replace(out, total=out.total + hidden.loss_sum(tuple(student_extra), target.extra, batch))
 
 
