@@ -375,3 +375,30 @@ def test_hidden_kd_refuses_records_with_privileged_context(tmp_path, llama_pair)
     with pytest.raises(ValueError, match=r"\d+ training records carry privileged_context: the teacher would read other"):
         potstill.distill(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_packed_batch_gives_the_padded_batchs_hidden_state_loss_and_gradients(tmp_path, llama_pair, prompt_data):
+    """data.packing changes the layout, not the hidden-state term: same sum and gradients as the padded batch."""
+    from potstill.losses.reduce import count_valid_tokens
+    from potstill.train import batch_loss, shifted
+
+    cfg = make_config(tmp_path, llama_pair, prompt_data, "hidden.weight=1", "data.packing=true")
+    parts = load_parts(cfg, torch.device("cpu"))
+    examples, _ = load_examples(cfg, parts.tokenizer)
+    pad = parts.tokenizer.pad_token_id
+    padded = Batcher(examples, 8, 0, pad).next_batch()
+    packed = Batcher(examples, 8, 0, pad, pack_length=96).next_batch()
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    par = seams(parts)
+    results = []
+    for batch in (padded, packed):
+        par.student.zero_grad(set_to_none=True)
+        out = batch_loss(parts, par, batch, cfg.objective(), chunk_size=40)
+        out.total.backward()
+        results.append((out.total.item(), parts.hidden.step_metrics(lambda x: x, count_valid_tokens([shifted(batch)])),
+                        [p.grad.clone() for p in par.student.parameters()]))
+    (total_a, metrics_a, grads_a), (total_b, metrics_b, grads_b) = results
+    assert total_b == pytest.approx(total_a, rel=1e-5)
+    assert metrics_b["hidden/states"] == pytest.approx(metrics_a["hidden/states"], rel=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        assert float((b - a).norm() / a.norm()) < 1e-5

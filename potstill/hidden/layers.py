@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from potstill import runtime
+
 
 def block_count(model) -> int:
     return model.config.get_text_config().num_hidden_layers
@@ -39,9 +41,8 @@ def resolve_layer_map(layers, pairs: int, student_blocks: int, teacher_blocks: i
 
 
 def decoder_blocks(model) -> list[nn.Module]:
-    """The decoder blocks in order (the classes transformers never splits across devices)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    """The decoder blocks in order (the ones FSDP2 shards one by one)."""
+    blocks = runtime._blocks(model)
     if len(blocks) != block_count(model):
         raise NotImplementedError(f"{type(model).__name__}: found {len(blocks)} decoder blocks for "
                                   f"{block_count(model)} layers; hidden.attention_relations cannot find its blocks")
