@@ -30,6 +30,7 @@ ARMS = {
     "fresh/fkl": [],
     "fresh/fkl+mse": HIDDEN_MSE,
     "fresh/fkl+mse(orthogonal)": HIDDEN_MSE + ["hidden.projection=orthogonal"],
+    "fresh/fkl+mse(w=0.1)": ["hidden.weight=0.1", "hidden.objective=mse"],
     "fresh/fkl+cosine": ["hidden.weight=1", "hidden.objective=cosine"],
     "fresh/fkl+relations": RELATIONS,
     "subset/fkl": SUBSET,
