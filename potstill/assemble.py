@@ -18,6 +18,7 @@ from potstill.data.loading import Record, is_builtin_spec, load_records, split_h
 from potstill.cache.crosstok import open_cross_tokenizer_cache
 from potstill.cache.opening import cached_tokenizer, open_cache
 from potstill.onpolicy import self_distill
+from potstill.hidden import kd as hidden_kd
 from potstill.server_teacher import ServerTeacher
 from potstill.multiteacher.teachers import attach as attach_teachers
 from potstill.guardrails import TokenizerMismatch, check_pair, check_student_only, compare_tokenizers
@@ -37,6 +38,7 @@ class Parts:
     server: object | None = None  # a server_teacher.ServerTeacher when they come from teacher.server_url
     crosstok: object | None = None  # a crosstok.setup.CrossTokenizerRun when the teacher has its own tokenizer
     teachers: object | None = None  # a multiteacher.teachers.MultiTeacher when teachers.extra lists more teachers
+    hidden: object | None = None  # a hidden.kd.HiddenKD when the run distils hidden states (hidden.*)
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -96,7 +98,8 @@ def _load_first_teacher_parts(cfg: RunConfig, device: torch.device) -> Parts:
     # (across tokenizers: the student's, aligned with the teacher's at encode time).
     teacher = teacher if teacher is not None else self_distill.student_copy(cfg, student)  # teacher.self_distill
     data_tok = student_tok if crosstok is not None or tokenizer is None else tokenizer
-    return Parts(data_tok, teacher, student, vocab, reference, crosstok=crosstok)
+    return Parts(data_tok, teacher, student, vocab, reference, crosstok=crosstok,
+                 hidden=hidden_kd.build(cfg, teacher, student))
 
 
 def _load_cached_parts(cfg: RunConfig, device: torch.device) -> Parts:

@@ -20,7 +20,8 @@ WORLD_FILE = "world.json"  # {"world_size": N}: the rank count that wrote a chec
 
 def save_model_dir(path: Path, model, tokenizer, extra: dict[str, object] | None = None,
                    state_dict: dict | None = None) -> Path:
-    """Model + tokenizer (+ extra files under potstill/: str → text, else torch.save) written atomically.
+    """Model + tokenizer (+ extra files under potstill/: str → text, bytes as they are, else torch.save) written
+    atomically.
     ``state_dict``: the model's full weights when the model itself holds only a shard of them (FSDP)."""
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -30,7 +31,10 @@ def save_model_dir(path: Path, model, tokenizer, extra: dict[str, object] | None
         (tmp / "potstill").mkdir()
         for name, value in extra.items():
             target = tmp / "potstill" / name
-            target.write_text(value) if isinstance(value, str) else torch.save(value, target)
+            if isinstance(value, (str, bytes)):
+                target.write_text(value) if isinstance(value, str) else target.write_bytes(value)
+            else:
+                torch.save(value, target)
     if path.exists():
         old = path.with_name(f".old-{path.name}")
         shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ import yaml
 from potstill.config_parsing import apply_override, build, field_docs, parse_yaml
 from potstill.losses.objective import Objective, parse_objective
 from potstill.precision import check_settings as check_precision_settings
+from potstill.hidden.settings import HiddenConfig
 
 
 @dataclass
@@ -280,6 +281,16 @@ class GenerateConfig:
     """Keep completions cut at max_new_tokens (training appends EOS to them, teaching the student to stop there); default: drop them."""
 
 
+def _check_teacher_signal_kinds(obj: Objective, several_teachers: bool, hidden_kd: bool) -> None:
+    """Cross-tokenizer terms, several teachers and hidden-state KD each build the teacher signal their own way (an
+    aligned target, a mixture, the live teacher's states); two of them in one run are refused in one line."""
+    used = [name for name, on in (("cross-tokenizer terms (" + ", ".join(obj.crosstok_terms) + ")", bool(obj.crosstok_terms)),
+                                  ("several teachers (teachers.extra)", several_teachers),
+                                  ("hidden-state KD (hidden.weight / hidden.attention_relations.weight)", hidden_kd)) if on]
+    if len(used) > 1:
+        raise ValueError(f"{' and '.join(used)} cannot be combined in one run yet: keep one of them")
+
+
 @dataclass
 class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -293,6 +304,7 @@ class RunConfig:
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
@@ -379,8 +391,11 @@ class RunConfig:
         check_generated_data_settings(self)
         monitor.check_settings(self)
         from potstill.multiteacher.settings import check_settings as check_teachers_settings
+        from potstill.hidden.settings import check_settings as check_hidden_settings, enabled as hidden_enabled
 
         check_teachers_settings(self)
+        check_hidden_settings(self)
+        _check_teacher_signal_kinds(obj, self.teachers.extra is not None, hidden_enabled(self))
 
     def _validate_reference(self, obj: Objective) -> None:
         from potstill.losses.selection import SELECTORS

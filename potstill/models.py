@@ -143,13 +143,18 @@ def _probe_forward(model: PreTrainedModel, head: nn.Module) -> dict:
     return {**seen, "logits": logits.reshape(-1, vocab), "body": body.reshape(-1, body.shape[-1])}
 
 
+def decoder_outputs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    position_ids: Tensor | None = None, **options):
+    """The decoder body's outputs (no (B, T, V) logits); ``options`` such as ``output_hidden_states=True``. Packed
+    rows (data/packing.py) pass ``position_ids`` and no ``attention_mask``."""
+    packed = {} if position_ids is None else {"position_ids": position_ids}  # not every decoder takes the argument
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed, **options)
+
+
 def hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None,
                   position_ids: Tensor | None = None) -> Tensor:
-    """Last hidden states (B, T, H) from the decoder body, without computing the (B, T, V) logits. Packed rows
-    (data/packing.py) pass ``position_ids`` and no ``attention_mask``."""
-    packed = {} if position_ids is None else {"position_ids": position_ids}  # not every decoder takes the argument
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed)
-    return out.last_hidden_state
+    """Last hidden states (B, T, H) from the decoder body."""
+    return decoder_outputs(model, input_ids, attention_mask, position_ids).last_hidden_state
 
 
 def output_head(model: PreTrainedModel, vocab: int | None = None) -> tuple[Tensor, Tensor | None]:

@@ -285,14 +285,16 @@ class Parallel:
 
 
 def parallelize(rt: Runtime, student: nn.Module, frozen: tuple[nn.Module | None, nn.Module | None], vocab: int,
-                strategy: str = "auto", teacher_mode: str = "replicate") -> Parallel:
-    """Seams (``models.HiddenAndHead``) over the student and the frozen (teacher, reference) models, wrapped for
-    this world size. Build the optimizer AFTER this: FSDP2 replaces the student's parameters by DTensor shards."""
+                strategy: str = "auto", teacher_mode: str = "replicate", make_seam=None) -> Parallel:
+    """Seams (``models.HiddenAndHead``, or ``make_seam(model, vocab, role)``: hidden-state KD's) over the student
+    and the frozen (teacher, reference) models, wrapped for this world size. Build the optimizer AFTER this (from
+    the seam's parameters): FSDP2 replaces the student's parameters by DTensor shards."""
     from potstill.models import HiddenAndHead
 
+    make_seam = make_seam or (lambda model, size, role: HiddenAndHead(model, size))
     chosen = resolve_strategy(strategy, rt.world_size)
-    seam = HiddenAndHead(student, vocab)
-    frozen_seams = [None if m is None else HiddenAndHead(m, vocab) for m in frozen]
+    seam = make_seam(student, vocab, "student")
+    frozen_seams = [None if m is None else make_seam(m, vocab, role) for m, role in zip(frozen, ("teacher", "reference"))]
     shard_frozen = rt.world_size > 1 and teacher_mode == "shard"
     mesh = None
     if chosen == "fsdp" or shard_frozen:

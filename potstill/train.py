@@ -37,6 +37,7 @@ from potstill.data.packing import padding_fraction
 from potstill.packing_check import check_parts_for_packing
 from potstill.onpolicy import regime as regimes
 from potstill.onpolicy.self_distill import privileged_signal
+from potstill.hidden import kd as hidden_kd
 
 
 @dataclass
@@ -86,14 +87,14 @@ def frozen_signal(seam, batch: dict) -> TeacherHidden:
     """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions, through its
     forward seam (``models.HiddenAndHead``, FSDP-sharded under parallel.teacher=shard)."""
     with torch.no_grad():
-        h, weight, bias = seam(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        h, weight, bias, *extra = seam(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     h = h[:, :-1]
-    return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias)
+    return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias, extra=tuple(extra))  # extra: hidden-state KD
 
 
 def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: Objective):
     """The teacher signal for this batch: looked up in the cache by example id, or the live teacher's states."""
-    if not objective.needs_teacher:
+    if not objective.needs_teacher and parts.hidden is None:  # hidden-state KD reads the live teacher's states
         return None
     if parts.teachers is not None:  # several teachers mixed into one target (multiteacher/teachers.py)
         return parts.teachers.target(batch, objective.tau, lambda: first_teacher_target(parts, par, batch), frozen_signal)
@@ -119,13 +120,14 @@ def batch_loss(parts: Parts, par: runtime.Parallel, batch: dict, objective: Obje
     head's gradient flows back through the fused loss's autograd Function. The student and its loss run under
     autocast; frozen models run in their own dtype."""
     with amp.autocast():
-        h, weight, bias = par.student(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        h, weight, bias, *extra = par.student(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     h = h[:, :-1]
     target = teacher_target(parts, par, batch, objective)
     reference = frozen_signal(par.reference, batch) if par.reference is not None else None
     with amp.autocast():
-        return fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size,
-                          reference=reference, compiled=compiled, sampler_logp=shifted_sampler_logprobs(batch))
+        out = fused_loss(h, weight, bias, shifted(batch), objective, target, chunk_size=chunk_size,
+                         reference=reference, compiled=compiled, sampler_logp=shifted_sampler_logprobs(batch))
+    return hidden_kd.add_terms(parts.hidden, out, extra, target, batch)  # hidden.*: same sum, same normalisation
 
 
 def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler,
@@ -155,7 +157,8 @@ def train_step(parts, par, batches, objective, cfg, rt, optimizer, scheduler,
     nll_means = tuple(v / max(count, 1) for v in rt.all_reduce_sum(nll_sums).tolist())
     stats = {"loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": count,
              "padding": padding_fraction(batches),
-             **term_metrics(objective, term_means)}
+             **term_metrics(objective, term_means),
+             **(parts.hidden.step_metrics(rt.all_reduce_sum, count) if parts.hidden is not None else {})}
     problems = nonfinite_problems(objective, loss, term_means, amp.guarded_grad_norm(grad_norm))
     if problems:  # never reaches the optimizer; the loop decides (train.on_nonfinite) whether the run goes on
         optimizer.zero_grad(set_to_none=True)
@@ -244,7 +247,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     # before parallelize: gradient checkpointing is set on the HF model, which FSDP2 then wraps
     amp = precision.setup(cfg, rt.device, parts.student, checkpoint.latest_checkpoint(run_dir) if resume else None)
     par = runtime.parallelize(rt, parts.student, (parts.teacher, parts.reference), parts.vocab, cfg.parallel.strategy,
-                              cfg.parallel.teacher)
+                              cfg.parallel.teacher, parts.hidden.make_seam if parts.hidden is not None else None)
     runtime.seed_ranks(rt, cfg.train.seed)
     train_examples, held_examples = load_examples(cfg, parts.tokenizer, annotate=getattr(parts.crosstok, "aligner", None))
     if parts.cache is not None:
@@ -259,7 +262,8 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
     batcher = Batcher(train_examples, cfg.train.batch_size, cfg.train.seed, pad, cfg.data.max_length if cfg.data.packing else 0,
                       rank=rt.rank, world_size=rt.world_size)
     held = held_out(cfg, parts.tokenizer, held_examples, parts.vocab, rt.device, *teacher_held_out(cfg, parts, held_examples))
-    optimizer, scheduler = make_optimizer(cfg, parts.student)  # after parallelize: FSDP2 made the params DTensors
+    # after parallelize (FSDP2 made the params DTensors), from the seam: it also holds hidden-state projections
+    optimizer, scheduler = make_optimizer(cfg, par.student)
     regime = regimes.build(cfg, rt, parts, par, amp, train_examples)  # data.regime, teacher.self_distill
     config_yaml = cfg.to_yaml()
     rt.barrier()  # every rank has checked the directory and loaded everything before rank 0 claims it
@@ -278,7 +282,7 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         student_state = par.model_state()
         if rt.is_main:
             checkpoint.save_model_dir(final, lora.final_form(parts.student, cfg.student.lora), parts.tokenizer,
-                                      {"config.yaml": config_yaml}, student_state)
+                                      {"config.yaml": config_yaml, **hidden_kd.final_files(parts.hidden)}, student_state)
         if not last_eval:  # resumed at max_steps: keep the metrics the run already has
             with par.gathered():  # every rank evaluates (FSDP needs all ranks in each forward); rank 0 writes
                 last_eval = run_eval(parts, held, cfg, loop.step)
@@ -389,7 +393,7 @@ class Loop:
                  "rng": runtime.rank_rng_states(self.rt), "data": self.batcher.state(),
                  "objective": self.objective.state_dict(), "skipped": self.skipped, "consecutive": self.consecutive,
                  "world_size": self.rt.world_size, "amp": self.amp.state_dict(), "onpolicy": self.regime.state_dict(),
-                 "early_stop": self.early_stop.state_dict(),
+                 "early_stop": self.early_stop.state_dict(), "hidden": hidden_kd.state_dict(self.parts.hidden),
                  "teachers": self.parts.teachers.state_dict() if self.parts.teachers is not None else None}
         if self.rt.is_main:
             checkpoint.save_checkpoint(self.run_dir, self.step, self.parts.student, self.parts.tokenizer,
@@ -409,6 +413,7 @@ class Loop:
         self.early_stop.load_state_dict(state.get("early_stop"))
         if self.parts.teachers is not None:
             self.parts.teachers.load_state_dict(state.get("teachers"))
+        hidden_kd.load_state_dict(self.parts.hidden, state.get("hidden"))
         runtime.restore_rank_rng(self.rt, state["rng"], self.cfg.train.seed, int(state["step"]))
         if self.rt.is_main:
             checkpoint.truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])

@@ -94,7 +94,7 @@ def seams(parts):
     from potstill import runtime
 
     return runtime.parallelize(runtime.Runtime(torch.device("cpu")), parts.student, (parts.teacher, parts.reference),
-                               parts.vocab)
+                               parts.vocab, make_seam=parts.hidden.make_seam if parts.hidden is not None else None)
 
 
 def builtin_prompt_completion_jsonl(path: Path, n: int, prompt_words: int, completion_words: int,

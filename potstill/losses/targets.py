@@ -39,6 +39,7 @@ class TeacherHidden:
     weight: Tensor
     bias: Tensor | None = None
     temperature: float | None = None
+    extra: tuple = ()  # what a hidden-state KD seam returns beyond (hidden, weight, bias): potstill/hidden/seam.py
 
     @torch.no_grad()
     def chunk_logits(self, sl: slice) -> Tensor:

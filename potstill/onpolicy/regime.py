@@ -135,6 +135,10 @@ def check_privileged_data(cfg, parts, privileged: dict, n_examples: int) -> None
     if privileged and source:
         raise ValueError(f"{len(privileged)} training records carry privileged_context, which a teacher from {source} "
                          "cannot read; use a live teacher (teacher.path) or teacher.self_distill, or drop the field")
+    if privileged and getattr(parts, "hidden", None) is not None:
+        raise ValueError(f"{len(privileged)} training records carry privileged_context: the teacher would read other "
+                         "rows than the student, whose hidden states hidden.* pairs position by position; drop the "
+                         "field or the hidden.* weights")
     if privileged and cfg.data.packing:
         raise ValueError("records with privileged_context give the teacher its own rows, which data.packing cannot "
                          "pack; set data.packing=false")
