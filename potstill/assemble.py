@@ -31,6 +31,7 @@ class Parts:
     reference: PreTrainedModel | None = None  # only for the AdaSPEC-style 'reference' token selector
     cache: object | None = None  # a CacheReader when teacher signals come from teacher.cache
     server: object | None = None  # a server_teacher.ServerTeacher when they come from teacher.server_url
+    encoder: object | None = None  # encoders.assemble.EncoderRun for task.kind sequence_classification / sentence_embedding
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -56,6 +57,10 @@ def _base_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) ->
 
 def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     """Teacher (unless signals come from a cache), student, tokenizer and the guardrail checks between them."""
+    if cfg.task.kind != "causal_lm":  # classifiers and sentence encoders (encoders/assemble.py)
+        from potstill.encoders.assemble import load_parts as load_encoder_parts
+
+        return load_encoder_parts(cfg, device)
     if cfg.teacher.cache:
         return _load_cached_parts(cfg, device)
     if cfg.teacher.server_url:
@@ -162,6 +167,10 @@ def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[E
     """(training, held-out) examples; with ``train=False`` only what evaluation needs is read and encoded.
     Example ids are record positions in their file, whatever is split off or limited (see data/loading.py);
     truncation and drops are logged (INFO, logger "potstill") per source."""
+    if cfg.task.kind != "causal_lm":  # {"text", "label"} records, one labelled position per text (encoders/data.py)
+        from potstill.encoders.data import load_examples as load_encoder_examples
+
+        return load_encoder_examples(cfg, tokenizer, train=train)
     d = cfg.data
     held_records = _held_out_records(cfg)
     train_records: list[Record] = []

@@ -17,6 +17,7 @@ import yaml
 from potstill.config_parsing import apply_override, build, field_docs, parse_yaml
 from potstill.losses.objective import Objective, parse_objective
 from potstill.precision import check_settings as check_precision_settings
+from potstill.encoders.settings import TaskConfig
 
 
 @dataclass
@@ -276,6 +277,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
@@ -316,10 +318,17 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def objective(self) -> Objective:
+        if self.task.kind == "sentence_embedding":  # pooled-embedding terms (encoders/embedding.py)
+            from potstill.encoders.embedding import embedding_objective
+
+            return embedding_objective(self.task.embedding_objective)
         loss = self.loss
         return parse_objective(loss.objective, loss.temperature, loss.t_squared, loss.select, loss.temperature_schedule)
 
     def validate(self) -> None:
+        from potstill.encoders.settings import check_settings as check_task_settings
+
+        check_task_settings(self)  # task.kind and what the encoder kinds refuse (docs/encoders.md)
         obj = self.objective()  # parses and range-checks every term
         self._validate_reference(obj)
         if obj.needs_teacher and not (self.teacher.path or self.teacher.cache or self.teacher.server_url

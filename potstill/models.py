@@ -191,5 +191,10 @@ class HiddenAndHead(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        from potstill.encoders.seam import encoder_seam  # a classifier's pooled vector + head, a sentence encoder's embedding
+
+        encoded = encoder_seam(self.model, input_ids, attention_mask, self.vocab)
+        if encoded is not None:
+            return encoded
         weight, bias = output_head(self.model, self.vocab)
         return hidden_states(self.model, input_ids, attention_mask, position_ids), weight, bias
