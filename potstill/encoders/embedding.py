@@ -10,30 +10,18 @@ import torch
 from torch import Tensor
 
 from potstill.encoders.settings import embedding_terms
+from potstill.losses import hidden
 from potstill.losses.chunked import LossOutput
 from potstill.losses.objective import Objective, Term
 
 
-def cosine_sum(student: Tensor, teacher: Tensor) -> Tensor:
-    """Σ_i (1 − cos(s_i, t_i)) over rows."""
-    return (1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)).sum()
-
-
-def mse_sum(student: Tensor, teacher: Tensor) -> Tensor:
-    """Σ_i ‖s_i − t_i‖² over rows."""
-    return (student - teacher).pow(2).sum()
-
-
 def relation_sum(student: Tensor, teacher: Tensor) -> Tensor:
-    """Σ_i mean_j (S_ij − T_ij)² with S, T the batch's cosine-similarity matrices (any two widths)."""
-    def sims(x: Tensor) -> Tensor:
-        x = torch.nn.functional.normalize(x, dim=-1)
-        return x @ x.T
-
-    return (sims(student) - sims(teacher)).pow(2).mean(-1).sum()
+    """Σ_i mean_j (S_ij − T_ij)² with S, T the batch's cosine-similarity matrices (the texts of the micro-batch as
+    one set of vectors; the two widths may differ)."""
+    return hidden.relation(student[None], teacher[None], similarity="cosine", loss="mse")
 
 
-TERM_FUNCTIONS = {"cosine": cosine_sum, "mse": mse_sum, "relation": relation_sum}
+TERM_FUNCTIONS = {"cosine": hidden.cosine, "mse": hidden.mse, "relation": relation_sum}  # each a sum over texts
 
 
 def embedding_objective(spec: str) -> Objective:

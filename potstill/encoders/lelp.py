@@ -6,7 +6,7 @@ student gets a C·S-way head and is distilled to the teacher's pseudo-subclass d
 
 1. Subclass directions (``fit``). The teacher's pooled vectors h (the head's input) of the training texts are
    projected onto the null space of the teacher's head W (C, H) — the directions the class logits do not read,
-   P = I − Q Qᵀ with Q an orthonormal basis of W's rows — and grouped by the record's class. Per class c the top-S
+   P = I − Q Qᵀ with Q an orthonormal basis of the span of W's rows — and grouped by the record's class. Per class c the top-S
    principal components of the (centred) projected vectors give directions v_{c,1..S} and their standard
    deviations σ_{c,s}; each direction's sign is fixed (its largest-magnitude entry positive) so a fit is
    reproducible.
@@ -59,12 +59,19 @@ def _fixed_signs(v: Tensor) -> Tensor:
     return v * torch.where(pivot < 0, -1.0, 1.0)
 
 
+def row_space(weight: Tensor) -> Tensor:
+    """An orthonormal basis (H, r) of the span of the head's rows; r < C when rows are dependent (e.g. a binary head
+    with w_1 = −w_0), where a QR basis would carry an arbitrary extra column."""
+    _, s, vt = torch.linalg.svd(weight, full_matrices=False)
+    return vt[s > s[0] * max(weight.shape) * torch.finfo(weight.dtype).eps].T
+
+
 def fit(h: Tensor, labels: Tensor, weight: Tensor, per_class: int) -> Subclasses:
     """Subclass directions from the teacher's pooled vectors h (N, H) of the training texts, their classes (N,) and
     the teacher's head (C, H). Every class needs more than ``per_class`` texts (a rank-S split of its vectors)."""
     h, weight = h.double(), weight.double()  # fp64: the principal directions of near-degenerate spectra are stable
     classes = weight.shape[0]
-    q, _ = torch.linalg.qr(weight.T)  # (H, C): orthonormal basis of the head's row space
+    q = row_space(weight)
     projected = h - (h @ q) @ q.T
     dirs, means, stds = [], [], []
     for c in range(classes):

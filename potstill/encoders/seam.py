@@ -29,6 +29,15 @@ def is_sentence_encoder(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel) and getattr(model, "potstill_pooling", None) is not None
 
 
+def auto_class_of(model: nn.Module):
+    """The Auto class that reloads ``model`` from a saved directory (checkpoints, resume)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if is_sequence_classifier(model):
+        return AutoModelForSequenceClassification
+    return AutoModel if is_sentence_encoder(model) else AutoModelForCausalLM
+
+
 def classifier_head(model: nn.Module) -> nn.Linear:
     """The last nn.Linear producing num_labels outputs: BERT's `classifier`, Llama's `score`, RoBERTa's
     `classifier.out_proj`. Whether it really is the head is checked by behaviour (``check_classifier``)."""

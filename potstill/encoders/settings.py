@@ -20,7 +20,7 @@ class TaskConfig:
     lelp_subclasses: int = 0
     """sequence_classification: LELP pseudo-subclasses per class (0 = off, else ≥ 2): the student's head is widened to classes × subclasses and distilled to the teacher's pseudo-subclass distribution (docs/encoders.md)."""
     embedding_objective: str = "cosine"
-    """sentence_embedding: weighted sum of `cosine` (1 − cos per text), `mse` (squared distance per text) and `relation` (MSE between the batch's cosine-similarity matrices, per row), e.g. `cosine + 0.5*relation`."""
+    """sentence_embedding: weighted sum of `cosine` (1 − cos per text), `mse` (mean squared difference over the embedding's features, per text) and `relation` (per text, the mean squared difference between its rows of the micro-batch's student and teacher cosine-similarity matrices), e.g. `cosine + 0.5*relation`."""
     pooling: str = "mean"
     """sentence_embedding: mean (over non-pad tokens, as sentence-transformers' Pooling) or cls (the first token)."""
     normalize: bool = True
