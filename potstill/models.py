@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from potstill.encoders.seam import encoder_seam
 from potstill.lora import effective_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,9 +192,7 @@ class HiddenAndHead(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        from potstill.encoders.seam import encoder_seam  # a classifier's pooled vector + head, a sentence encoder's embedding
-
-        encoded = encoder_seam(self.model, input_ids, attention_mask, self.vocab)
+        encoded = encoder_seam(self.model, input_ids, attention_mask, self.vocab)  # classifiers, sentence encoders
         if encoded is not None:
             return encoded
         weight, bias = output_head(self.model, self.vocab)
