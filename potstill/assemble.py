@@ -60,7 +60,9 @@ def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     if cfg.task.kind != "causal_lm":  # classifiers and sentence encoders (encoders/assemble.py)
         from potstill.encoders.assemble import load_parts as load_encoder_parts
 
-        return load_encoder_parts(cfg, device)
+        tokenizer, teacher, student, rows, run = load_encoder_parts(cfg, device, probe_texts(cfg), student_tokenizer,
+                                                                    _held_out_records(cfg))
+        return Parts(tokenizer, teacher, student, rows, encoder=run)
     if cfg.teacher.cache:
         return _load_cached_parts(cfg, device)
     if cfg.teacher.server_url:
@@ -170,7 +172,7 @@ def load_examples(cfg: RunConfig, tokenizer, train: bool = True) -> tuple[list[E
     if cfg.task.kind != "causal_lm":  # {"text", "label"} records, one labelled position per text (encoders/data.py)
         from potstill.encoders.data import load_examples as load_encoder_examples
 
-        return load_encoder_examples(cfg, tokenizer, train=train)
+        return load_encoder_examples(cfg, tokenizer, _held_out_records(cfg), train=train)
     d = cfg.data
     held_records = _held_out_records(cfg)
     train_records: list[Record] = []

@@ -96,16 +96,18 @@ def check_widths(terms: list[tuple[str, float]], teacher: PreTrainedModel, stude
                          "student of the teacher's hidden_size")
 
 
-def load_parts(cfg, device: torch.device):
-    from potstill.assemble import Parts, probe_texts, student_tokenizer
-
+def load_parts(cfg, device: torch.device, probes: list[str], student_tokenizer, held_records):
+    """(tokenizer, teacher, student, output rows, EncoderRun) for `assemble.Parts`. ``probes`` (training texts for
+    the tokenizer check), ``student_tokenizer`` (assemble's rule for the student's own tokenizer) and
+    ``held_records`` (assemble's validation records, None = split off the training file) come from the caller, so
+    this module does not import the one that imports it."""
     kind = cfg.task.kind
     teacher_path = models.resolve_model_path(cfg.teacher.path)
     tokenizer = models.load_tokenizer(teacher_path)
     teacher = load_encoder(kind, teacher_path, resolve_model_dtype(cfg.teacher.dtype, device), "teacher.path")
     torch.manual_seed(cfg.train.seed)
     student = build_student(cfg, teacher, tokenizer)
-    problems = compare_tokenizers(tokenizer, student_tokenizer(cfg.student.path, tokenizer), probe_texts(cfg))
+    problems = compare_tokenizers(tokenizer, student_tokenizer(cfg.student.path, tokenizer), probes)
     if problems:
         raise TokenizerMismatch(f"teacher and student tokenizers differ: {'; '.join(problems)}; an encoder student "
                                 "needs the teacher's tokenizer")
@@ -115,7 +117,7 @@ def load_parts(cfg, device: torch.device):
             seam.mark_sentence_encoder(model, cfg.task.pooling, cfg.task.normalize)
         terms = embedding_terms(cfg.task.embedding_objective)
         check_widths(terms, teacher, student)
-        return Parts(tokenizer, teacher, student, student.config.hidden_size, encoder=EncoderRun(kind, terms=terms))
+        return tokenizer, teacher, student, student.config.hidden_size, EncoderRun(kind, terms=terms)
     for model, key in ((teacher, "teacher.path"), (student, "student")):
         if model.config.pad_token_id is None:  # decoder classifiers pool at the last non-pad token
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -123,9 +125,8 @@ def load_parts(cfg, device: torch.device):
     classes = check_labels(teacher, student)
     run = EncoderRun(kind, classes)
     if cfg.task.lelp_subclasses:
-        run.subclasses = fit_lelp(cfg, tokenizer, teacher, student, device)
-    rows = classes * (cfg.task.lelp_subclasses or 1)
-    return Parts(tokenizer, teacher, student, rows, encoder=run)
+        run.subclasses = fit_lelp(cfg, tokenizer, teacher, student, device, held_records)
+    return tokenizer, teacher, student, classes * (cfg.task.lelp_subclasses or 1), run
 
 
 @torch.no_grad()
@@ -141,12 +142,12 @@ def teacher_pooled(teacher: nn.Module, examples, pad_id: int, batch_size: int, d
     return torch.cat(pooled), torch.cat(labels)
 
 
-def fit_lelp(cfg, tokenizer, teacher, student, device) -> lelp.Subclasses:
+def fit_lelp(cfg, tokenizer, teacher, student, device, held_records) -> lelp.Subclasses:
     """Fit the subclasses on the training texts and widen the student's head to classes × subclasses."""
     from potstill.encoders.data import load_examples
 
     per_class = cfg.task.lelp_subclasses
-    train, _ = load_examples(cfg, tokenizer, teacher.config.label2id, teacher.config.num_labels)
+    train, _ = load_examples(cfg, tokenizer, held_records, teacher.config.label2id, teacher.config.num_labels)
     h, labels = teacher_pooled(teacher, train, tokenizer.pad_token_id, cfg.eval.batch_size, device)
     head = seam.classifier_head(teacher)
     fitted = lelp.fit(h, labels, head.weight.detach().cpu(), per_class)

@@ -81,16 +81,14 @@ def teacher_classes(cfg) -> tuple[dict[str, int], int]:
     return dict(config.label2id), config.num_labels
 
 
-def load_examples(cfg, tokenizer, label2id: dict[str, int] | None = None, num_labels: int = 0,
-                  train: bool = True) -> tuple[list[Example], list[Example]]:
-    """(training, held-out) examples of an encoder run; the same sources and split rules as assemble.load_examples.
-    Labels are checked against the teacher's classes (read from its config unless given)."""
-    from potstill.assemble import _held_out_records  # the one rule for explicit / built-in / split-off validation
-
+def load_examples(cfg, tokenizer, held_records: list[Record] | None, label2id: dict[str, int] | None = None,
+                  num_labels: int = 0, train: bool = True) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples of an encoder run; the same sources and split rules as assemble.load_examples
+    (``held_records``: its validation records, None = split them off the training file). Labels are checked
+    against the teacher's classes (read from its config unless given)."""
     if label2id is None and cfg.task.kind == "sequence_classification":
         label2id, num_labels = teacher_classes(cfg)
     d = cfg.data
-    held_records = _held_out_records(cfg)
     train_records = load_records(d.train, "train", d.max_train_examples) if train or held_records is None else []
     if held_records is None:
         train_records, held_records = split_holdout(train_records)
