@@ -39,6 +39,7 @@ class Parts:
     crosstok: object | None = None  # a crosstok.setup.CrossTokenizerRun when the teacher has its own tokenizer
     teachers: object | None = None  # a multiteacher.teachers.MultiTeacher when teachers.extra lists more teachers
     hidden: object | None = None  # a hidden.kd.HiddenKD when the run distils hidden states (hidden.*)
+    encoder: object | None = None  # encoders.assemble.EncoderRun for task.kind sequence_classification / sentence_embedding
 
 
 def build_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) -> PreTrainedModel:
@@ -65,6 +66,12 @@ def _base_student(cfg: RunConfig, teacher: PreTrainedModel | None, tokenizer) ->
 def load_parts(cfg: RunConfig, device: torch.device) -> Parts:
     """Teacher (unless signals come from a cache), student, tokenizer and the guardrail checks between them; with
     teachers.extra, the other teachers too (multiteacher/teachers.py)."""
+    if cfg.task.kind != "causal_lm":  # classifiers and sentence encoders (encoders/assemble.py)
+        from potstill.encoders.assemble import load_parts as load_encoder_parts
+
+        tokenizer, teacher, student, rows, run = load_encoder_parts(cfg, device, probe_texts(cfg), student_tokenizer,
+                                                                    _held_out_records(cfg))
+        return Parts(tokenizer, teacher, student, rows, encoder=run)
     return attach_teachers(cfg, _load_first_teacher_parts(cfg, device), device, probe_texts(cfg))
 
 
@@ -186,6 +193,10 @@ def load_examples(cfg: RunConfig, tokenizer, train: bool = True, annotate=None) 
     ``annotate`` is encode_all's per-example hook (cross-tokenizer alignment).
     Example ids are record positions in their file, whatever is split off or limited (see data/loading.py);
     truncation and drops are logged (INFO, logger "potstill") per source."""
+    if cfg.task.kind != "causal_lm":  # {"text", "label"} records, one labelled position per text (encoders/data.py)
+        from potstill.encoders.data import load_examples as load_encoder_examples
+
+        return load_encoder_examples(cfg, tokenizer, _held_out_records(cfg), train=train)
     d = cfg.data
     held_records = _held_out_records(cfg)
     train_records: list[Record] = []

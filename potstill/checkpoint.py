@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from potstill import lora
 from potstill.io import atomic_write_text, iter_jsonl
@@ -84,7 +83,9 @@ def saved_student_state(path: Path, student) -> dict | None:
     if lora.is_adapted(student):
         lora.load_adapters(path, student)
         return None
-    return AutoModelForCausalLM.from_pretrained(path, dtype=next(student.parameters()).dtype).state_dict()
+    from potstill.encoders.seam import auto_class_of  # a classifier or sentence encoder reloads as its own kind
+
+    return auto_class_of(student).from_pretrained(path, dtype=next(student.parameters()).dtype).state_dict()
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -18,6 +18,7 @@ from potstill.config_parsing import apply_override, build, field_docs, parse_yam
 from potstill.losses.objective import Objective, parse_objective
 from potstill.precision import check_settings as check_precision_settings
 from potstill.hidden.settings import HiddenConfig
+from potstill.encoders.settings import TaskConfig
 
 
 @dataclass
@@ -281,12 +282,14 @@ class GenerateConfig:
     """Keep completions cut at max_new_tokens (training appends EOS to them, teaching the student to stop there); default: drop them."""
 
 
-def _check_teacher_signal_kinds(obj: Objective, several_teachers: bool, hidden_kd: bool) -> None:
-    """Cross-tokenizer terms, several teachers and hidden-state KD each build the teacher signal their own way (an
-    aligned target, a mixture, the live teacher's states); two of them in one run are refused in one line."""
+def _check_teacher_signal_kinds(obj: Objective, several_teachers: bool, hidden_kd: bool, task_kind: str) -> None:
+    """Cross-tokenizer terms, several teachers, hidden-state KD and classifier/encoder KD each build the teacher
+    signal their own way (an aligned target, a mixture, the live teacher's states, a pooled seam); two of them in one
+    run are refused in one line."""
     used = [name for name, on in (("cross-tokenizer terms (" + ", ".join(obj.crosstok_terms) + ")", bool(obj.crosstok_terms)),
                                   ("several teachers (teachers.extra)", several_teachers),
-                                  ("hidden-state KD (hidden.weight / hidden.attention_relations.weight)", hidden_kd)) if on]
+                                  ("hidden-state KD (hidden.weight / hidden.attention_relations.weight)", hidden_kd),
+                                  (f"task.kind={task_kind}", task_kind != "causal_lm")) if on]
     if len(used) > 1:
         raise ValueError(f"{' and '.join(used)} cannot be combined in one run yet: keep one of them")
 
@@ -305,6 +308,7 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     hidden: HiddenConfig = field(default_factory=HiddenConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     out_dir: str = "runs/latest"
     """Run directory: metrics.jsonl, report.md, checkpoints/ and final/ (the student) go here."""
     device: str = "auto"
@@ -345,10 +349,17 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def objective(self) -> Objective:
+        if self.task.kind == "sentence_embedding":  # pooled-embedding terms (encoders/embedding.py)
+            from potstill.encoders.embedding import embedding_objective
+
+            return embedding_objective(self.task.embedding_objective)
         loss = self.loss
         return parse_objective(loss.objective, loss.temperature, loss.t_squared, loss.select, loss.temperature_schedule)
 
     def validate(self) -> None:
+        from potstill.encoders.settings import check_settings as check_task_settings
+
+        check_task_settings(self)  # task.kind and what the encoder kinds refuse (docs/encoders.md)
         obj = self.objective()  # parses and range-checks every term
         self._validate_reference(obj)
         if obj.needs_teacher and not (self.teacher.path or self.teacher.cache or self.teacher.server_url
@@ -395,7 +406,7 @@ class RunConfig:
 
         check_teachers_settings(self)
         check_hidden_settings(self)
-        _check_teacher_signal_kinds(obj, self.teachers.extra is not None, hidden_enabled(self))
+        _check_teacher_signal_kinds(obj, self.teachers.extra is not None, hidden_enabled(self), self.task.kind)
 
     def _validate_reference(self, obj: Objective) -> None:
         from potstill.losses.selection import SELECTORS

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from potstill.encoders.seam import encoder_seam
 from potstill.lora import effective_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,5 +201,8 @@ class HiddenAndHead(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        encoded = encoder_seam(self.model, input_ids, attention_mask, self.vocab)  # classifiers, sentence encoders
+        if encoded is not None:
+            return encoded
         weight, bias = output_head(self.model, self.vocab)
         return hidden_states(self.model, input_ids, attention_mask, position_ids), weight, bias

@@ -38,6 +38,7 @@ from potstill.packing_check import check_parts_for_packing
 from potstill.onpolicy import regime as regimes
 from potstill.onpolicy.self_distill import privileged_signal
 from potstill.hidden import kd as hidden_kd
+from potstill.encoders import loop as encoder_loop
 
 
 @dataclass
@@ -111,6 +112,8 @@ def first_teacher_target(parts: Parts, par: runtime.Parallel, batch: dict):
         return parts.crosstok.target(batch)
     if "teacher_input_ids" in batch:  # the teacher reads its own sequence (privileged context: onpolicy/self_distill.py)
         return privileged_signal(par.teacher, batch)
+    if encoder_loop.is_encoder_run(parts):  # a classifier's classes, or LELP's pseudo-subclasses
+        return encoder_loop.teacher_target(parts, frozen_signal(par.teacher, batch))
     return frozen_signal(par.teacher, batch)
 
 
@@ -119,6 +122,8 @@ def batch_loss(parts: Parts, par: runtime.Parallel, batch: dict, objective: Obje
     """The student's forward goes through ``par.student`` (the seam, wrapped in DDP/FSDP2 on several ranks); the
     head's gradient flows back through the fused loss's autograd Function. The student and its loss run under
     autocast; frozen models run in their own dtype."""
+    if encoder_loop.is_embedding_run(parts):  # pooled embeddings: cosine / mse / relation terms, sums over texts
+        return encoder_loop.batch_loss(par, batch, objective, amp)
     with amp.autocast():
         h, weight, bias, *extra = par.student(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     h = h[:, :-1]
@@ -210,6 +215,8 @@ def nonfinite_error(run_dir: Path, step: int, stats: dict, consecutive: int) -> 
 
 
 def run_eval(parts: Parts, held: HeldOut, cfg: RunConfig, step: int) -> dict:
+    if encoder_loop.is_encoder_run(parts):  # accuracy / agreement / KL, or embedding agreement (encoders/evaluation.py)
+        return encoder_loop.run_eval(parts, held.batches, step)
     teacher = None if parts.crosstok is not None else parts.teacher  # another tokenizer: no per-token comparison
     result = evaluate(parts.student, held.batches, teacher=teacher, vocab=parts.vocab,
                       chunk_size=cfg.loss.chunk_size, golden=held.golden)
@@ -348,7 +355,7 @@ class Loop:
                     self.regime.after_eval(last_eval)
                     if self.rt.is_main:
                         self.record(last_eval)
-                    bar.note(f"step {self.step}: held-out CE {last_eval['student_ce']:.4f}")
+                    bar.note(f"step {self.step}: {encoder_loop.headline(last_eval)}")
                     if self.early_stop.update(last_eval, self.step) and self.rt.is_main:
                         self.record(self.early_stop.record(self.step))
                 if self.early_stop.stopped or _due(self.step, cfg.train.save_every, cfg.train.max_steps):

@@ -15,6 +15,8 @@ EXTRA = "teachers.extra=[" + json.dumps({"name": "b", "path": "builtin"}) + "]"
     (["loss.objective=alm", "hidden.weight=1"], ("cross-tokenizer terms (alm)", "hidden-state KD")),
     ([EXTRA, "hidden.weight=1"], ("several teachers", "hidden-state KD")),
     ([EXTRA, "hidden.attention_relations.weight=1"], ("several teachers", "hidden-state KD")),
+    (["task.kind=sequence_classification", EXTRA], ("several teachers", "task.kind=sequence_classification")),
+    (["task.kind=sequence_classification", "hidden.weight=1"], ("hidden-state KD", "task.kind=sequence_classification")),
 ])
 def test_two_kinds_of_teacher_signal_are_refused_in_one_line(overrides, named):
     with pytest.raises(ValueError) as err:

@@ -1,0 +1,161 @@
+"""Teacher, student and checks for the encoder kinds (`assemble.load_parts` calls ``load_parts`` when
+task.kind is not causal_lm). Both models have the teacher's tokenizer (compared by behaviour, as for causal LMs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+
+from potstill import models
+from potstill.encoders import lelp, seam
+from potstill.encoders.settings import embedding_terms
+from potstill.guardrails import TokenizerMismatch, compare_tokenizers
+from potstill.precision import resolve_model_dtype
+
+
+@dataclass
+class EncoderRun:
+    """What the loop needs to know about an encoder run (``Parts.encoder``)."""
+    kind: str
+    num_labels: int = 0  # classes (sequence_classification)
+    subclasses: lelp.Subclasses | None = None  # a fitted LELP split: the student predicts classes × subclasses
+    terms: list[tuple[str, float]] = field(default_factory=list)  # sentence_embedding objective
+
+
+def auto_class(kind: str):
+    return AutoModelForSequenceClassification if kind == "sequence_classification" else AutoModel
+
+
+def load_encoder(kind: str, path: str, dtype: str, key: str) -> PreTrainedModel:
+    """A classifier or a bare encoder from a local directory (or hub id), with one line naming ``key`` on failure."""
+    local = Path(path).expanduser()
+    if (path.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").exists():
+        raise FileNotFoundError(f"{key} {path!r}: model directory has no config.json (is the path right?)")
+    try:
+        return auto_class(kind).from_pretrained(str(local) if local.exists() else path, dtype=models.torch_dtype(dtype))
+    except OSError as exc:
+        raise FileNotFoundError(f"{key} {path!r}: not loadable as {auto_class(kind).__name__} ({exc})") from exc
+    except ValueError as exc:  # e.g. a config whose model type has no sequence-classification class
+        raise ValueError(f"{key} {path!r}: {' '.join(str(exc).split())[:300]}") from exc
+
+
+def truncated(teacher: PreTrainedModel, n_layers: int) -> PreTrainedModel:
+    """The teacher's class with its first ``n_layers`` blocks and every other weight copied (embeddings, pooler, head)."""
+    total = teacher.config.num_hidden_layers
+    if not 0 < n_layers < total:
+        raise ValueError(f"student.init_from_teacher_layers={n_layers} must be between 1 and {total - 1} (teacher has {total})")
+    cfg = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": n_layers})
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:n_layers]
+    student = type(teacher)(cfg).to(teacher.dtype)
+    missing, _ = student.load_state_dict(teacher.state_dict(), strict=False)
+    if missing:
+        raise RuntimeError(f"teacher-truncation init could not fill {missing[:5]}")
+    return student
+
+
+def build_student(cfg, teacher: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    s, kind = cfg.student, cfg.task.kind
+    if s.path:
+        return load_encoder(kind, s.path, s.dtype, "student.path")
+    if s.init_from_teacher_layers is not None:
+        return truncated(teacher, s.init_from_teacher_layers).to(models.torch_dtype(s.dtype))
+    config = s.config
+    if isinstance(config, str):
+        config = AutoConfig.from_pretrained(config)
+    else:
+        config = dict(config)
+        if "model_type" not in config:
+            raise ValueError("student.config needs a 'model_type' (e.g. bert, llama)")
+        defaults = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        if kind == "sequence_classification":
+            defaults.update(num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
+                            label2id=teacher.config.label2id)
+        config = AutoConfig.for_model(config.pop("model_type"), **{**defaults, **config})
+    return auto_class(kind).from_config(config, dtype=models.torch_dtype(s.dtype))
+
+
+def check_labels(teacher: PreTrainedModel, student: PreTrainedModel) -> int:
+    t, s = teacher.config.num_labels, student.config.num_labels
+    if t != s:
+        raise ValueError(f"num_labels differ: teacher {t}, student {s}; the student's classes must be the teacher's "
+                         "(set num_labels in student.config, or start from a student with the teacher's head)")
+    return t
+
+
+def check_widths(terms: list[tuple[str, float]], teacher: PreTrainedModel, student: PreTrainedModel) -> None:
+    """cosine and mse compare the two embeddings coordinate by coordinate: they need one width."""
+    t, s = teacher.config.hidden_size, student.config.hidden_size
+    pointwise = [n for n, _ in terms if n in ("cosine", "mse")]
+    if pointwise and t != s:
+        raise ValueError(f"task.embedding_objective uses {', '.join(pointwise)}, which compare embeddings coordinate by "
+                         f"coordinate, but the teacher's width is {t} and the student's {s}; use relation alone or a "
+                         "student of the teacher's hidden_size")
+
+
+def load_parts(cfg, device: torch.device, probes: list[str], student_tokenizer, held_records):
+    """(tokenizer, teacher, student, output rows, EncoderRun) for `assemble.Parts`. ``probes`` (training texts for
+    the tokenizer check), ``student_tokenizer`` (assemble's rule for the student's own tokenizer) and
+    ``held_records`` (assemble's validation records, None = split off the training file) come from the caller, so
+    this module does not import the one that imports it."""
+    kind = cfg.task.kind
+    teacher_path = models.resolve_model_path(cfg.teacher.path)
+    tokenizer = models.load_tokenizer(teacher_path)
+    teacher = load_encoder(kind, teacher_path, resolve_model_dtype(cfg.teacher.dtype, device), "teacher.path")
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(cfg, teacher, tokenizer)
+    problems = compare_tokenizers(tokenizer, student_tokenizer(cfg.student.path, tokenizer), probes)
+    if problems:
+        raise TokenizerMismatch(f"teacher and student tokenizers differ: {'; '.join(problems)}; an encoder student "
+                                "needs the teacher's tokenizer")
+    teacher, student = teacher.to(device).eval().requires_grad_(False), student.to(device)
+    if kind == "sentence_embedding":
+        for model in (teacher, student):
+            seam.mark_sentence_encoder(model, cfg.task.pooling, cfg.task.normalize)
+        terms = embedding_terms(cfg.task.embedding_objective)
+        check_widths(terms, teacher, student)
+        return tokenizer, teacher, student, student.config.hidden_size, EncoderRun(kind, terms=terms)
+    for model, key in ((teacher, "teacher.path"), (student, "student")):
+        if model.config.pad_token_id is None:  # decoder classifiers pool at the last non-pad token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        seam.check_classifier(model, tokenizer.pad_token_id, key)
+    classes = check_labels(teacher, student)
+    run = EncoderRun(kind, classes)
+    if cfg.task.lelp_subclasses:
+        run.subclasses = fit_lelp(cfg, tokenizer, teacher, student, device, held_records)
+    return tokenizer, teacher, student, classes * (cfg.task.lelp_subclasses or 1), run
+
+
+@torch.no_grad()
+def teacher_pooled(teacher: nn.Module, examples, pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's pooled vectors (N, H) and the examples' classes (N,), in eval mode."""
+    from potstill.data.batches import eval_batches
+
+    pooled, labels = [], []
+    for batch in eval_batches(examples, batch_size, pad_id):
+        x, _, _ = seam.pooled_and_head(teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        pooled.append(x.float().cpu())
+        labels.append(batch["labels"][:, 1])
+    return torch.cat(pooled), torch.cat(labels)
+
+
+def fit_lelp(cfg, tokenizer, teacher, student, device, held_records) -> lelp.Subclasses:
+    """Fit the subclasses on the training texts and widen the student's head to classes × subclasses."""
+    from potstill.encoders.data import load_examples
+
+    per_class = cfg.task.lelp_subclasses
+    train, _ = load_examples(cfg, tokenizer, held_records, teacher.config.label2id, teacher.config.num_labels)
+    h, labels = teacher_pooled(teacher, train, tokenizer.pad_token_id, cfg.eval.batch_size, device)
+    head = seam.classifier_head(teacher)
+    fitted = lelp.fit(h, labels, head.weight.detach().cpu(), per_class)
+    old = seam.classifier_head(student)
+    lelp.replace_module(student, old, lelp.widen_head(old, per_class))
+    names = student.config.id2label
+    student.config.num_labels = old.out_features * per_class  # resets id2label; then name the subclasses
+    student.config.id2label = {c * per_class + s: f"{names.get(c, c)}/{s}" for c in range(old.out_features)
+                               for s in range(per_class)}
+    student.config.label2id = {v: k for k, v in student.config.id2label.items()}
+    return lelp.Subclasses(*(t.to(device) for t in (fitted.directions, fitted.means, fitted.stds, fitted.q)))
