@@ -81,6 +81,11 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, world_size: int = 1) -> N
         for flat, world in ((old, old_world), (new, world_size)):
             if "train.batch_size" in flat:
                 flat[GLOBAL_BATCH] = flat.pop("train.batch_size") * world
+    # A key the saved config lacks was added to potstill after the run started: at its default it changes nothing.
+    defaults = flatten(yaml.safe_load(RunConfig().to_yaml()))
+    for key in new.keys() - old.keys():
+        if key in defaults and new[key] == defaults[key]:
+            old[key] = new[key]
     changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, MISSING) != new.get(k, MISSING)]
     refused = [k for k in changed if not _may_change(k, old.get(k, MISSING), new.get(k, MISSING))]
     if refused:

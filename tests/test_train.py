@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -112,6 +113,26 @@ def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, model_dirs
     assert [r["step"] for r in metric_lines(result.run_dir, "train")] == [1, 2, 4, 6]  # logged every 2 after step 2
     assert [r["step"] for r in metric_lines(result.run_dir, "eval")] == [5, 6]
     assert RunConfig.from_yaml(result.run_dir / "config.yaml").train.max_steps == 6
+
+
+def test_resume_of_a_run_whose_config_predates_new_keys(tmp_path, model_dirs, text_jsonl):
+    """A config.yaml written before a section or key existed resumes when the new keys stay at their defaults,
+    and is refused, naming the key, when one of them would change the trajectory."""
+    cfg = run_config(tmp_path, model_dirs, text_jsonl, max_steps=4, batch_size=4, save_every=2, eval_every=0)
+    potstill.distill(cfg, progress=False)
+    _crashed_after_step_2(tmp_path / "run")
+    saved = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    for section in ("hidden", "teachers", "task"):
+        del old[section]
+    del old["student"]["tokenizer"]
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    changed = run_config(tmp_path, model_dirs, text_jsonl, max_steps=4, batch_size=4, save_every=2, eval_every=0)
+    changed.hidden.weight = 1.0
+    with pytest.raises(RunDirError, match=r"other settings \(hidden.weight: '\(unset\)' → 1.0\)"):
+        potstill.distill(changed, resume=True, progress=False)
+    result = potstill.distill(cfg, resume=True, progress=False)
+    assert [r["step"] for r in metric_lines(result.run_dir, "train")][-1] == 4
 
 
 def test_cli_resume_with_only_out_continues_from_the_runs_config(tmp_path, model_dirs, text_jsonl):
