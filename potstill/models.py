@@ -71,16 +71,20 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", key: str = "model"
     return model
 
 
+def config_from(config: dict | str, defaults: dict | None = None):
+    """student.config as a transformers config: a config.json path, or a dict with ``model_type`` whose missing keys
+    come from ``defaults`` (what the tokenizer or the teacher already determines)."""
+    if isinstance(config, str):
+        return AutoConfig.from_pretrained(config)
+    cfg = dict(config)
+    if "model_type" not in cfg:
+        raise ValueError("student.config needs a 'model_type' (e.g. llama, qwen2, gpt2, bert)")
+    return AutoConfig.for_model(cfg.pop("model_type"), **{**(defaults or {}), **cfg})
+
+
 def model_from_config(config: dict | str, dtype: str = "float32") -> PreTrainedModel:
     """A freshly initialised student from a config dict (with ``model_type``) or a config.json path."""
-    if isinstance(config, str):
-        cfg = AutoConfig.from_pretrained(config)
-    else:
-        cfg = dict(config)
-        if "model_type" not in cfg:
-            raise ValueError("student.config needs a 'model_type' (e.g. llama, qwen2, gpt2)")
-        cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_config(config_from(config), dtype=torch_dtype(dtype))
     check_plain_head(model)
     return model
 
@@ -172,16 +176,18 @@ def output_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def truncated_copy(teacher: PreTrainedModel, n_layers: int) -> PreTrainedModel:
-    """A student initialised from the teacher's embeddings, first ``n_layers`` blocks, final norm and head."""
+def truncated_copy(teacher: PreTrainedModel, n_layers: int, same_class: bool = False) -> PreTrainedModel:
+    """A student initialised from the teacher's embeddings, first ``n_layers`` blocks, final norm and head (and any
+    other weight: a pooler, a classification head). ``same_class``: the teacher's own class (classifiers, encoders)
+    instead of the causal-LM auto class."""
     total = teacher.config.num_hidden_layers
     if not 0 < n_layers < total:
         raise ValueError(f"student.init_from_teacher_layers={n_layers} must be between 1 and {total - 1} (teacher has {total})")
     cfg = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": n_layers})
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[:n_layers]
-    student = AutoModelForCausalLM.from_config(cfg, dtype=teacher.dtype)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    student = type(teacher)(cfg).to(teacher.dtype) if same_class else AutoModelForCausalLM.from_config(cfg, dtype=teacher.dtype)
+    missing, _ = student.load_state_dict(teacher.state_dict(), strict=False)
     if missing:
         raise RuntimeError(f"teacher-truncation init could not fill {missing[:5]}")
     return student

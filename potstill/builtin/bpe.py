@@ -13,15 +13,13 @@ Refer to it as ``builtin:bpe`` wherever a tokenizer path is read (``models.resol
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from potstill.builtin.grammar import builtin_texts
-from potstill.builtin.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, PAD, SPECIAL_TOKENS, UNK, _replace_dir
+from potstill.builtin.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, PAD, SPECIAL_TOKENS, UNK, save_tokenizer_atomically
 
 NAME = "builtin:bpe"
 SHIPPED = Path(__file__).parent / "assets" / "bpe"
@@ -63,15 +61,7 @@ def fast_bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_bpe_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     """Train it and write it to ``out_dir`` atomically; returns it as loaded from there (the real load path)."""
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        fast_bpe_tokenizer().save_pretrained(staging)
-        _replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(out_dir)
+    return save_tokenizer_atomically(fast_bpe_tokenizer(), out_dir)
 
 
 def bpe_tokenizer_dir() -> Path:

@@ -69,17 +69,22 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Write the built-in tokenizer to `out_dir` atomically and return it as loaded from there (offline)."""
+def save_tokenizer_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Write ``tokenizer`` to `out_dir` atomically and return it as loaded from there (the real load path)."""
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        _fast_tokenizer().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # only left behind if something failed
     return AutoTokenizer.from_pretrained(out_dir)
+
+
+def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Write the built-in tokenizer to `out_dir` atomically and return it as loaded from there (offline)."""
+    return save_tokenizer_atomically(_fast_tokenizer(), out_dir)
 
 
 def _word_token_ids(tokenizer: PreTrainedTokenizerFast, words: list[str]) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
 from potstill import models
 from potstill.encoders import lelp, seam
@@ -42,39 +42,17 @@ def load_encoder(kind: str, path: str, dtype: str, key: str) -> PreTrainedModel:
         raise ValueError(f"{key} {path!r}: {' '.join(str(exc).split())[:300]}") from exc
 
 
-def truncated(teacher: PreTrainedModel, n_layers: int) -> PreTrainedModel:
-    """The teacher's class with its first ``n_layers`` blocks and every other weight copied (embeddings, pooler, head)."""
-    total = teacher.config.num_hidden_layers
-    if not 0 < n_layers < total:
-        raise ValueError(f"student.init_from_teacher_layers={n_layers} must be between 1 and {total - 1} (teacher has {total})")
-    cfg = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "num_hidden_layers": n_layers})
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:n_layers]
-    student = type(teacher)(cfg).to(teacher.dtype)
-    missing, _ = student.load_state_dict(teacher.state_dict(), strict=False)
-    if missing:
-        raise RuntimeError(f"teacher-truncation init could not fill {missing[:5]}")
-    return student
-
-
 def build_student(cfg, teacher: PreTrainedModel, tokenizer) -> PreTrainedModel:
     s, kind = cfg.student, cfg.task.kind
     if s.path:
         return load_encoder(kind, s.path, s.dtype, "student.path")
     if s.init_from_teacher_layers is not None:
-        return truncated(teacher, s.init_from_teacher_layers).to(models.torch_dtype(s.dtype))
-    config = s.config
-    if isinstance(config, str):
-        config = AutoConfig.from_pretrained(config)
-    else:
-        config = dict(config)
-        if "model_type" not in config:
-            raise ValueError("student.config needs a 'model_type' (e.g. bert, llama)")
-        defaults = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-        if kind == "sequence_classification":
-            defaults.update(num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
-                            label2id=teacher.config.label2id)
-        config = AutoConfig.for_model(config.pop("model_type"), **{**defaults, **config})
+        return models.truncated_copy(teacher, s.init_from_teacher_layers, same_class=True).to(models.torch_dtype(s.dtype))
+    defaults = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    if kind == "sequence_classification":
+        defaults.update(num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
+                        label2id=teacher.config.label2id)
+    config = models.config_from(s.config, defaults)
     return auto_class(kind).from_config(config, dtype=models.torch_dtype(s.dtype))
 
 
