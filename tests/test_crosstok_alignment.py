@@ -170,9 +170,12 @@ def test_whitespace_gaps_attach_to_the_next_token_and_a_trailing_gap_to_the_last
     bpe_metaspace = align(b, m)
     assert bpe_metaspace.boundaries == (3, 4, 8, 9)
     assert [c.end - c.start for c in bpe_metaspace.chunks] == [3, 1, 4, 1]
-    # same spans everywhere; the pieces differ where the decoders treat the space differently (" " vs "")
-    assert bpe_metaspace.exact == (ExactMatch(0, 0, True, True), ExactMatch(1, 1, True, False),
-                                   ExactMatch(2, 2, True, False), ExactMatch(3, 3, True, False))
+    # same spans and same pieces everywhere: a Metaspace decoder strips '▁' from a token decoded alone ('▁cat' →
+    # 'cat'), but the piece is what the token stands for in text (' cat'), as byte-level BPE's 'Ġcat'
+    assert tokenizers["M"].convert_ids_to_tokens(list(m.ids)) == ["▁the", "▁", "▁cat", "▁"]  # '▁the' at the start: "the"
+    assert m.pieces == (b"the", b" ", b" cat", b" ") == b.pieces
+    assert bpe_metaspace.exact == (ExactMatch(0, 0, True, True), ExactMatch(1, 1, True, True),
+                                   ExactMatch(2, 2, True, True), ExactMatch(3, 3, True, True))
 
 
 @pytest.mark.parametrize("name", ["W", "B", "M"])
@@ -291,3 +294,22 @@ def test_random_texts_chunks_tile_the_text_on_both_sides(tokenizers, pair):
             if name.startswith("B"):  # byte-level: every byte covered; spans = the true bytes, floored to characters
                 assert spans_of(side) == _true_bpe_byte_spans(tokenizers[name], side)
                 assert b"".join(text.encode("utf-8")[s:e] for s, e in spans_of(side)) == text.encode("utf-8")
+
+
+def test_pieces_are_what_tokens_stand_for_in_text_not_their_lone_decode(tokenizers):
+    """A SentencePiece decoder strips the space of a word-initial token decoded alone, and a lone byte of a
+    multi-byte character decodes to U+FFFD: pieces (and the vocabulary map GOLD's bins use) take the token's own
+    bytes, so '▁cat' maps to 'Ġcat' and every byte token to the same byte, never 128 bytes onto one U+FFFD."""
+    from potstill.crosstok.alignment import piece_bytes
+    from potstill.crosstok.targets import vocab_map
+
+    b, m = tokenizers["B"], tokenizers["M"]
+    m_ids = m.convert_tokens_to_ids(["▁the", "▁cat", "▁", "t", "<unk>"])
+    assert piece_bytes(m, m_ids) == [b" the", b" cat", b" ", b"t", b"<unk>"]
+    high = [b.convert_tokens_to_ids(bytes_to_unicode()[x]) for x in (0xC3, 0xA9, 0xFF)]
+    assert piece_bytes(b, high) == [b"\xc3", b"\xa9", b"\xff"]
+    mapping = vocab_map(m, b, len(m), len(b))
+    # B has 'the' but no 'Ġthe': no single B id stands for ' the'; the lone decode would have mapped it to 'the'
+    assert mapping[m_ids[:4]].tolist() == [-1, *b.convert_tokens_to_ids(["Ġcat", "Ġ", "t"])]
+    self_map = vocab_map(b, b, len(b), len(b))
+    assert self_map.tolist() == list(range(len(b)))  # every byte token maps to itself, high bytes included

@@ -132,6 +132,27 @@ def test_exact_numbers_on_tiny_cases():
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_gold_drops_an_empty_other_bin_and_stays_finite(beta):
+    """Every student id mapped (q has no 'other' mass) while the teacher has an unmapped id, and the reverse:
+    the 'other' bin is dropped on both sides and each side renormalised over the mapped bins, so fkl (β = 0) and
+    rkl (β = 1) stay finite in value and gradient. Student ids (a, b) ← teacher (a, b, c·unmapped):
+    p over the bins = (.5, .3)/.8, q = (.4, .6)."""
+    cases = [([0.4, 0.6], [0.5, 0.3, 0.2], torch.tensor([0, 1, -1])),     # every student id is hit
+             ([0.4, 0.5, 0.1], [0.5, 0.5], torch.tensor([0, 1]))]        # every teacher id is mapped
+    for q, p, mapping in cases:
+        h, w, target = _one_position(q, p, exact=True, mapping=mapping)
+        h.requires_grad_(True)
+        out = fused_loss(h, w, None, torch.tensor([0]), parse_objective(f"gold(beta={beta})"), target)
+        (grad,) = torch.autograd.grad(out.total, h)
+        qb = torch.tensor(q[:2]) / sum(q[:2])
+        pb = torch.tensor([p[0], p[1]]) / (p[0] + p[1])
+        first, second = (pb, qb) if beta == 0.0 else (qb, pb)
+        expected = float((first * (first / second).log()).sum())
+        assert math.isfinite(out.total.item()) and torch.isfinite(grad).all()
+        assert out.total.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_same_vocabulary_terms_are_refused_on_an_aligned_teacher():
     hidden, weight, labels, target = _synthetic()
     with pytest.raises(ValueError, match="fkl .* cannot be computed: use the cross-tokenizer terms uld, gold or alm"):

@@ -23,6 +23,8 @@ Rules (each is tested in tests/test_crosstok_alignment.py):
 from __future__ import annotations
 
 import bisect
+import json
+import re
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -35,7 +37,7 @@ class TokenSpans:
     starts: tuple[int, ...]
     ends: tuple[int, ...]
     special: tuple[bool, ...]  # inserted by the tokenizer and covering no text (BOS/EOS): not aligned
-    pieces: tuple[bytes, ...]  # UTF-8 of tokenizer.decode([id]): what the token stands for on its own
+    pieces: tuple[bytes | None, ...]  # what each token stands for on its own (`piece_bytes`; None: unknowable)
 
     @property
     def n_bytes(self) -> int:
@@ -100,9 +102,59 @@ def byte_spans(tokenizer, text: str) -> TokenSpans:
                              f"{k} of {text!r}: cannot align it by bytes")
         starts[i], ends[i], previous_end = to_byte[start], to_byte[end], end
     _place_specials(special, starts, ends)
-    pieces = [piece.encode("utf-8") for piece in tokenizer.batch_decode(
-        [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)]
+    data = text.encode("utf-8")
+    pieces = [_in_place(p, data[a:b]) for p, a, b in zip(piece_bytes(tokenizer, ids), starts, ends)]
     return TokenSpans(text, tuple(ids), tuple(starts), tuple(ends), tuple(special), tuple(pieces))
+
+
+def _in_place(piece: bytes | None, span: bytes) -> bytes | None:
+    """A word-initial piece (' the' from SentencePiece's '▁the') at the start of the text, where the tokenizer
+    prepended the marker to a text without a space, stands for the text without it."""
+    if piece is not None and piece[:1] == b" " and span[:1] != b" " and piece[1:] == span:
+        return span
+    return piece
+
+
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_types(tokenizer) -> set[str]:
+    """The types of the fast tokenizer's decoder and, for a Sequence, of its parts."""
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    return {decoder.get("type"), *(d.get("type") for d in decoder.get("decoders", []))}
+
+
+def piece_bytes(tokenizer, ids) -> list[bytes | None]:
+    """The bytes each id stands for on its own, None where they cannot be known. Decoding an id alone is not
+    enough: a SentencePiece decoder strips a word-initial token's space ('▁the' → 'the') and a lone byte of a
+    multi-byte character decodes to U+FFFD. So: added tokens as decoded; byte-fallback tokens '<0xHH>' as that
+    byte; byte-level BPE tokens through the byte-level alphabet; '▁' as the space it stands for; anything else
+    as decoded alone, or None if that gives U+FFFD the token itself does not hold."""
+    ids = list(ids)
+    decoded = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    byte_level = "ByteLevel" in _decoder_types(tokenizer)
+    if byte_level:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        unbyte = {c: b for b, c in bytes_to_unicode().items()}
+    added = tokenizer.added_tokens_decoder
+    out: list[bytes | None] = []
+    for i, text, token in zip(ids, decoded, tokens):
+        fallback = BYTE_FALLBACK.fullmatch(token or "")
+        if i in added or token is None:
+            out.append(text.encode("utf-8"))
+        elif fallback:
+            out.append(bytes([int(fallback.group(1), 16)]))
+        elif byte_level and all(c in unbyte for c in token):
+            out.append(bytes(unbyte[c] for c in token))
+        elif "\u2581" in token:
+            out.append(token.replace("\u2581", " ").encode("utf-8"))
+        elif "\ufffd" in text and "\ufffd" not in token:
+            out.append(None)
+        else:
+            out.append(text.encode("utf-8"))
+    return out
 
 
 def _place_specials(special: list[bool], starts: list[int], ends: list[int]) -> None:
@@ -156,6 +208,6 @@ def align(a: TokenSpans, b: TokenSpans) -> Alignment:
     exact = tuple(
         ExactMatch(c.a_tokens[0], c.b_tokens[0],
                    (a.starts[c.a_tokens[0]], a.ends[c.a_tokens[0]]) == (b.starts[c.b_tokens[0]], b.ends[c.b_tokens[0]]),
-                   a.pieces[c.a_tokens[0]] == b.pieces[c.b_tokens[0]])
+                   a.pieces[c.a_tokens[0]] is not None and a.pieces[c.a_tokens[0]] == b.pieces[c.b_tokens[0]])
         for c in chunks if len(c.a_tokens) == 1 and len(c.b_tokens) == 1)
     return Alignment(tuple(boundaries), chunks, exact)

@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from potstill.crosstok.alignment import piece_bytes
 from potstill.losses.aligned import AlignedTeacher, chunk_sums
 from potstill.losses.chunked import project_chunks
 from potstill.losses.divergences import label_logprob
 from potstill.losses.targets import DenseLogits, TeacherHidden
 
 
-def pieces(tokenizer, vocab: int) -> list[bytes]:
-    """What each id 0..vocab-1 decodes to on its own (the alignment's notion of a token's piece)."""
-    return [p.encode("utf-8") for p in tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False,
-                                                               clean_up_tokenization_spaces=False)]
+def pieces(tokenizer, vocab: int) -> list[bytes | None]:
+    """The bytes each id 0..vocab-1 stands for on its own (``alignment.piece_bytes``; None: unknowable)."""
+    return piece_bytes(tokenizer, range(vocab))
 
 
 def vocab_map(teacher_tokenizer, student_tokenizer, teacher_vocab: int, student_vocab: int) -> Tensor:
@@ -33,8 +33,10 @@ def vocab_map(teacher_tokenizer, student_tokenizer, teacher_vocab: int, student_
     teacher's EOS → the student's EOS (both end a document, whatever they are spelled)."""
     first: dict[bytes, int] = {}
     for i, piece in enumerate(pieces(student_tokenizer, student_vocab)):
-        first.setdefault(piece, i)
-    out = torch.tensor([first.get(p, -1) for p in pieces(teacher_tokenizer, teacher_vocab)], dtype=torch.long)
+        if piece is not None:
+            first.setdefault(piece, i)
+    out = torch.tensor([-1 if p is None else first.get(p, -1) for p in pieces(teacher_tokenizer, teacher_vocab)],
+                       dtype=torch.long)
     t_eos, s_eos = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
     if t_eos is not None and s_eos is not None and t_eos < teacher_vocab and s_eos < student_vocab:
         out[t_eos] = s_eos

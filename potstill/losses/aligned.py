@@ -32,7 +32,7 @@ from torch import Tensor
 from potstill.labels import IGNORE_INDEX
 from potstill.losses.crosstok_terms import sorted_l1
 from potstill.losses.divergences import label_logprob
-from potstill.losses.targets import DenseLogits, TeacherHidden, teacher_logprobs
+from potstill.losses.targets import MIN_TEACHER_LOGP, DenseLogits, TeacherHidden, teacher_logprobs
 
 @dataclass
 class AlignedChunk:
@@ -127,16 +127,25 @@ def prepare_chunk_terms(target: AlignedTeacher, terms, student_label_logp: Tenso
 def mapped_bins(student_logp: Tensor, teacher_logp: Tensor, vocab_map: Tensor) -> tuple[Tensor, Tensor]:
     """Both distributions (n, V_s) and (n, V_t) put on the M student ids that some teacher id maps to, plus one
     bin for everything else — the teacher's mass on unmapped ids, the student's on ids no teacher id maps to:
-    (n, M + 1) log-probs each. Teacher ids mapped to the same student id add up."""
+    (n, M + 1) log-probs each. Teacher ids mapped to the same student id add up. When one side has no unmapped id
+    (a student vocabulary inside the teacher's, or the reverse) its "else" bin would be empty while the other's is
+    not — an infinite divergence at β = 0 or 1 — so the bin is dropped on both sides and each distribution
+    renormalised over the M mapped bins."""
     mapped = vocab_map >= 0
     hit = torch.zeros(student_logp.shape[-1], dtype=torch.bool, device=student_logp.device)
     hit[vocab_map[mapped]] = True
     ids = hit.nonzero().squeeze(-1)  # (M,)
     p = teacher_logp.exp()
     projected = p.new_zeros(student_logp.shape).index_add_(1, vocab_map[mapped], p[:, mapped])[:, ids]
+    if bool(mapped.all()) or bool(hit.all()):  # vocabulary facts: no host sync per chunk beyond these two
+        student_bins = student_logp[:, ids]
+        teacher_bins = projected.log()
+        return (student_bins - student_bins.logsumexp(-1, keepdim=True),
+                (teacher_bins - teacher_bins.logsumexp(-1, keepdim=True)).clamp_min(MIN_TEACHER_LOGP))
     teacher_rest = p[:, ~mapped].sum(-1, keepdim=True)
-    student_rest = torch.logsumexp(student_logp[:, ~hit], -1, keepdim=True)  # -inf when every id is mapped
-    return torch.cat([student_logp[:, ids], student_rest], -1), torch.cat([projected, teacher_rest], -1).log()
+    student_rest = torch.logsumexp(student_logp[:, ~hit], -1, keepdim=True)
+    teacher_bins = torch.cat([projected, teacher_rest], -1).log().clamp_min(MIN_TEACHER_LOGP)
+    return torch.cat([student_logp[:, ids], student_rest], -1), teacher_bins
 
 
 def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None, logp_t: Tensor | None,
