@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from potstill.crosstok.batches import Aligner
+from potstill.crosstok.projection import projection_maps
 from potstill.crosstok.targets import LiveAlignedTeacher, vocab_map
 from potstill.guardrails import check_pair, check_student_only, compare_tokenizers
 from potstill.models import HiddenAndHead
@@ -61,7 +62,9 @@ def check_teacher_pair(cfg, objective, teacher_tok, student_tok, teacher, studen
              "with the same piece", ", ".join(objective.crosstok_terms), teacher_vocab, student_vocab,
              int((mapping >= 0).sum()))
     seam = HiddenAndHead(teacher, teacher_vocab)
-    return student_vocab, CrossTokenizerRun(LiveAlignedTeacher(seam, mapping, chunk_size), Aligner(teacher_tok, student_tok))
+    projection = projection_maps(teacher_tok, student_tok, teacher_vocab, student_vocab)
+    return student_vocab, CrossTokenizerRun(LiveAlignedTeacher(seam, mapping, chunk_size, projection),
+                                            Aligner(teacher_tok, student_tok))
 
 
 def check_cross_settings(cfg, objective, problems: list[str]) -> None:
