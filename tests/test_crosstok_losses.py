@@ -134,7 +134,7 @@ def test_exact_numbers_on_tiny_cases():
 
 def test_same_vocabulary_terms_are_refused_on_an_aligned_teacher():
     hidden, weight, labels, target = _synthetic()
-    with pytest.raises(ValueError, match="fkl .* cannot be computed: use the cross-tokenizer terms uld, gold or alm"):
+    with pytest.raises(ValueError, match="fkl .* cannot be computed: use the cross-tokenizer terms uld, gold, xproj or alm"):
         fused_loss(hidden, weight, None, labels, parse_objective("fkl + uld"), target)
 
 

@@ -160,7 +160,8 @@ def test_aligner_gives_each_aligned_position_its_prefix(word_level, bpe):
 
 
 def test_a_byte_level_teacher_has_no_prefix(tmp_path, bpe):
-    teacher = explicit_bpe(tmp_path / "t", [("t", "h"), ("th", "e"), ("Ġ", "c"), ("Ġc", "a"), ("Ġca", "t")], bos=True)
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "c"), ("Ġc", "a"), ("Ġca", "t")]
+    teacher = explicit_bpe(tmp_path / "t", merges, bos=True)
     ids = bpe("the cat")["input_ids"] + [bpe.eos_token_id]
     out = Aligner(teacher, bpe)({"text": "the cat"}, ids, list(ids), "test")
     assert out["xtok_prefix"] == [0, 0, 0]

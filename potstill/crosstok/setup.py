@@ -74,7 +74,7 @@ def check_cross_settings(cfg, objective, problems: list[str]) -> None:
     if same_vocab:
         raise ValueError(f"teacher and student tokenizers differ, so loss.objective's {', '.join(same_vocab)} (a "
                          "comparison over one shared vocabulary) cannot be computed: keep only cross-tokenizer terms "
-                         "(uld, gold, alm) and ce (docs/cross-tokenizer.md)")
+                         "(uld, gold, xproj, alm) and ce (docs/cross-tokenizer.md)")
     refused = refused_settings(cfg)
     if refused:
         raise ValueError(f"teacher and student tokenizers differ ({problems[0][:80]}...), and cross-tokenizer "

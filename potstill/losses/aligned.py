@@ -149,7 +149,8 @@ def mapped_bins(student_logp: Tensor, teacher_logp: Tensor, vocab_map: Tensor) -
     return torch.cat([student_logp[:, ids], student_rest], -1), torch.cat([projected, teacher_rest], -1).log()
 
 
-def projected_target(teacher_logp: Tensor, maps: Tensor, prefix: Tensor, student_vocab: int) -> tuple[Tensor, Tensor]:
+def projected_target(teacher_logp: Tensor, maps: Tensor, prefix: Tensor,
+                     student_vocab: int) -> tuple[Tensor, Tensor]:
     """The teacher's distribution (n, V_t) summed into student bins through the map of each row's prefix: (n, V_s)
     log-probs renormalised over the mapped mass (mass on ids that map nowhere is dropped), and (n,) bool: the row has
     a map (prefix ≥ 0) and some mapped mass. Other rows hold a uniform distribution (finite; the caller masks them)."""
@@ -219,8 +220,8 @@ def check_support(objective, target) -> None:
         same_vocab = [t.name for t in objective.terms if not t.uses_labels and t.crosstok is None]
         if same_vocab:
             raise ValueError(f"the teacher has its own tokenizer, so {', '.join(same_vocab)} (a comparison over one "
-                             "shared vocabulary) cannot be computed: use the cross-tokenizer terms uld, gold, xproj or alm "
-                             "(docs/cross-tokenizer.md)")
+                             "shared vocabulary) cannot be computed: use the cross-tokenizer terms uld, gold, xproj or "
+                             "alm (docs/cross-tokenizer.md)")
         if objective.selection is not None or objective.tracks_nll:
             raise ValueError("loss.select and temperature schedules need the teacher on the student's vocabulary; "
                              "with a teacher of another tokenizer leave them unset")
