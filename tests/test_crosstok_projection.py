@@ -57,12 +57,16 @@ def _naive(hidden, weight, labels, target, temperature, beta, ce=0.3):
         if not target.aligned[i] or k < 0:
             continue
         q, p = F.softmax(z[i] / temperature, -1), F.softmax(teacher[i] / temperature, -1)
-        proj = _projected_ref(p, target.projection[k], q.shape[0])
+        row = target.projection[k]
+        proj = _projected_ref(p, row, q.shape[0])
+        reached = sorted({int(x) for x in row if x >= 0})  # the student ids that can start a chunk after this prefix
+        q_given = q[reached] / q[reached].sum()  # the student's distribution given a new chunk starts
+        proj = proj[reached]
         if beta == 0:  # fkl: bins the projection leaves empty add 0·log 0 = 0
             keep = proj > 0
-            value = _gjsd_ref(q[keep], proj[keep], beta)
+            value = _gjsd_ref(q_given[keep], proj[keep], beta)
         else:  # a 1e-30 floor in place of 0 changes the value by < 1e-28
-            value = _gjsd_ref(q, proj.clamp_min(1e-30), beta)
+            value = _gjsd_ref(q_given, proj.clamp_min(1e-30), beta)
         total = total + temperature**2 * value
     return total
 
@@ -94,12 +98,13 @@ def _one_position(q, p, prefix, maps):
 
 def test_exact_numbers_on_a_tiny_case():
     # teacher p = (.4, .3, .2, .1) over 4 ids, student q = (.5, .3, .2) over 3. Prefix 1 maps teacher (0, 1, 2, 3) →
-    # student (0, 1, 1, none): mass (.4, .5, 0), renormalised over .9 → (4/9, 5/9, 0); fkl = Σ p·ln(p/q).
+    # student (0, 1, 1, none): mass (.4, .5, 0), renormalised over .9 → (4/9, 5/9). It reaches student ids {0, 1}
+    # only, so the student is compared given a chunk starts: q over {0, 1} renormalised = (.625, .375); fkl.
     maps = torch.tensor([[1, 0, 0, 2], [0, 1, 1, -1]])
     h, w, target = _one_position([0.5, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1], 1, maps)
     got = fused_loss(h, w, None, torch.tensor([0]), parse_objective("xproj"), target).total.item()
-    assert got == pytest.approx(4 / 9 * math.log((4 / 9) / 0.5) + 5 / 9 * math.log((5 / 9) / 0.3), rel=1e-5)
-    # prefix 0 picks the other map: (.5, .4, .1) exactly, nothing dropped
+    assert got == pytest.approx(4 / 9 * math.log((4 / 9) / 0.625) + 5 / 9 * math.log((5 / 9) / 0.375), rel=1e-5)
+    # prefix 0 picks the other map, which reaches every student id: target (.5, .4, .1), q as it is
     h, w, target = _one_position([0.5, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1], 0, maps)
     got = fused_loss(h, w, None, torch.tensor([0]), parse_objective("xproj"), target).total.item()
     assert got == pytest.approx(0.4 * math.log(0.4 / 0.3) + 0.1 * math.log(0.1 / 0.2), rel=1e-5)

@@ -166,6 +166,17 @@ def projected_target(teacher_logp: Tensor, maps: Tensor, prefix: Tensor,
     return mass.log(), ok
 
 
+def given_chunk_start(student_logp: Tensor, maps: Tensor, prefix: Tensor) -> Tensor:
+    """The student's distribution (n, V_s) renormalised over the ids its row's map reaches (the ids that can start a
+    chunk after that prefix; -inf elsewhere): q(s | a new chunk starts). Rows with prefix -1 keep every id."""
+    reach = torch.zeros(maps.shape[0] + 1, student_logp.shape[-1], dtype=torch.bool, device=student_logp.device)
+    for k in range(maps.shape[0]):
+        reach[k, maps[k][maps[k] >= 0]] = True
+    reach[-1] = True
+    masked = torch.where(reach[torch.where(prefix >= 0, prefix, maps.shape[0])], student_logp, float("-inf"))
+    return masked - torch.logsumexp(masked, -1, keepdim=True)
+
+
 def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None, logp_t: Tensor | None,
                         chunk: AlignedChunk, labels: Tensor) -> Tensor:
     """A cross-tokenizer term's per-position value (n,) on an ``AlignedChunk`` (see the module docstring)."""
@@ -178,8 +189,10 @@ def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None,
         if chunk.projection is None:
             raise ValueError("xproj needs the teacher projected onto the student's vocabulary, and this signal was "
                              "built without the projection maps (crosstok/projection.py)")
-        target, ok = projected_target(logp_t, chunk.projection.to(logp_t.device), chunk.prefix, logq_t.shape[-1])
-        return torch.where(chunk.aligned & ok, term(logq_t, target), zero)
+        maps = chunk.projection.to(logp_t.device)
+        target, ok = projected_target(logp_t, maps, chunk.prefix, logq_t.shape[-1])
+        student = given_chunk_start(logq_t, maps, chunk.prefix)  # the alignment conditions on a chunk starting here
+        return torch.where(chunk.aligned & ok, term(student, target), zero)
     uld = torch.where(chunk.aligned, sorted_l1(logq_t, logp_t), zero)
     if term.crosstok == "aligned":
         return uld
