@@ -6,7 +6,9 @@ chunk boundary, ``crosstok.align``). The teacher's token t then stands for the b
 tokenizer drops: " " before "cat" in "the cat"; "" for a byte-level teacher whose "Ġcat" starts at the boundary).
 The student would begin those bytes with the first token of its own encoding of them, so t's probability goes to
 that student id. One (V_t,) map per prefix, precomputed; each aligned position picks the map of its prefix
-(``xtok_prefix``, an index into ``PREFIXES``, computed at encode time by ``crosstok.batches.Aligner``).
+(``xtok_prefix``, an index into ``PREFIXES``, computed at encode time by ``crosstok.batches.Aligner``). The teacher at
+an aligned position has read a complete chunk, which the student cannot know, so the loss compares the student given
+that a chunk starts (``losses.aligned.given_chunk_start``) with this target.
 
 Exact where the student's tokenisation of the continuation ``prefix + piece(t) + rest`` starts with the first token of
 its encoding of ``prefix + piece(t)`` alone — e.g. the observed token when the teacher's next token is a whole
@@ -56,4 +58,3 @@ def projection_maps(teacher_tokenizer, student_tokenizer, teacher_vocab: int, st
     if t_eos is not None and s_eos is not None and t_eos < teacher_vocab and s_eos < student_vocab:
         maps[:, t_eos] = s_eos
     return maps
-

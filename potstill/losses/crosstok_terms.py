@@ -6,9 +6,10 @@ positions, exact matches, chunks) and how the teacher is brought to them is ``lo
 - ``gold`` (TRL's GOLD, the hybrid): on exact matches the generalised JSD of the student and the teacher projected on
   the student's vocabulary (what this fn computes: ``matched_weight``·gjsd(β)); elsewhere ULD × ``unmatched_weight``.
 - ``xproj`` (X-Token-style sparse projection): at aligned positions the divergence gjsd(β) (β = 0: forward KL, the
-  default) between the student and the teacher's distribution projected onto the student's vocabulary (each teacher
-  id's probability summed into the student id that starts the student's encoding of its bytes there; the projection
-  is ``losses/aligned.py``'s, the maps ``crosstok/projection.py``'s).
+  default) between the student given that a chunk starts (renormalised over the ids the projection reaches) and the
+  teacher's distribution projected onto the student's vocabulary (each teacher id's probability summed into the
+  student id that starts the student's encoding of its bytes there; ``losses/aligned.py``, maps
+  ``crosstok/projection.py``).
 - ``alm`` (Minixhofer et al., Approximate Likelihood Matching; tokenkit's ``binary_ce``): the chunk log-likelihoods
   S (student) and T (teacher) binarised at temperature τ — Bernoulli(exp(T/τ − ε)) vs Bernoulli(exp(S/τ − ε)) — and
   compared with their KL. tokenkit's binary cross-entropy minus the teacher's binary entropy: the same gradient, and
