@@ -30,6 +30,8 @@ ARMS = {
     "ce+uld": "0.5*ce + uld",
     "ce+alm": "0.5*ce + alm",
     "ce+gold": "0.5*ce + gold",
+    "xproj": "xproj",
+    "ce+xproj": "0.5*ce + xproj",
 }
 BASE = ["student.tokenizer=builtin:bpe",
         "data.max_length=256",  # no built-in document is cut on either side: both models score the same bytes

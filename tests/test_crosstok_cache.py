@@ -13,6 +13,7 @@ from potstill.cache.format import CacheError, CacheSpec
 from potstill.cache.reader import CacheReader
 from potstill.cache.store import build_cache
 from potstill.crosstok.batches import Aligner
+from potstill.crosstok.projection import projection_maps
 from potstill.crosstok.targets import LiveAlignedTeacher, vocab_map
 from potstill.data.batches import collate
 from potstill.data.encode import encode_all
@@ -51,8 +52,9 @@ def setup(tmp_path_factory, tokenizer, model_dirs):
     plain = build_cache(tmp_path_factory.mktemp("plain"), teacher, teacher_examples,
                         CacheSpec(mode="dense", vocab=len(tokenizer), temperature=2.0), fingerprints={"tokenizer": "t"})
     mapping = vocab_map(tokenizer, bpe, len(tokenizer), len(bpe))
+    projection = projection_maps(tokenizer, bpe, len(tokenizer), len(bpe))
     return dict(teacher=teacher, bpe=bpe, tok=tokenizer, teacher_examples=teacher_examples,
-                student_examples=student_examples, caches=caches, plain=plain, mapping=mapping)
+                student_examples=student_examples, caches=caches, plain=plain, mapping=mapping, projection=projection)
 
 
 def test_cross_tokenizer_fields_are_the_teachers_tokens_and_t1_label_logprobs(setup):
@@ -79,7 +81,7 @@ def batch_of(setup, ids: list[int]) -> dict:
 
 def live_target(setup, batch):
     seam = HiddenAndHead(setup["teacher"], len(setup["tok"]))
-    return LiveAlignedTeacher(seam, setup["mapping"]).target(batch)
+    return LiveAlignedTeacher(seam, setup["mapping"], projection=setup["projection"]).target(batch)
 
 
 def test_dense_cached_target_equals_the_live_teachers(setup):
@@ -89,7 +91,7 @@ def test_dense_cached_target_equals_the_live_teachers(setup):
     check_cached_alignment(reader, setup["student_examples"])
     batch = batch_of(setup, [0, 1, 4, 5])
     live, cached = live_target(setup, batch), aligned_cache_target(reader, batch, setup["mapping"])
-    for name in ("aligned", "exact", "chunk", "vocab_map"):
+    for name in ("aligned", "exact", "chunk", "vocab_map", "prefix"):
         assert torch.equal(getattr(live, name), getattr(cached, name)), name
     assert bool(live.aligned.any()) and bool((live.chunk >= 0).any())
     torch.testing.assert_close(cached.chunk_teacher_logp, live.chunk_teacher_logp, rtol=1e-5, atol=1e-5)
@@ -152,7 +154,8 @@ def test_other_teacher_tokens_or_too_few_cached_rows_are_refused(setup, tmp_path
         check_cached_alignment(CacheReader(short), setup["student_examples"])
 
 
-@pytest.mark.parametrize("objective", ["uld", "alm", "gold", "0.5*ce + uld + alm(tau=10) + gold"])
+@pytest.mark.parametrize("objective", ["uld", "alm", "gold", "0.5*ce + uld + alm(tau=10) + gold", "xproj",
+                                       "0.5*ce + xproj(beta=0.5)"])
 def test_a_cached_runs_loss_and_gradients_equal_the_live_runs(setup, bpe_student, objective):
     """The same batch and student through the one fused loss path: the dense cache's target gives the live
     teacher's loss and the same gradients w.r.t. the student's hidden states and head (T = 2, so the tempered
@@ -167,7 +170,7 @@ def test_a_cached_runs_loss_and_gradients_equal_the_live_runs(setup, bpe_student
     reader = CacheReader(setup["caches"]["dense"])
     parsed = parse_objective(objective, temperature=2.0)
     results = []
-    for target in (live_target(setup, batch), aligned_cache_target(reader, batch, setup["mapping"])):
+    for target in (live_target(setup, batch), aligned_cache_target(reader, batch, setup["mapping"], setup["projection"])):
         student.zero_grad()
         h, weight, bias = HiddenAndHead(student, len(bpe))(batch["input_ids"], batch["attention_mask"])
         h.retain_grad()

@@ -155,7 +155,7 @@ def test_gold_drops_an_empty_other_bin_and_stays_finite(beta):
 
 def test_same_vocabulary_terms_are_refused_on_an_aligned_teacher():
     hidden, weight, labels, target = _synthetic()
-    with pytest.raises(ValueError, match="fkl .* cannot be computed: use the cross-tokenizer terms uld, gold or alm"):
+    with pytest.raises(ValueError, match="fkl .* cannot be computed: use the cross-tokenizer terms uld, gold, xproj or alm"):
         fused_loss(hidden, weight, None, labels, parse_objective("fkl + uld"), target)
 
 

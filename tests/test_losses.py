@@ -81,6 +81,8 @@ REFERENCES = {
     "gold": ({"beta": 0.3, "matched_weight": 0.7, "unmatched_weight": 1.0},
              lambda q, p, beta=0.3, matched_weight=0.7, unmatched_weight=1.0: matched_weight * _gjsd_ref(q, p, beta)),
     "alm": ({"tau": 3.0}, lambda s, t, tau=3.0: _alm_ref(s, t, tau)),
+    # xproj on one vocabulary: the projection is the identity, so it is gjsd(β) to the teacher itself
+    "xproj": ({"beta": 0.3}, lambda q, p, beta=0.3: _gjsd_ref(q, p, beta)),
 }
 
 
@@ -253,7 +255,8 @@ def test_objective_parsing_and_validation_errors():
 
 def test_list_divergences_names_hparams():
     rows = {d["name"]: d for d in potstill.list_divergences()}
-    assert set(rows) == {"fkl", "rkl", "gjsd", "ce", "skl", "srkl", "tvd", "akl", "taid", "opd", "uld", "gold", "alm"}
+    assert set(rows) == {"fkl", "rkl", "gjsd", "ce", "skl", "srkl", "tvd", "akl", "taid", "opd", "uld", "gold", "alm",
+                         "xproj"}
     assert rows["gjsd"]["hparams"]["beta"]["default"] == 0.5
     assert rows["ce"]["target"] == "labels"
 
@@ -405,7 +408,8 @@ CROSSTOK = [n for n in DIVERGENCES.names() if DIVERGENCES.get(n).crosstok]
 def test_crosstok_contract_across_vocabularies(name, temperature):
     """The registry contract for cross-tokenizer terms with a teacher vocabulary of another size (V_t = V_s + 4):
     finite value and gradients, never negative, and exactly 0 when the teacher is the student (its 4 extra ids at
-    probability 0, unmapped; every position aligned and exact; every token its own chunk)."""
+    probability 0, unmapped; every position aligned and exact; every token its own chunk; xproj's projection maps
+    each teacher id to itself under both prefixes)."""
     from potstill.losses.aligned import AlignedTeacher
 
     hp = REFERENCES[name][0]
@@ -419,9 +423,10 @@ def test_crosstok_contract_across_vocabularies(name, temperature):
     student_y = F.log_softmax(hidden @ weight.T, -1).gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
     itself = torch.cat([hidden @ weight.T, torch.full((n, 4), float("-inf"))], -1)
     other = torch.cat([teacher, torch.randn(n, 4)], -1)
-    cases = {"itself": AlignedTeacher(DenseLogits(itself), ones, ones, chunk, student_y, mapping),
+    prefix, projection = torch.arange(n) % 2, torch.stack([mapping, mapping])
+    cases = {"itself": AlignedTeacher(DenseLogits(itself), ones, ones, chunk, student_y, mapping, prefix, projection),
              "other": AlignedTeacher(DenseLogits(other), ones, labelled & (torch.arange(n) % 2 == 0), chunk,
-                                     student_y - 1.0, mapping)}
+                                     student_y - 1.0, mapping, prefix, projection)}
     for case, target in cases.items():
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         out = fused_loss(h, w, None, labels, objective, target, chunk_size=5)

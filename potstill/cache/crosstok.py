@@ -28,6 +28,7 @@ from potstill.cache.format import CacheError, CacheSpec
 from potstill.cache.opening import open_cache
 from potstill.cache.reader import CacheReader
 from potstill.crosstok.batches import Aligner
+from potstill.crosstok.projection import projection_maps
 from potstill.crosstok.setup import check_cross_settings
 from potstill.crosstok.targets import build_aligned, vocab_map
 from potstill.guardrails import check_student_only
@@ -89,7 +90,8 @@ def dense_rows(signal: dict[str, Tensor], spec: CacheSpec, vocab: int) -> Tensor
     return rows.scatter_(1, ids, logprobs)
 
 
-def aligned_cache_target(reader: CacheReader, batch: dict, mapping: Tensor) -> AlignedTeacher:
+def aligned_cache_target(reader: CacheReader, batch: dict, mapping: Tensor,
+                         projection: Tensor | None = None) -> AlignedTeacher:
     """The ``AlignedTeacher`` of a (padded) cross-tokenizer batch from the cache (module doc)."""
     spec = reader.spec
     positions, teacher_chunk = batch["xtok_positions"], batch["xtok_teacher_chunk"]  # (B, T-1), (B, T'-1)
@@ -109,7 +111,7 @@ def aligned_cache_target(reader: CacheReader, batch: dict, mapping: Tensor) -> A
     device = positions.device
     dense = DenseLogits(torch.stack(rows).reshape(-1, vocab).to(device), spec.temperature)
     label_logp = torch.where(teacher_chunk >= 0, label_logp.to(device), 0.0)  # -inf where unread would be 0·inf
-    return build_aligned(dense, label_logp, batch, mapping)
+    return build_aligned(dense, label_logp, batch, mapping, projection)
 
 
 
@@ -121,9 +123,10 @@ class CachedCrossTokenizerRun:
     reader: CacheReader
     mapping: Tensor  # (V_t,) teacher id → student id with the same piece, -1 none
     aligner: Aligner
+    projection: Tensor | None = None  # (P, V_t) int64: crosstok.projection.projection_maps (xproj)
 
     def target(self, batch: dict) -> AlignedTeacher:
-        return aligned_cache_target(self.reader, batch, self.mapping)
+        return aligned_cache_target(self.reader, batch, self.mapping, self.projection)
 
     def check_examples(self, examples: list[Example]) -> None:
         check_cached_alignment(self.reader, examples)
@@ -139,4 +142,5 @@ def open_cross_tokenizer_cache(cfg, cache_tok, student_tok, student, problems: l
     check_cross_tokenizer_spec(reader, objective.crosstok_terms)
     student_vocab = check_student_only(student_tok, student)
     mapping = vocab_map(cache_tok, student_tok, teacher_vocab, student_vocab)
-    return student_vocab, CachedCrossTokenizerRun(reader, mapping, Aligner(cache_tok, student_tok))
+    projection = projection_maps(cache_tok, student_tok, teacher_vocab, student_vocab)
+    return student_vocab, CachedCrossTokenizerRun(reader, mapping, Aligner(cache_tok, student_tok), projection)

@@ -10,6 +10,8 @@ by ``data/batches.collate``, padded with -1), the batch keys of a cross-tokenize
   that predicts the teacher token starting at the same byte after the same text (a chunk's first token on each
   side), -1 where none (inside a chunk; a side without a predicting position, e.g. no BOS there);
 - ``xtok_exact`` (T-1): 1 where that chunk is one token on each side with the same bytes and piece (EOS↔EOS too);
+- ``xtok_prefix`` (T-1): at an aligned position, the index in ``crosstok.projection.PREFIXES`` of the bytes between
+  the chunk's start and the teacher's first token of it ("" or " " ...), -1 where none (``xproj``'s map choice);
 - ``xtok_chunk`` (T-1) and ``xtok_teacher_chunk`` (T'-1): the number of the ALM chunk (within the example) whose
   token the position predicts, -1 where none. A chunk counts when every one of its tokens has a predicting
   position on both sides and all its student tokens are labelled.
@@ -23,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from potstill.crosstok.alignment import align, byte_spans
+from potstill.crosstok.projection import prefix_index
 from potstill.labels import IGNORE_INDEX
 
-XTOK_KEYS = ("xtok_teacher_ids", "xtok_positions", "xtok_exact", "xtok_chunk", "xtok_teacher_chunk")
+XTOK_KEYS = ("xtok_teacher_ids", "xtok_positions", "xtok_exact", "xtok_prefix", "xtok_chunk", "xtok_teacher_chunk")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ChunkPair:
     student: range
     teacher: range
     exact: bool  # one token on each side, same span and same piece
+    prefix: int = 0  # index in projection.PREFIXES of the bytes before the teacher's first token, -1 none
 
 
 def record_text(record: dict, where: str) -> str:
@@ -57,14 +61,14 @@ def example_alignment(chunks: list[ChunkPair], student_len: int, teacher_ids: li
     teacher's full token list and the student's labels."""
     kept = [c for c in chunks if c.student and c.teacher and c.student[0] < student_len]
     teacher_len = min(len(teacher_ids), max((c.teacher[-1] + 1 for c in kept), default=0))
-    positions, exact = [-1] * (student_len - 1), [0] * (student_len - 1)
+    positions, exact, prefix = [-1] * (student_len - 1), [0] * (student_len - 1), [-1] * (student_len - 1)
     chunk, teacher_chunk = [-1] * (student_len - 1), [-1] * max(teacher_len - 1, 0)
     number = 0
     for c in kept:
         s0, t0 = c.student[0], c.teacher[0]
         if s0 < 1 or t0 < 1:  # the first token on a side without BOS: nothing predicts it there
             continue
-        positions[s0 - 1], exact[s0 - 1] = t0 - 1, int(c.exact)
+        positions[s0 - 1], exact[s0 - 1], prefix[s0 - 1] = t0 - 1, int(c.exact), c.prefix
         whole = c.student[-1] < student_len and c.teacher[-1] < teacher_len
         if whole and all(labels[k] != IGNORE_INDEX for k in c.student):
             for k in c.student:
@@ -73,7 +77,7 @@ def example_alignment(chunks: list[ChunkPair], student_len: int, teacher_ids: li
                 teacher_chunk[j - 1] = number
             number += 1
     return {"xtok_teacher_ids": list(teacher_ids[:teacher_len]), "xtok_positions": positions, "xtok_exact": exact,
-            "xtok_chunk": chunk, "xtok_teacher_chunk": teacher_chunk}
+            "xtok_prefix": prefix, "xtok_chunk": chunk, "xtok_teacher_chunk": teacher_chunk}
 
 
 @dataclass
@@ -92,8 +96,10 @@ class Aligner:
             raise ValueError(f"{where}: the student's encoding of the record differs from its encoding of the text")
         alignment = align(teacher, student)
         exact = {(m.a_index, m.b_index) for m in alignment.exact if m.same_span and m.same_piece}
-        pairs = [ChunkPair(c.b_tokens, c.a_tokens, (c.a_tokens[0], c.b_tokens[0]) in exact) for c in alignment.chunks
-                 if len(c.a_tokens) and len(c.b_tokens)]
+        data = text.encode("utf-8")
+        pairs = [ChunkPair(c.b_tokens, c.a_tokens, (c.a_tokens[0], c.b_tokens[0]) in exact,
+                           prefix_index(data, c.start, teacher.starts[c.a_tokens[0]]))
+                 for c in alignment.chunks if len(c.a_tokens) and len(c.b_tokens)]
         teacher_ids = with_eos(list(teacher.ids), self.teacher_tokenizer.eos_token_id)
         full_student = with_eos(list(student.ids), self.student_tokenizer.eos_token_id)
         in_chunks = {k for p in pairs for k in p.student}

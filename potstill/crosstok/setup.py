@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from potstill.crosstok.batches import Aligner
+from potstill.crosstok.projection import projection_maps
 from potstill.crosstok.targets import LiveAlignedTeacher, vocab_map
 from potstill.guardrails import check_pair, check_student_only, compare_tokenizers
 from potstill.models import HiddenAndHead
@@ -61,7 +62,9 @@ def check_teacher_pair(cfg, objective, teacher_tok, student_tok, teacher, studen
              "with the same piece", ", ".join(objective.crosstok_terms), teacher_vocab, student_vocab,
              int((mapping >= 0).sum()))
     seam = HiddenAndHead(teacher, teacher_vocab)
-    return student_vocab, CrossTokenizerRun(LiveAlignedTeacher(seam, mapping, chunk_size), Aligner(teacher_tok, student_tok))
+    projection = projection_maps(teacher_tok, student_tok, teacher_vocab, student_vocab)
+    return student_vocab, CrossTokenizerRun(LiveAlignedTeacher(seam, mapping, chunk_size, projection),
+                                            Aligner(teacher_tok, student_tok))
 
 
 def check_cross_settings(cfg, objective, problems: list[str]) -> None:
@@ -71,7 +74,7 @@ def check_cross_settings(cfg, objective, problems: list[str]) -> None:
     if same_vocab:
         raise ValueError(f"teacher and student tokenizers differ, so loss.objective's {', '.join(same_vocab)} (a "
                          "comparison over one shared vocabulary) cannot be computed: keep only cross-tokenizer terms "
-                         "(uld, gold, alm) and ce (docs/cross-tokenizer.md)")
+                         "(uld, gold, xproj, alm) and ce (docs/cross-tokenizer.md)")
     refused = refused_settings(cfg)
     if refused:
         raise ValueError(f"teacher and student tokenizers differ ({problems[0][:80]}...), and cross-tokenizer "

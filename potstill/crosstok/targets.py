@@ -50,8 +50,9 @@ def global_chunks(chunk: Tensor) -> Tensor:
 
 
 def build_aligned(rows: DenseLogits | TeacherHidden, teacher_label_logp: Tensor, batch: dict,
-                  mapping: Tensor) -> AlignedTeacher:
-    """The ``AlignedTeacher`` of a batch from the teacher's aligned rows and its label log-probs (module doc)."""
+                  mapping: Tensor, projection: Tensor | None = None) -> AlignedTeacher:
+    """The ``AlignedTeacher`` of a batch from the teacher's aligned rows and its label log-probs (module doc);
+    ``projection``: ``crosstok.projection.projection_maps`` (xproj's), None to build without it."""
     teacher_ids = batch["xtok_teacher_ids"]
     positions = batch["xtok_positions"]  # (B, T-1)
     student_next = batch["input_ids"][:, 1:]
@@ -67,8 +68,9 @@ def build_aligned(rows: DenseLogits | TeacherHidden, teacher_label_logp: Tensor,
         teacher_chunk.shape[0], device=teacher_chunk.device)[:, None] * width, -1)
     n_chunks = positions.shape[0] * width
     teacher_sums = chunk_sums(teacher_label_logp.reshape(-1).float(), teacher_chunk.reshape(-1), n_chunks)
+    prefix = batch.get("xtok_prefix", torch.full_like(positions, -1)).reshape(-1)  # -1: built without (xproj refuses)
     return AlignedTeacher(rows, aligned.reshape(-1), exact.reshape(-1), student_chunk.reshape(-1), teacher_sums,
-                          mapping)
+                          mapping, prefix, projection)
 
 
 @torch.no_grad()
@@ -95,6 +97,7 @@ class LiveAlignedTeacher:
     seam: torch.nn.Module  # models.HiddenAndHead(teacher, V_t)
     mapping: Tensor  # (V_t,) int64
     chunk_size: int = 0
+    projection: Tensor | None = None  # (P, V_t) int64: crosstok.projection.projection_maps (xproj)
 
     def target(self, batch: dict) -> AlignedTeacher:
         """The live teacher on its own tokens of the batch's text, gathered into the student's layout."""
@@ -105,4 +108,4 @@ class LiveAlignedTeacher:
         rows = h.gather(1, index)
         label_logp = teacher_label_logprobs(h, weight, bias, ids, batch["xtok_teacher_chunk"] >= 0, self.chunk_size)
         return build_aligned(TeacherHidden(rows.reshape(-1, h.shape[-1]), weight, bias), label_logp, batch,
-                             self.mapping)
+                             self.mapping, self.projection)

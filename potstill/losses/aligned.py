@@ -14,9 +14,14 @@ flattened N = B·(T-1) positions of ``fused_loss``)
 - ``chunk`` (N,) int64: the ALM chunk the position's label token belongs to (an index into ``chunk_teacher_logp``),
   -1 where none (prompt tokens, a chunk with no predicting position on one side);
 - ``chunk_teacher_logp`` (C,): the teacher's chunk log-likelihood Σ log p(y_j) over the chunk's teacher tokens, T = 1;
-- ``vocab_map`` (V_t,) int64: teacher id → the student id with the identical piece, -1 where none.
+- ``vocab_map`` (V_t,) int64: teacher id → the student id with the identical piece, -1 where none;
+- ``prefix`` (N,) int64 and ``projection`` (P, V_t) int64 (``xproj``; ``crosstok/projection.py``): the index of the
+  whitespace between the position's chunk start and the teacher's next token (-1 none), and per such prefix the map
+  teacher id → the first student id of the student's encoding of prefix + the id's piece (-1 none). ``projection``
+  is None where the signal was built without it (then xproj refuses).
 
-Registered cross-tokenizer terms (``crosstok`` on their registry entry): ``aligned`` (uld), ``hybrid`` (gold), and
+Registered cross-tokenizer terms (``crosstok`` on their registry entry): ``aligned`` (uld), ``hybrid`` (gold),
+``projected`` (xproj: the fn compares the student with the teacher projected onto the student's vocabulary), and
 ``chunk`` (alm: it couples the positions of a chunk, so ``fused_loss`` first runs a no-grad pre-pass over the
 student's label log-probs, ``prepare_chunk_terms``; each position then adds g_c·log q(y_i) to the gradient and its
 chunk's loss, once, to the value). With a same-vocabulary target (identical tokenizers) every position is aligned,
@@ -43,6 +48,8 @@ class AlignedChunk:
     exact: Tensor  # (n,) bool
     vocab_map: Tensor  # (V_t,) int64
     alm: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # term index → (value (n,), g (n,))
+    prefix: Tensor | None = None  # (n,) int64, -1 none
+    projection: Tensor | None = None  # (P, V_t) int64
 
 
 @dataclass
@@ -55,6 +62,8 @@ class AlignedTeacher:
     chunk: Tensor
     chunk_teacher_logp: Tensor
     vocab_map: Tensor
+    prefix: Tensor | None = None
+    projection: Tensor | None = None
     # filled by ``prepare_chunk_terms`` (per ALM term index): per-position value and gradient coefficient (N,)
     alm: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
@@ -69,7 +78,8 @@ class AlignedTeacher:
     def chunk_aligned(self, sl: slice) -> AlignedChunk:
         teacher = self.rows.chunk_logits(sl)[:, : self.teacher_vocab].detach()
         return AlignedChunk(teacher, self.aligned[sl], self.exact[sl], self.vocab_map,
-                            {i: (v[sl], g[sl]) for i, (v, g) in self.alm.items()})
+                            {i: (v[sl], g[sl]) for i, (v, g) in self.alm.items()},
+                            None if self.prefix is None else self.prefix[sl], self.projection)
 
 
 def is_aligned(target) -> bool:
@@ -148,6 +158,34 @@ def mapped_bins(student_logp: Tensor, teacher_logp: Tensor, vocab_map: Tensor) -
     return torch.cat([student_logp[:, ids], student_rest], -1), teacher_bins
 
 
+def projected_target(teacher_logp: Tensor, maps: Tensor, prefix: Tensor,
+                     student_vocab: int) -> tuple[Tensor, Tensor]:
+    """The teacher's distribution (n, V_t) summed into student bins through the map of each row's prefix: (n, V_s)
+    log-probs renormalised over the mapped mass (mass on ids that map nowhere is dropped), and (n,) bool: the row has
+    a map (prefix ≥ 0) and some mapped mass. Other rows hold a uniform distribution (finite; the caller masks them)."""
+    p = teacher_logp.exp()
+    out = p.new_zeros(p.shape[0], student_vocab + 1)  # the last column collects the ids that map nowhere
+    for k in range(maps.shape[0]):  # one (V_t,) index per prefix: no (n, V_t) index tensor is materialised
+        rows = (prefix == k).to(p.dtype)[:, None]
+        out.index_add_(1, torch.where(maps[k] >= 0, maps[k], student_vocab), p * rows)
+    mass = out[:, :student_vocab]
+    total = mass.sum(-1, keepdim=True)
+    ok = (prefix >= 0) & (total.squeeze(-1) > 0)
+    mass = torch.where(ok[:, None], mass / total.clamp_min(torch.finfo(mass.dtype).tiny), 1.0 / student_vocab)
+    return mass.log(), ok
+
+
+def given_chunk_start(student_logp: Tensor, maps: Tensor, prefix: Tensor) -> Tensor:
+    """The student's distribution (n, V_s) renormalised over the ids its row's map reaches (the ids that can start a
+    chunk after that prefix; -inf elsewhere): q(s | a new chunk starts). Rows with prefix -1 keep every id."""
+    reach = torch.zeros(maps.shape[0] + 1, student_logp.shape[-1], dtype=torch.bool, device=student_logp.device)
+    for k in range(maps.shape[0]):
+        reach[k, maps[k][maps[k] >= 0]] = True
+    reach[-1] = True
+    masked = torch.where(reach[torch.where(prefix >= 0, prefix, maps.shape[0])], student_logp, float("-inf"))
+    return masked - torch.logsumexp(masked, -1, keepdim=True)
+
+
 def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None, logp_t: Tensor | None,
                         chunk: AlignedChunk, labels: Tensor) -> Tensor:
     """A cross-tokenizer term's per-position value (n,) on an ``AlignedChunk`` (see the module docstring)."""
@@ -156,6 +194,14 @@ def aligned_term_values(term, index: int, logq_t: Tensor, logq_1: Tensor | None,
         y = label_logprob(logq_1, labels)
         return value + g * (y - y.detach())  # the chunk's loss as value, g_c·∇log q(y_i) as gradient
     zero = logq_t.new_zeros(())
+    if term.crosstok == "projected":
+        if chunk.projection is None:
+            raise ValueError("xproj needs the teacher projected onto the student's vocabulary, and this signal was "
+                             "built without the projection maps (crosstok/projection.py)")
+        maps = chunk.projection.to(logp_t.device)
+        target, ok = projected_target(logp_t, maps, chunk.prefix, logq_t.shape[-1])
+        student = given_chunk_start(logq_t, maps, chunk.prefix)  # the alignment conditions on a chunk starting here
+        return torch.where(chunk.aligned & ok, term(student, target), zero)
     uld = torch.where(chunk.aligned, sorted_l1(logq_t, logp_t), zero)
     if term.crosstok == "aligned":
         return uld
@@ -196,8 +242,8 @@ def check_support(objective, target) -> None:
         same_vocab = [t.name for t in objective.terms if not t.uses_labels and t.crosstok is None]
         if same_vocab:
             raise ValueError(f"the teacher has its own tokenizer, so {', '.join(same_vocab)} (a comparison over one "
-                             "shared vocabulary) cannot be computed: use the cross-tokenizer terms uld, gold or alm "
-                             "(docs/cross-tokenizer.md)")
+                             "shared vocabulary) cannot be computed: use the cross-tokenizer terms uld, gold, xproj or "
+                             "alm (docs/cross-tokenizer.md)")
         if objective.selection is not None or objective.tracks_nll:
             raise ValueError("loss.select and temperature schedules need the teacher on the student's vocabulary; "
                              "with a teacher of another tokenizer leave them unset")

@@ -5,6 +5,11 @@ positions, exact matches, chunks) and how the teacher is brought to them is ``lo
   descending and the smaller vocabulary zero-padded; the two vocabularies may differ in size.
 - ``gold`` (TRL's GOLD, the hybrid): on exact matches the generalised JSD of the student and the teacher projected on
   the student's vocabulary (what this fn computes: ``matched_weight``·gjsd(β)); elsewhere ULD × ``unmatched_weight``.
+- ``xproj`` (X-Token-style sparse projection): at aligned positions the divergence gjsd(β) (β = 0: forward KL, the
+  default) between the student given that a chunk starts (renormalised over the ids the projection reaches) and the
+  teacher's distribution projected onto the student's vocabulary (each teacher id's probability summed into the
+  student id that starts the student's encoding of its bytes there; ``losses/aligned.py``, maps
+  ``crosstok/projection.py``).
 - ``alm`` (Minixhofer et al., Approximate Likelihood Matching; tokenkit's ``binary_ce``): the chunk log-likelihoods
   S (student) and T (teacher) binarised at temperature τ — Bernoulli(exp(T/τ − ε)) vs Bernoulli(exp(S/τ − ε)) — and
   compared with their KL. tokenkit's binary cross-entropy minus the teacher's binary entropy: the same gradient, and
@@ -50,6 +55,14 @@ def gold_hybrid(student_logp: Tensor, teacher_logp: Tensor, beta: float, matched
     # The exact-match branch, the teacher already on the student's vocabulary; the ULD branch is losses/aligned.py's.
     del unmatched_weight
     return matched_weight * generalized_jsd(student_logp, teacher_logp, beta)
+
+
+@register("xproj", crosstok="projected",
+          beta=HParam(0.0, 0.0, 1.0, "gjsd's teacher weight against the projected teacher (0 = fkl, 0.5 = JSD, 1 = rkl)"))
+def projected_divergence(student_logp: Tensor, teacher_logp: Tensor, beta: float) -> Tensor:
+    """gjsd(β) (default fkl) to the teacher projected onto the student's vocabulary at byte-aligned positions."""
+    # teacher_logp is already the projected distribution over the student's ids (losses/aligned.py)
+    return generalized_jsd(student_logp, teacher_logp, beta)
 
 
 def log1mexp(x: Tensor) -> Tensor:
