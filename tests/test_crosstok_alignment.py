@@ -313,3 +313,7 @@ def test_pieces_are_what_tokens_stand_for_in_text_not_their_lone_decode(tokenize
     assert mapping[m_ids[:4]].tolist() == [-1, *b.convert_tokens_to_ids(["Ġcat", "Ġ", "t"])]
     self_map = vocab_map(b, b, len(b), len(b))
     assert self_map.tolist() == list(range(len(b)))  # every byte token maps to itself, high bytes included
+    # xproj's projection encodes a piece as text: a lone byte of a multi-byte character has none, so it maps nowhere
+    from potstill.crosstok.projection import projection_maps
+
+    assert (projection_maps(b, b, len(b), len(b))[:, high] == -1).all()

@@ -43,10 +43,19 @@ def first_student_ids(student_tokenizer, texts: list[str]) -> list[int]:
     return [ids[0] if ids else -1 for ids in encoded]
 
 
+def _whole_text(piece: bytes | None) -> str:
+    """The piece as text, "" when it is unknowable or not whole UTF-8 characters."""
+    try:
+        return "" if piece is None else piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+
+
 def projection_maps(teacher_tokenizer, student_tokenizer, teacher_vocab: int, student_vocab: int) -> Tensor:
     """(len(PREFIXES), V_t) int64: row k sends teacher id t to the first student id of the student's encoding of
-    ``PREFIXES[k] + piece(t)``; -1 for special tokens and empty pieces, the teacher's EOS → the student's EOS."""
-    texts = [p.decode("utf-8", errors="replace") for p in pieces(teacher_tokenizer, teacher_vocab)]
+    ``PREFIXES[k] + piece(t)``; -1 for special tokens, empty pieces and pieces that are not whole characters (a lone
+    byte of a multi-byte character has no text to encode), the teacher's EOS → the student's EOS."""
+    texts = [_whole_text(p) for p in pieces(teacher_tokenizer, teacher_vocab)]
     special = set(teacher_tokenizer.all_special_ids)
     rows = []
     for prefix in PREFIXES:
