@@ -69,7 +69,7 @@ def check_pair(teacher_tok, student_tok, teacher, student, probes: tuple[str, ..
             + "; ".join(problems)
             + ". Use a student with the teacher's tokenizer (e.g. student.init_from_teacher_layers or a config with "
             "the teacher's vocab_size), distil across tokenizers with a cross-tokenizer term: loss.objective=uld, "
-            "alm or gold, alone or mixed (e.g. '0.5*ce + uld'; docs/cross-tokenizer.md), or train with objective "
+            "alm, gold or xproj, alone or mixed (e.g. 'ce + xproj'; docs/cross-tokenizer.md), or train with objective "
             "'ce' on teacher-generated text."
         )
     if (getattr(teacher_tok, "chat_template", None) or "") != (getattr(student_tok, "chat_template", None) or ""):

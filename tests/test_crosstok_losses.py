@@ -266,7 +266,7 @@ def _cfg(tmp_path, tok_dir, objective, **extra):
 def test_different_tokenizers_without_a_crosstok_term_name_the_way_out(tmp_path, student_tokenizer_dir):
     from potstill.assemble import load_parts
 
-    with pytest.raises(TokenizerMismatch, match=r"loss\.objective=uld, alm or gold.*docs/cross-tokenizer\.md"):
+    with pytest.raises(TokenizerMismatch, match=r"loss\.objective=uld, alm, gold or xproj.*docs/cross-tokenizer\.md"):
         load_parts(_cfg(tmp_path, student_tokenizer_dir, "fkl"), torch.device("cpu"))
     with pytest.raises(ValueError, match="fkl .* cannot be computed: keep only cross-tokenizer terms"):
         load_parts(_cfg(tmp_path, student_tokenizer_dir, "fkl + uld"), torch.device("cpu"))

@@ -46,7 +46,7 @@ def check_cross_tokenizer_spec(reader: CacheReader, terms: list[str]) -> None:
     if not spec.cross_tokenizer or not all(name in reader.manifest["tensors"] for name in CROSS_FIELDS):
         raise CacheError(f"the cache at {reader.dir} has no cross-tokenizer fields ({', '.join(CROSS_FIELDS)}), which "
                          f"a student with another tokenizer needs ({', '.join(terms)}): rebuild it with `potstill "
-                         "cache` and this run's config (an objective with uld/alm/gold stores them)")
+                         "cache` and this run's config (an objective with uld/alm/gold/xproj stores them)")
     if spec.mode not in MODES:
         raise CacheError(f"a {spec.mode} cache holds no teacher distribution to align with another tokenizer: "
                          "build it with cache.mode=dense (exact) or cache.mode=topk")

@@ -19,7 +19,7 @@ from potstill.precision import resolve_model_dtype
 
 
 def cache_spec(cfg: RunConfig, vocab: int) -> CacheSpec:
-    """The spec of the cache ``cfg`` builds; an objective with a cross-tokenizer term (uld, alm, gold) also stores
+    """The spec of the cache ``cfg`` builds; an objective with a cross-tokenizer term (uld, alm, gold, xproj) also stores
     the cross-tokenizer fields, so the cache serves a student with another tokenizer (cache/crosstok.py)."""
     c = cfg.cache
     return CacheSpec(mode=c.mode, vocab=vocab, k=c.k, samples=c.samples, temperature=cfg.loss.temperature,
