@@ -21,6 +21,7 @@ from potstill.encoders.evaluation import spearman
 from potstill.train import batch_loss, distill
 
 CLASSES = 3
+FIELDS = ("directions", "means", "stds", "q")  # an LELP split's tensors
 
 
 def bert_config(tok, hidden=32, layers=2, **kw):
@@ -206,8 +207,9 @@ def test_lelp_split_round_trips_its_bytes_and_knows_the_head_it_was_fitted_for()
     h, labels, weight = lelp_toy()
     fit = lelp.fit(h, labels, weight, per_class=2)
     back = lelp.Subclasses.from_bytes(fit.to_bytes())
-    assert all(torch.equal(getattr(back, k), getattr(fit, k)) for k in ("directions", "means", "stds", "q"))
-    assert back.fits(weight, 2) and back.fits(3 * weight + torch.tensor([[0, 1e-3, 0], [0, 0, -1e-3]]), 2)  # same row space, rounded
+    assert all(torch.equal(getattr(back, k), getattr(fit, k)) for k in FIELDS)
+    rounded = 3 * weight + torch.tensor([[0, 1e-3, 0], [0, 0, -1e-3]])  # the same head, scaled and rounded
+    assert back.fits(weight, 2) and back.fits(rounded, 2)
     assert not back.fits(torch.tensor([[0.0, 1, 0], [0, -1, 0]]), 2)  # another head: e2 is not in span(e1)
     assert not back.fits(weight, 3) and not back.fits(torch.cat([weight, weight[:1]]), 2)  # other S, other C
 
@@ -318,9 +320,6 @@ def test_lelp_run_exports_a_subclass_head_with_named_subclasses(tmp_path, classi
     assert 0 <= result.metrics["agreement"] <= 1
 
 
-FIELDS = ("directions", "means", "stds", "q")
-
-
 def lelp_run(tmp_path, classifiers, labelled_jsonl, *overrides):
     cfg = run_config(tmp_path, classifiers / "bert", labelled_jsonl, "task.lelp_subclasses=2", "loss.objective=fkl",
                      "train.max_steps=2", "train.lr=1e-3", *overrides)
@@ -339,9 +338,10 @@ def test_eval_of_an_lelp_run_gives_its_last_in_run_metrics(tmp_path, classifiers
     the metrics of the run's last evaluation (same held-out texts, same student, same teacher)."""
     from potstill.evaluate_run import evaluate_path
 
-    _, result = lelp_run(tmp_path, classifiers, labelled_jsonl)
+    _, result = lelp_run(tmp_path, classifiers, labelled_jsonl, f"data.validation={labelled_jsonl}")
     assert (result.final_dir / "potstill" / lelp.FILE_NAME).exists()
     metrics = evaluate_path(result.run_dir)
+    assert metrics["examples"] >= 64 and 0 < metrics["kl_teacher_student"]
     for key in ("accuracy", "teacher_accuracy", "agreement", "kl_teacher_student", "student_ce", "examples"):
         assert metrics[key] == pytest.approx(result.metrics[key], rel=1e-5), key
     rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -361,7 +361,8 @@ def test_an_exported_lelp_student_reloads_the_subclasses_it_was_trained_on(tmp_p
     parts = load_parts(from_final(cfg, result.final_dir, "task.lelp_subclasses=2"), torch.device("cpu"))
     assert parts.vocab == 2 * CLASSES and seam.classifier_head(parts.student).out_features == 2 * CLASSES
     assert parts.encoder.num_labels == CLASSES and torch.equal(parts.encoder.subclasses.means, saved.means)
-    assert parts.student.config.id2label == AutoModelForSequenceClassification.from_pretrained(result.final_dir).config.id2label
+    exported = AutoModelForSequenceClassification.from_pretrained(result.final_dir)
+    assert parts.student.config.id2label == exported.config.id2label
 
 
 def test_an_exported_lelp_student_without_its_split_or_for_another_teacher_is_refitted(tmp_path, classifiers,

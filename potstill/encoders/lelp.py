@@ -32,7 +32,8 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 FILE_NAME = "lelp_subclasses.safetensors"  # under a student's potstill/ folder (train.py's final/ export)
-_SPAN_TOLERANCE = 1e-2  # relative residual of a head outside a split's row space: bf16 rounding passes, another head not
+_SPAN_TOLERANCE = 1e-2  # relative residual of a head outside a split's row space: bf16 rounding passes, others not
+_FIELDS = ("directions", "means", "stds", "q")  # Subclasses' tensors, in order (the export's tensor names)
 
 
 @dataclass
@@ -79,9 +80,6 @@ class Subclasses:
             return False
         w = weight.detach().float().to(self.q.device)
         return float((w - (w @ self.q) @ self.q.T).norm()) <= _SPAN_TOLERANCE * float(w.norm())
-
-
-_FIELDS = ("directions", "means", "stds", "q")
 
 
 def _fixed_signs(v: Tensor) -> Tensor:
@@ -135,7 +133,8 @@ def subclass_names(names: dict, classes: int, per_class: int) -> dict[int, str]:
 
 
 def is_subclass_head(id2label: dict, classes: int, per_class: int) -> bool:
-    """Whether ``id2label`` is what ``subclass_names`` writes for ``classes`` × ``per_class``: an exported LELP head."""
+    """Whether ``id2label`` is what ``subclass_names`` writes for ``classes`` × ``per_class`` (an exported LELP
+    head): row c·S + s named ``CLASS/s``, one CLASS per class."""
     labels = [str(id2label[i]) if i in id2label else None for i in range(classes * per_class)]
     if len(id2label) != len(labels) or None in labels:
         return False
