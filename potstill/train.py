@@ -289,7 +289,8 @@ def distill(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, pr
         student_state = par.model_state()
         if rt.is_main:
             checkpoint.save_model_dir(final, lora.final_form(parts.student, cfg.student.lora), parts.tokenizer,
-                                      {"config.yaml": config_yaml, **hidden_kd.final_files(parts.hidden)}, student_state)
+                                      {"config.yaml": config_yaml, **hidden_kd.final_files(parts.hidden),
+                                       **encoder_loop.final_files(parts)}, student_state)
         if not last_eval:  # resumed at max_steps: keep the metrics the run already has
             with par.gathered():  # every rank evaluates (FSDP needs all ranks in each forward); rank 0 writes
                 last_eval = run_eval(parts, held, cfg, loop.step)

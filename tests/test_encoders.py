@@ -21,6 +21,7 @@ from potstill.encoders.evaluation import spearman
 from potstill.train import batch_loss, distill
 
 CLASSES = 3
+FIELDS = ("directions", "means", "stds", "q")  # an LELP split's tensors
 
 
 def bert_config(tok, hidden=32, layers=2, **kw):
@@ -202,6 +203,17 @@ def test_lelp_widened_head_copies_class_rows_and_keeps_the_class_distribution():
     assert torch.allclose(lelp.class_logprobs(wide(x), 2), head(x).log_softmax(-1), rtol=1e-5)
 
 
+def test_lelp_split_round_trips_its_bytes_and_knows_the_head_it_was_fitted_for():
+    h, labels, weight = lelp_toy()
+    fit = lelp.fit(h, labels, weight, per_class=2)
+    back = lelp.Subclasses.from_bytes(fit.to_bytes())
+    assert all(torch.equal(getattr(back, k), getattr(fit, k)) for k in FIELDS)
+    rounded = 3 * weight + torch.tensor([[0, 1e-3, 0], [0, 0, -1e-3]])  # the same head, scaled and rounded
+    assert back.fits(weight, 2) and back.fits(rounded, 2)
+    assert not back.fits(torch.tensor([[0.0, 1, 0], [0, -1, 0]]), 2)  # another head: e2 is not in span(e1)
+    assert not back.fits(weight, 3) and not back.fits(torch.cat([weight, weight[:1]]), 2)  # other S, other C
+
+
 def test_lelp_refuses_a_class_with_too_few_texts():
     h, labels, weight = lelp_toy()
     with pytest.raises(ValueError, match="class 0 has 4 training texts; LELP needs more than 4"):
@@ -306,6 +318,112 @@ def test_lelp_run_exports_a_subclass_head_with_named_subclasses(tmp_path, classi
     assert final.config.num_labels == 2 * CLASSES
     assert final.config.id2label[3] == "LABEL_1/1"
     assert 0 <= result.metrics["agreement"] <= 1
+
+
+def lelp_run(tmp_path, classifiers, labelled_jsonl, *overrides):
+    cfg = run_config(tmp_path, classifiers / "bert", labelled_jsonl, "task.lelp_subclasses=2", "loss.objective=fkl",
+                     "train.max_steps=2", "train.lr=1e-3", *overrides)
+    return cfg, distill(cfg, progress=False)
+
+
+def from_final(cfg, final, *overrides):
+    return RunConfig.from_yaml(None, [f"{k}={v}" for k, v in (("teacher.path", cfg.teacher.path),
+                                                              ("data.train", cfg.data.train))] +
+                               ["task.kind=sequence_classification", "loss.objective=fkl", "data.max_length=32",
+                                "train.batch_size=6", "train.report_to=none", f"student.path={final}", *overrides])
+
+
+def test_eval_of_an_lelp_run_gives_its_last_in_run_metrics(tmp_path, classifiers, labelled_jsonl):
+    """`potstill eval <run>` reloads final/ (a C·S head) with the run's config: no second widening, no refusal, and
+    the metrics of the run's last evaluation (same held-out texts, same student, same teacher)."""
+    from potstill.evaluate_run import evaluate_path
+
+    _, result = lelp_run(tmp_path, classifiers, labelled_jsonl, f"data.validation={labelled_jsonl}")
+    assert (result.final_dir / "potstill" / lelp.FILE_NAME).exists()
+    metrics = evaluate_path(result.run_dir)
+    assert metrics["examples"] >= 64 and 0 < metrics["kl_teacher_student"]
+    for key in ("accuracy", "teacher_accuracy", "agreement", "kl_teacher_student", "student_ce", "examples"):
+        assert metrics[key] == pytest.approx(result.metrics[key], rel=1e-5), key
+    rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["source"] == "potstill eval" and rows[-1]["step"] == 2
+
+
+def test_an_exported_lelp_student_reloads_the_subclasses_it_was_trained_on(tmp_path, classifiers, labelled_jsonl):
+    """student.path=final/ of an LELP run: the head keeps its C·S rows and the split is final/potstill/'s, not a refit
+    (the file is edited here, so a refit would not reproduce it)."""
+    cfg, result = lelp_run(tmp_path, classifiers, labelled_jsonl)
+    file = result.final_dir / "potstill" / lelp.FILE_NAME
+    fitted = load_parts(cfg, torch.device("cpu")).encoder.subclasses
+    saved = lelp.Subclasses.from_bytes(file.read_bytes())
+    assert all(torch.equal(getattr(saved, k), getattr(fitted, k)) for k in FIELDS)
+    saved.means += 1.0
+    file.write_bytes(saved.to_bytes())
+    parts = load_parts(from_final(cfg, result.final_dir, "task.lelp_subclasses=2"), torch.device("cpu"))
+    assert parts.vocab == 2 * CLASSES and seam.classifier_head(parts.student).out_features == 2 * CLASSES
+    assert parts.encoder.num_labels == CLASSES and torch.equal(parts.encoder.subclasses.means, saved.means)
+    exported = AutoModelForSequenceClassification.from_pretrained(result.final_dir)
+    assert parts.student.config.id2label == exported.config.id2label
+
+
+def test_an_exported_lelp_student_without_its_split_or_for_another_teacher_is_refitted(tmp_path, classifiers,
+                                                                                         labelled_jsonl):
+    cfg, result = lelp_run(tmp_path, classifiers, labelled_jsonl)
+    fitted = load_parts(cfg, torch.device("cpu")).encoder.subclasses
+    file = result.final_dir / "potstill" / lelp.FILE_NAME
+    other = lelp.Subclasses.from_bytes(file.read_bytes())
+    other.q = torch.linalg.qr(torch.randn(other.q.shape, generator=torch.Generator().manual_seed(0)))[0]
+    file.write_bytes(other.to_bytes())  # a split whose row space is not this teacher's head
+    for _ in range(2):
+        parts = load_parts(from_final(cfg, result.final_dir, "task.lelp_subclasses=2"), torch.device("cpu"))
+        assert all(torch.equal(getattr(parts.encoder.subclasses, k), getattr(fitted, k)) for k in FIELDS)
+        assert seam.classifier_head(parts.student).out_features == 2 * CLASSES
+        file.unlink(missing_ok=True)  # then: no split saved at all
+
+
+def test_continuing_from_an_exported_lelp_student_trains_the_same_head(tmp_path, classifiers, labelled_jsonl):
+    cfg, result = lelp_run(tmp_path / "first", classifiers, labelled_jsonl)
+    cont = from_final(cfg, result.final_dir, "task.lelp_subclasses=2", "train.max_steps=2", "train.lr=1e-3",
+                      f"out_dir={tmp_path / 'second'}")
+    again = distill(cont, progress=False)
+    final = AutoModelForSequenceClassification.from_pretrained(again.final_dir)
+    assert final.config.num_labels == 2 * CLASSES and final.config.id2label[3] == "LABEL_1/1"
+    assert (again.final_dir / "potstill" / lelp.FILE_NAME).read_bytes() == \
+        (result.final_dir / "potstill" / lelp.FILE_NAME).read_bytes()
+    before = AutoModelForSequenceClassification.from_pretrained(result.final_dir).classifier.weight
+    assert not torch.equal(final.classifier.weight, before)  # it trained
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["task.lelp_subclasses=3"], "num_labels differ: teacher 3, student 6"),  # 6 rows are not 3 × 3 subclasses
+    (["task.lelp_subclasses=0"], "num_labels differ: teacher 3, student 6"),  # an LELP head without LELP
+])
+def test_a_head_that_is_not_this_lelp_split_is_refused(tmp_path, classifiers, labelled_jsonl, overrides, message):
+    cfg, result = lelp_run(tmp_path, classifiers, labelled_jsonl)
+    with pytest.raises(ValueError, match=message):
+        load_parts(from_final(cfg, result.final_dir, *overrides), torch.device("cpu"))
+
+
+def test_a_six_row_head_not_named_as_lelp_subclasses_is_refused(tmp_path, classifiers, labelled_jsonl, tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path / "six"
+    BertForSequenceClassification(bert_config(tokenizer, num_labels=2 * CLASSES)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    cfg = run_config(tmp_path, classifiers / "bert", labelled_jsonl, "task.lelp_subclasses=2", "loss.objective=fkl",
+                     "student.init_from_teacher_layers=null", f"student.path={path}")
+    with pytest.raises(ValueError, match="num_labels differ: teacher 3, student 6"):
+        load_parts(cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("id2label,expected", [
+    ({0: "neg/0", 1: "neg/1", 2: "pos/0", 3: "pos/1"}, True),
+    ({0: "0/0", 1: "0/1", 2: "1/0", 3: "1/1"}, True),
+    ({0: "neg/0", 1: "pos/1", 2: "pos/0", 3: "pos/1"}, False),  # a class's rows named after two classes
+    ({0: "neg/1", 1: "neg/0", 2: "pos/0", 3: "pos/1"}, False),  # subclasses out of order
+    ({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2", 3: "LABEL_3"}, False),
+    ({0: "neg/0", 1: "neg/1", 2: "pos/0"}, False),
+])
+def test_an_lelp_head_is_recognised_by_its_subclass_names(id2label, expected):
+    assert lelp.is_subclass_head(id2label, 2, 2) is expected
 
 
 def test_classifier_run_resumes_with_identical_losses(tmp_path, classifiers, labelled_jsonl):

@@ -2,6 +2,7 @@
 task.kind is not causal_lm). Both models have the teacher's tokenizer (compared by behaviour, as for causal LMs)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from potstill.encoders import lelp, seam
 from potstill.encoders.settings import embedding_terms
 from potstill.guardrails import TokenizerMismatch, compare_tokenizers
 from potstill.precision import resolve_model_dtype
+
+log = logging.getLogger("potstill")
 
 
 @dataclass
@@ -100,10 +103,14 @@ def load_parts(cfg, device: torch.device, probes: list[str], student_tokenizer, 
         if model.config.pad_token_id is None:  # decoder classifiers pool at the last non-pad token
             model.config.pad_token_id = tokenizer.pad_token_id
         seam.check_classifier(model, tokenizer.pad_token_id, key)
-    classes = check_labels(teacher, student)
+    exported = is_lelp_student(cfg, teacher, student)
+    classes = teacher.config.num_labels if exported else check_labels(teacher, student)
     run = EncoderRun(kind, classes)
     if cfg.task.lelp_subclasses:
-        run.subclasses = fit_lelp(cfg, tokenizer, teacher, student, device, held_records)
+        saved = saved_subclasses(cfg, teacher) if exported else None
+        run.subclasses = (saved or fit_subclasses(cfg, tokenizer, teacher, device, held_records)).to(device)
+        if not exported:
+            widen_student(student, cfg.task.lelp_subclasses)
     return tokenizer, teacher, student, classes * (cfg.task.lelp_subclasses or 1), run
 
 
@@ -120,20 +127,46 @@ def teacher_pooled(teacher: nn.Module, examples, pad_id: int, batch_size: int, d
     return torch.cat(pooled), torch.cat(labels)
 
 
-def fit_lelp(cfg, tokenizer, teacher, student, device, held_records) -> lelp.Subclasses:
-    """Fit the subclasses on the training texts and widen the student's head to classes × subclasses."""
+def is_lelp_student(cfg, teacher: PreTrainedModel, student: PreTrainedModel) -> bool:
+    """Whether the student already is an LELP student of the teacher's classes (an exported run's final/): with
+    task.lelp_subclasses = S, a C·S-row head named ``CLASS/s`` as ``widen_student`` names it. Its head is not widened
+    again; any other head must have the teacher's C rows (``check_labels``)."""
+    per_class, classes = cfg.task.lelp_subclasses, teacher.config.num_labels
+    return bool(per_class) and student.config.num_labels == classes * per_class and \
+        lelp.is_subclass_head(student.config.id2label, classes, per_class)
+
+
+def saved_subclasses(cfg, teacher: PreTrainedModel) -> lelp.Subclasses | None:
+    """The split an exported LELP student was trained against (student.path/potstill/, written at export), or None
+    (with a warning) when there is none or it was fitted for another teacher: then it is refitted, as --resume does."""
+    file = Path(cfg.student.path).expanduser() / "potstill" / lelp.FILE_NAME
+    if not cfg.student.path or not file.exists():
+        log.warning("student.path %s is an LELP student without %s; refitting the subclasses on the training texts",
+                    cfg.student.path, lelp.FILE_NAME)
+        return None
+    saved = lelp.Subclasses.from_bytes(file.read_bytes())
+    if not saved.fits(seam.classifier_head(teacher).weight.cpu(), cfg.task.lelp_subclasses):
+        log.warning("%s was fitted for another teacher head (or another task.lelp_subclasses); refitting the "
+                    "subclasses for teacher.path on the training texts", file)
+        return None
+    return saved
+
+
+def fit_subclasses(cfg, tokenizer, teacher, device, held_records) -> lelp.Subclasses:
+    """The teacher's subclass split, fitted on the training texts (on the CPU)."""
     from potstill.encoders.data import load_examples
 
-    per_class = cfg.task.lelp_subclasses
     train, _ = load_examples(cfg, tokenizer, held_records, teacher.config.label2id, teacher.config.num_labels)
     h, labels = teacher_pooled(teacher, train, tokenizer.pad_token_id, cfg.eval.batch_size, device)
     head = seam.classifier_head(teacher)
-    fitted = lelp.fit(h, labels, head.weight.detach().cpu(), per_class)
+    return lelp.fit(h, labels, head.weight.detach().cpu(), cfg.task.lelp_subclasses)
+
+
+def widen_student(student, per_class: int) -> None:
+    """Widen the student's head to classes × subclasses and name the rows ``CLASS/s``."""
     old = seam.classifier_head(student)
     lelp.replace_module(student, old, lelp.widen_head(old, per_class))
     names = student.config.id2label
     student.config.num_labels = old.out_features * per_class  # resets id2label; then name the subclasses
-    student.config.id2label = {c * per_class + s: f"{names.get(c, c)}/{s}" for c in range(old.out_features)
-                               for s in range(per_class)}
+    student.config.id2label = lelp.subclass_names(names, old.out_features, per_class)
     student.config.label2id = {v: k for k, v in student.config.id2label.items()}
-    return lelp.Subclasses(*(t.to(device) for t in (fitted.directions, fitted.means, fitted.stds, fitted.q)))

@@ -18,13 +18,22 @@ student gets a C·S-way head and is distilled to the teacher's pseudo-subclass d
    before training its class distribution is unchanged (each class logit gains log S).
 4. Predictions map back to classes by summing subclass probabilities (``class_logprobs``: log-sum-exp of each
    class's S logits).
+5. The fitted split is exported beside the student (``FILE_NAME`` in final/potstill/): row c·S + s of the student's
+   head was trained against direction v_{c,s}, so evaluating or continuing from that student reloads this split
+   rather than refitting one (a refit on other data, device or dtype may order or orient the directions otherwise).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
+
+FILE_NAME = "lelp_subclasses.safetensors"  # under a student's potstill/ folder (train.py's final/ export)
+_SPAN_TOLERANCE = 1e-2  # relative residual of a head outside a split's row space: bf16 rounding passes, others not
+_FIELDS = ("directions", "means", "stds", "q")  # Subclasses' tensors, in order (the export's tensor names)
 
 
 @dataclass
@@ -51,6 +60,26 @@ class Subclasses:
         centred = self.null_projection(h)[:, None, :] - self.means[None]  # (N, C, H)
         u = torch.einsum("nch,csh->ncs", centred, self.directions) / self.stds[None]
         return (z[:, :, None] + torch.log_softmax(u, dim=-1)).reshape(h.shape[0], -1)
+
+    def to(self, device) -> "Subclasses":
+        return Subclasses(*(getattr(self, name).to(device) for name in _FIELDS))
+
+    def to_bytes(self) -> bytes:
+        return save_safetensors({name: getattr(self, name).detach().float().contiguous().cpu() for name in _FIELDS})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Subclasses":
+        tensors = load_safetensors(data)
+        return cls(*(tensors[name] for name in _FIELDS))
+
+    def fits(self, weight: Tensor, per_class: int) -> bool:
+        """Whether this split was fitted for a head ``weight`` (C, H) with ``per_class`` subclasses: the shapes agree
+        and the head's rows lie in the split's row-space basis (another teacher's head does not)."""
+        classes, width = weight.shape
+        if self.directions.shape != (classes, per_class, width) or self.q.shape[0] != width:
+            return False
+        w = weight.detach().float().to(self.q.device)
+        return float((w - (w @ self.q) @ self.q.T).norm()) <= _SPAN_TOLERANCE * float(w.norm())
 
 
 def _fixed_signs(v: Tensor) -> Tensor:
@@ -96,6 +125,21 @@ def class_logprobs(subclass_logits: Tensor, per_class: int) -> Tensor:
     n = subclass_logits.shape[0]
     grouped = torch.logsumexp(subclass_logits.float().reshape(n, -1, per_class), dim=-1)
     return torch.log_softmax(grouped, dim=-1)
+
+
+def subclass_names(names: dict, classes: int, per_class: int) -> dict[int, str]:
+    """The id2label of a widened head: row c·S + s is ``CLASS/s`` (CLASS = names[c], or c when unnamed)."""
+    return {c * per_class + s: f"{names.get(c, c)}/{s}" for c in range(classes) for s in range(per_class)}
+
+
+def is_subclass_head(id2label: dict, classes: int, per_class: int) -> bool:
+    """Whether ``id2label`` is what ``subclass_names`` writes for ``classes`` × ``per_class`` (an exported LELP
+    head): row c·S + s named ``CLASS/s``, one CLASS per class."""
+    labels = [str(id2label[i]) if i in id2label else None for i in range(classes * per_class)]
+    if len(id2label) != len(labels) or None in labels:
+        return False
+    prefixes = {c: label.rpartition("/")[0] for c, label in enumerate(labels[::per_class])}
+    return labels == list(subclass_names(prefixes, classes, per_class).values())
 
 
 @torch.no_grad()

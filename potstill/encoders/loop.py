@@ -1,8 +1,9 @@
 """The encoder kinds' hooks into the one loop (train.py calls these; nothing else of the loop changes):
-the teacher target of a batch, the loss of a sentence-embedding batch, the held-out evaluation."""
+the teacher target of a batch, the loss of a sentence-embedding batch, the held-out evaluation, the files exported
+beside the final student."""
 from __future__ import annotations
 
-from potstill.encoders import evaluation
+from potstill.encoders import evaluation, lelp
 from potstill.encoders.embedding import embedding_loss
 from potstill.losses.targets import DenseLogits
 
@@ -21,6 +22,14 @@ def teacher_target(parts, signal):
     if parts.encoder.subclasses is None:
         return signal
     return DenseLogits(parts.encoder.subclasses.subclass_logits(signal.hidden, signal.weight, signal.bias))
+
+
+def final_files(parts) -> dict[str, bytes]:
+    """Files for final/potstill/: an LELP run's fitted subclasses, which evaluating or continuing from the exported
+    student reloads (encoders/assemble.saved_subclasses)."""
+    if not is_encoder_run(parts) or parts.encoder.subclasses is None:
+        return {}
+    return {lelp.FILE_NAME: parts.encoder.subclasses.to_bytes()}
 
 
 def batch_loss(par, batch: dict, objective, amp):
