@@ -18,6 +18,8 @@ from potstill.config_parsing import apply_override, build, field_docs, parse_yam
 from potstill.losses.objective import Objective, parse_objective
 from potstill.precision import check_settings as check_precision_settings
 from potstill.hidden.settings import HiddenConfig
+from potstill.multiteacher.settings import TeachersConfig
+from potstill.onpolicy.settings import OnPolicyConfig
 from potstill.encoders.settings import TaskConfig
 
 
@@ -43,20 +45,6 @@ class TeacherConfig:
     """Seconds per server request; failed requests are retried 3 times with exponential backoff."""
     api_key_env: str | None = None
     """Name of the environment variable holding the server's API key (the key itself is never written anywhere); unset = no key."""
-
-
-@dataclass
-class TeachersConfig:
-    extra: list | None = None
-    """Multi-teacher KD (docs/multi-teacher.md): more teachers besides teacher.path / teacher.cache, a list of mappings {name, path | cache, weight (default 1)}: a live model (HF dir, hub id or `builtin`) or its own dense cache. Their distributions are mixed per position in probability space, p = Σ_k w_k·p_k, as one teacher target. None = one teacher."""
-    name: str = "teacher"
-    """The first teacher's (teacher.path / teacher.cache) name, as records' `teacher_id` and metrics call it."""
-    weight: float = 1.0
-    """The first teacher's fixed weight; all fixed weights are normalised to sum to 1."""
-    mix: str = "fixed"
-    """How the teachers' weights are set per example: fixed (the configured weights), confidence (× exp of each teacher's mean log-prob of the example's labelled tokens at loss.temperature), correctness (× 0 for a teacher whose greedy answer to a checkable example is wrong; live teachers), ddk (× per-domain factors from the student/teacher held-out CE ratio, updated at each evaluation; live teachers) or route (all weight on the teacher named by the record's `teacher_id`)."""
-    ddk_smoothing: float = 0.5
-    """teachers.mix=ddk: α of DDK's factor smoothing, r ← α·softmax_k(log r + CE_student/CE_k) + (1 − α)/K per domain (0 < α ≤ 1)."""
 
 
 @dataclass
@@ -214,28 +202,6 @@ class EvalConfig:
     """`none`, or `golden`: stop the run when golden_kl_student = KL(true‖student) has not improved for eval.patience evaluations (built-in held-out data only; final/ = the model at the stopping step)."""
     patience: int = 3
     """Evaluations without a new best golden_kl_student before eval.early_stop=golden stops the run."""
-
-
-@dataclass
-class OnPolicyConfig:
-    lam: float = 1.0
-    """GKD's λ: each step, with this probability the step's completions are sampled from the student (else the data's own are used); 1 = fully on-policy. Drawn from a seeded stream of its own, the same on every rank."""
-    max_new_tokens: int = 64
-    """Most tokens a rollout adds after its prompt (a row that reaches it without EOS is counted as truncated)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts (0 = greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling of the rollouts (1 = the full distribution)."""
-    prompt_tokens: int = 8
-    """`text` records have no prompt: a rollout continues their BOS + this many first tokens."""
-    eos_tokens: list | None = None
-    """Token ids (or token strings) that end a rollout; None = the student's generation_config / config / tokenizer EOS ids, which must be the tokens the data's completions end with (checked before step 1)."""
-    replay: bool = False
-    """DistiLLM's adaptive off-policy: onpolicy.lam becomes the initial probability φ of a student-generated step; a step generates fresh rollouts (kept in a replay buffer) with probability φ·(1 − step/max_steps), replays the buffer with probability φ·step/max_steps, else trains on the data; φ grows by 1/onpolicy.replay_steps at each evaluation whose held-out CE rose (docs/onpolicy.md)."""
-    replay_capacity: int = 1000
-    """Rollouts (rows) the replay buffer keeps per rank (the oldest are dropped)."""
-    replay_steps: int = 10
-    """N_φ of DistiLLM: φ grows by 1/N_φ (up to 1) at each evaluation whose held-out CE is worse than the previous one."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The one training loop: batch → teacher signal → fused loss → step → eval → checkpoint.
 
-Every regime (live teacher now; cache and on-policy later) differs only in how ``teacher_signal`` builds the
-target; the loss path, normalisation, evaluation and checkpointing are shared.
+Every regime (live teacher, cache, server, other tokenizers, several teachers, on-policy) differs only in the batches
+it builds and in the target ``teacher_signal.teacher_target`` builds; the loss path, normalisation, evaluation and
+checkpointing are shared.
 """
 from __future__ import annotations
 
@@ -25,20 +26,18 @@ from potstill.labels import IGNORE_INDEX
 from potstill.losses.chunked import LossOutput, fused_loss, should_compile
 from potstill.losses.objective import Objective
 from potstill.losses.reduce import count_valid_tokens, normalise
-from potstill.losses.targets import TeacherHidden
 from potstill.monitor import EarlyStop, HeldOut, held_out
 from potstill.progress import TrainProgress
 from potstill.report import write_report
 from potstill.trackers import Trackers
 from potstill.cache.opening import check_examples_cached
-from potstill.cache.targets import batch_target
 from potstill.importance import SAMPLER_LOGPROBS
 from potstill.data.packing import padding_fraction
 from potstill.packing_check import check_parts_for_packing
 from potstill.onpolicy import regime as regimes
-from potstill.onpolicy.self_distill import privileged_signal
 from potstill.hidden import kd as hidden_kd
 from potstill.encoders import loop as encoder_loop
+from potstill.teacher_signal import frozen_signal, teacher_target  # noqa: F401 (re-export)
 
 
 @dataclass
@@ -82,39 +81,6 @@ def shifted_sampler_logprobs(batch: dict) -> torch.Tensor | None:
     """The sampling policy's log-prob of each label (B, T-1), aligned like ``shifted`` (rollout batches carry
     ``sampler_logprobs`` (B, T) aligned with labels); None for batches not sampled by a rollout."""
     return batch[SAMPLER_LOGPROBS][:, 1:] if SAMPLER_LOGPROBS in batch else None
-
-
-def frozen_signal(seam, batch: dict) -> TeacherHidden:
-    """A frozen model's (teacher's, reference's) hidden states and head for the predicted positions, through its
-    forward seam (``models.HiddenAndHead``, FSDP-sharded under parallel.teacher=shard)."""
-    with torch.no_grad():
-        h, weight, bias, *extra = seam(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-    h = h[:, :-1]
-    return TeacherHidden(h.reshape(-1, h.shape[-1]), weight, bias, extra=tuple(extra))  # extra: hidden-state KD
-
-
-def teacher_target(parts: Parts, par: runtime.Parallel, batch: dict, objective: Objective):
-    """The teacher signal for this batch: looked up in the cache by example id, or the live teacher's states."""
-    if not objective.needs_teacher and parts.hidden is None:  # hidden-state KD reads the live teacher's states
-        return None
-    if parts.teachers is not None:  # several teachers mixed into one target (multiteacher/teachers.py)
-        return parts.teachers.target(batch, objective.tau, lambda: first_teacher_target(parts, par, batch), frozen_signal)
-    return first_teacher_target(parts, par, batch)
-
-
-def first_teacher_target(parts: Parts, par: runtime.Parallel, batch: dict):
-    """The (first) teacher's signal: cache lookup, server scores, the privileged view or the live teacher."""
-    if parts.cache is not None:
-        return batch_target(parts.cache, batch, parts.vocab)
-    if parts.server is not None:
-        return parts.server.target(batch, parts.vocab)
-    if parts.crosstok is not None:  # a teacher with its own tokenizer, aligned by bytes (crosstok/targets.py)
-        return parts.crosstok.target(batch)
-    if "teacher_input_ids" in batch:  # the teacher reads its own sequence (privileged context: onpolicy/self_distill.py)
-        return privileged_signal(par.teacher, batch)
-    if encoder_loop.is_encoder_run(parts):  # a classifier's classes, or LELP's pseudo-subclasses
-        return encoder_loop.teacher_target(parts, frozen_signal(par.teacher, batch))
-    return frozen_signal(par.teacher, batch)
 
 
 def batch_loss(parts: Parts, par: runtime.Parallel, batch: dict, objective: Objective, chunk_size: int,

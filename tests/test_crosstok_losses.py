@@ -23,6 +23,7 @@ from potstill.losses.objective import parse_objective
 from potstill.losses.targets import DenseLogits
 from potstill.models import load_tokenizer, resolve_model_path
 from tests.crosstok_tokenizers import explicit_bpe, trained_bpe
+from tests.crosstok_reference import ce_and_aligned_rows
 from tests.test_losses import _alm_ref, _gjsd_ref, _uld_ref
 
 VS, VT = 7, 11
@@ -57,15 +58,9 @@ def _bins(q, p):
 
 def _naive(hidden, weight, labels, target: AlignedTeacher, temperature, ce=0.3, beta=0.3, mw=0.7, uw=1.5, tau=3.0):
     """0.3*ce + uld + gold(...) + alm(...) from the definitions, position by position and chunk by chunk."""
-    z, teacher = hidden @ weight.T, target.rows.logits
-    total = 0.0
-    for i, y in enumerate(labels.tolist()):
-        if y == -100:
-            continue
-        total = total + ce * -F.log_softmax(z[i], -1)[y]
-        if not target.aligned[i]:
-            continue
-        q, p = F.softmax(z[i] / temperature, -1), F.softmax(teacher[i] / temperature, -1)
+    z = hidden @ weight.T
+    total, rows = ce_and_aligned_rows(hidden, weight, labels, target, temperature, ce)
+    for i, q, p in rows:
         uld = _uld_ref(q, p)
         gold = mw * _gjsd_ref(*_bins(q, p), beta) if target.exact[i] else uw * uld
         total = total + temperature**2 * (uld + gold)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from potstill.builtin.sources import builtin_texts
 from potstill.crosstok.batches import Aligner
@@ -16,6 +15,7 @@ from potstill.losses.chunked import fused_loss
 from potstill.losses.objective import parse_objective
 from potstill.losses.targets import DenseLogits
 from potstill.models import load_tokenizer, resolve_model_path
+from tests.crosstok_reference import ce_and_aligned_rows
 from tests.crosstok_tokenizers import explicit_bpe
 from tests.test_losses import _gjsd_ref
 
@@ -47,16 +47,11 @@ def _projected_ref(p, row, vs):
 
 
 def _naive(hidden, weight, labels, target, temperature, beta, ce=0.3):
-    z, teacher = hidden @ weight.T, target.rows.logits
-    total = 0.0
-    for i, y in enumerate(labels.tolist()):
-        if y == -100:
-            continue
-        total = total + ce * -F.log_softmax(z[i], -1)[y]
+    total, rows = ce_and_aligned_rows(hidden, weight, labels, target, temperature, ce)
+    for i, q, p in rows:
         k = int(target.prefix[i])
-        if not target.aligned[i] or k < 0:
+        if k < 0:
             continue
-        q, p = F.softmax(z[i] / temperature, -1), F.softmax(teacher[i] / temperature, -1)
         row = target.projection[k]
         proj = _projected_ref(p, row, q.shape[0])
         reached = sorted({int(x) for x in row if x >= 0})  # the student ids that can start a chunk after this prefix

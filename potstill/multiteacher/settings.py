@@ -1,8 +1,23 @@
-"""The ``teachers.*`` keys, checked at config load (one line each, naming the key)."""
+"""The ``teachers.*`` section (`TeachersConfig`) and its checks at config load (one line each, naming the key)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+
+@dataclass
+class TeachersConfig:
+    extra: list | None = None
+    """Multi-teacher KD (docs/multi-teacher.md): more teachers besides teacher.path / teacher.cache, a list of mappings {name, path | cache, weight (default 1)}: a live model (HF dir, hub id or `builtin`) or its own dense cache. Their distributions are mixed per position in probability space, p = Σ_k w_k·p_k, as one teacher target. None = one teacher."""
+    name: str = "teacher"
+    """The first teacher's (teacher.path / teacher.cache) name, as records' `teacher_id` and metrics call it."""
+    weight: float = 1.0
+    """The first teacher's fixed weight; all fixed weights are normalised to sum to 1."""
+    mix: str = "fixed"
+    """How the teachers' weights are set per example: fixed (the configured weights), confidence (× exp of each teacher's mean log-prob of the example's labelled tokens at loss.temperature), correctness (× 0 for a teacher whose greedy answer to a checkable example is wrong; live teachers), ddk (× per-domain factors from the student/teacher held-out CE ratio, updated at each evaluation; live teachers) or route (all weight on the teacher named by the record's `teacher_id`)."""
+    ddk_smoothing: float = 0.5
+    """teachers.mix=ddk: α of DDK's factor smoothing, r ← α·softmax_k(log r + CE_student/CE_k) + (1 − α)/K per domain (0 < α ≤ 1)."""
+
 
 MIX_MODES = ("fixed", "confidence", "correctness", "ddk", "route")
 ENTRY_KEYS = ("name", "path", "cache", "weight")

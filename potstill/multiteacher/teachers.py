@@ -172,7 +172,7 @@ class MultiTeacher:
     # ---- per batch -----------------------------------------------------------------------------------------------
     def target(self, batch: dict, temperature: float, first_signal, live_signal) -> Mixture:
         """The batch's mixture target. ``first_signal()`` is the first teacher's signal by the loop's usual path;
-        ``live_signal(seam, batch)`` a live teacher's (``train.frozen_signal``)."""
+        ``live_signal(seam, batch)`` a live teacher's (``teacher_signal.frozen_signal``)."""
         ids = [int(i) for i in batch["example_id"].tolist()]
         shape = (batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
         owner = W.example_positions(segment_table(batch).cpu(), shape)

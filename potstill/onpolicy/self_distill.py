@@ -34,7 +34,7 @@ def student_copy(cfg, student: nn.Module) -> nn.Module | None:
 
 class LiveTeacher(nn.Module):
     """The student's own forward seam as a frozen teacher: unwrapped (no DDP hooks), in eval mode (no dropout);
-    the caller (``train.frozen_signal`` / ``privileged_signal``) runs it without gradient."""
+    the caller (``teacher_signal.frozen_signal`` / ``privileged_signal``) runs it without gradient."""
 
     def __init__(self, student: nn.Module, vocab: int):
         super().__init__()

@@ -1,5 +1,31 @@
-"""Config-time checks of `data.regime`, the `onpolicy` section and `teacher.self_distill` (one line each)."""
+"""The `onpolicy` section (`OnPolicyConfig`) and the config-time checks of `data.regime`, `onpolicy.*` and
+`teacher.self_distill` (one line each)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class OnPolicyConfig:
+    lam: float = 1.0
+    """GKD's λ: each step, with this probability the step's completions are sampled from the student (else the data's own are used); 1 = fully on-policy. Drawn from a seeded stream of its own, the same on every rank."""
+    max_new_tokens: int = 64
+    """Most tokens a rollout adds after its prompt (a row that reaches it without EOS is counted as truncated)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts (1 = the full distribution)."""
+    prompt_tokens: int = 8
+    """`text` records have no prompt: a rollout continues their BOS + this many first tokens."""
+    eos_tokens: list | None = None
+    """Token ids (or token strings) that end a rollout; None = the student's generation_config / config / tokenizer EOS ids, which must be the tokens the data's completions end with (checked before step 1)."""
+    replay: bool = False
+    """DistiLLM's adaptive off-policy: onpolicy.lam becomes the initial probability φ of a student-generated step; a step generates fresh rollouts (kept in a replay buffer) with probability φ·(1 − step/max_steps), replays the buffer with probability φ·step/max_steps, else trains on the data; φ grows by 1/onpolicy.replay_steps at each evaluation whose held-out CE rose (docs/onpolicy.md)."""
+    replay_capacity: int = 1000
+    """Rollouts (rows) the replay buffer keeps per rank (the oldest are dropped)."""
+    replay_steps: int = 10
+    """N_φ of DistiLLM: φ grows by 1/N_φ (up to 1) at each evaluation whose held-out CE is worse than the previous one."""
+
 
 REGIMES = ("offline", "onpolicy")
 SELF_DISTILL = ("none", "frozen", "ema", "live")
